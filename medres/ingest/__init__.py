@@ -1,0 +1,1 @@
+"""Ingest: discover inputs, group DICOM into series, validate geometry, decode, write NIfTI."""

@@ -1,0 +1,53 @@
+"""The in-memory image that every reader returns and every writer/consumer takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class LoadedImage:
+    """One 2D image or 3D volume, decoded, validated, in medres' canonical orientation.
+
+    ``array`` axes are (X, Y[, Z])[, C]: spatial axes first in the NIfTI order that
+    ``affine`` maps (voxel index -> RAS+ world mm), a trailing channel axis only when
+    ``channels > 1``. Values are the original values after the modality LUT (HU for CT).
+
+    Raw identifiers (``patient_id`` ... ``accession``) exist only so that labels can be
+    joined and pseudonyms made; they are never written anywhere.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    dims: int
+    channels: int = 1
+    modality: str = ""
+    manufacturer: str = ""
+    body_part: str = ""
+    sex: str = ""
+    age: float | None = None
+    patient_id: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
+    accession: str = ""
+    sources: list[str] = field(default_factory=list)
+    n_slices: int = 1
+    warnings: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size in mm along each spatial axis (norms of the affine's columns)."""
+        cols = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(round(v, 6)) for v in cols[: self.spatial_ndim])
+
+    @property
+    def spatial_ndim(self) -> int:
+        return self.array.ndim - (1 if self.channels > 1 else 0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape[: self.spatial_ndim])
