@@ -114,45 +114,399 @@ def synth_cmd(
 # --- ingest ------------------------------------------------------------------------------
 @app.command("ingest")
 def ingest_cmd(
-    sources: Annotated[list[Path], typer.Argument(help="Folders, files or archives.")],
+    sources: Annotated[
+        list[Path], typer.Argument(help="Folders, files or .zip/.tar/.tar.gz archives.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset output folder.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="CSV with one key column (patient_id|study_uid|series_uid|accession|path), "
+            "a label column (or label_<name> columns) and an optional split column.",
+        ),
+    ] = None,
+    label_key: Annotated[
+        str | None,
+        typer.Option("--label-key", help="Key column of --labels when it has several."),
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", help="Worker processes (0 = one per core).")
+    ] = 0,
+    val_frac: Annotated[
+        float, typer.Option("--val-frac", help="Fraction of patients for validation.")
+    ] = 0.15,
+    test_frac: Annotated[
+        float, typer.Option("--test-frac", help="Fraction of patients for test.")
+    ] = 0.15,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the patient split.")] = 0,
+    min_slices: Annotated[
+        int, typer.Option("--min-slices", help="Reject 3D stacks with fewer slices.")
+    ] = 3,
+    compress: Annotated[
+        bool, typer.Option("--compress/--no-compress", help="Write .nii.gz (else .nii).")
+    ] = True,
+    file_timeout: Annotated[
+        float, typer.Option("--file-timeout", help="Seconds allowed per file/stack.")
+    ] = 120.0,
+    incremental: Annotated[
+        bool,
+        typer.Option(
+            "--incremental/--no-incremental", help="Reuse images whose inputs did not change."
+        ),
+    ] = True,
+    max_archive_members: Annotated[
+        int, typer.Option("--max-archive-members", help="Most members one archive may hold.")
+    ] = 200_000,
+    max_archive_gb: Annotated[
+        float, typer.Option("--max-archive-gb", help="Most GiB one archive may expand to.")
+    ] = 64.0,
+    max_archive_ratio: Annotated[
+        float,
+        typer.Option("--max-archive-ratio", help="Highest compression ratio (bomb guard)."),
+    ] = 200.0,
 ) -> None:
     """Turn DICOM/NIfTI folders and archives into validated volumes plus a manifest."""
-    _not_available("ingest")
+    from medres.ingest.discover import ArchiveLimits
+    from medres.ingest.pipeline import IngestConfig, run_ingest
+
+    config = IngestConfig(
+        sources=tuple(sources),
+        out_dir=out,
+        labels=labels,
+        label_key=label_key,
+        workers=workers,
+        val_frac=val_frac,
+        test_frac=test_frac,
+        seed=seed,
+        min_slices=min_slices,
+        compress=compress,
+        file_timeout_s=file_timeout,
+        incremental=incremental,
+        limits=ArchiveLimits(
+            max_members=max_archive_members,
+            max_total_bytes=int(max_archive_gb * 1024**3),
+            max_ratio=max_archive_ratio,
+        ),
+    )
+    report = run_ingest(config)
+    _print_ingest_summary(report)
+
+
+def _print_ingest_summary(report: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"medres ingest -> {report.out_dir}", show_header=True)
+    table.add_column("")
+    table.add_column("count", justify="right")
+    for modality, n in report.images_by_modality.items():
+        table.add_row(f"images {modality}", str(n))
+    for code, n in report.rejections_by_code.items():
+        table.add_row(f"not used: {code}", str(n))
+    f = report.files
+    table.add_row(
+        "files seen / used / rejected / skipped",
+        f"{f['seen']} / {f['used']} / {f['rejected']} / {f['skipped']}",
+    )
+    if f.get("cached"):
+        table.add_row("files unchanged (cached images)", str(f["cached"]))
+    table.add_row("splits", " ".join(f"{k}={v}" for k, v in sorted(report.splits.items())))
+    if report.label_columns:
+        table.add_row("unmatched label rows", str(report.unmatched_labels))
+        table.add_row("unlabelled images", str(report.unlabelled_images))
+    table.add_row("time", f"{report.elapsed_s:.1f} s")
+    out_console.print(table)
 
 
 # --- models ------------------------------------------------------------------------------
 @app.command("models")
-def models_cmd() -> None:
-    """List the model architectures, their sizes and available weights."""
-    _not_available("models")
+def models_cmd(
+    dims: Annotated[
+        int | None, typer.Option("--dims", help="Only 2D (2) or 3D (3) models.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON on stdout.")
+    ] = False,
+) -> None:
+    """List the model architectures, their sizes, cost and available weights."""
+    import json
+
+    from rich.table import Table
+
+    from medres.models.catalog import model_table
+
+    rows = model_table(dims)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="medres models (GFLOPs per image: 2D at 3x224^2, 3D at 1x128^3)")
+    for col, justify in (
+        ("name", "left"),
+        ("dims", "right"),
+        ("params", "right"),
+        ("GFLOPs", "right"),
+        ("weights", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r["name"],
+            f"{r['dims']}D",
+            f"{r['params'] / 1e6:.1f}M",
+            f"{r['gflops']:.1f}",
+            ", ".join(r["weights"]),
+        )
+    out_console.print(table)
 
 
 # --- train -------------------------------------------------------------------------------
 @app.command("train")
 def train_cmd(
-    pipeline: Annotated[Path | None, typer.Argument(help="Pipeline YAML (optional).")] = None,
+    pipeline: Annotated[
+        Path | None, typer.Argument(help="Pipeline YAML (optional; see pipelines/README.md).")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option("--manifest", "-m", help="DIR/manifest.csv written by ingest.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write.")] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152.")
+    ] = None,
+    dims: Annotated[int | None, typer.Option("--dims", help="2 or 3 (default: the manifest's).")] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="imagenet|none|medicalnet|PATH.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Number of epochs.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Samples per step per process.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    image_size: Annotated[
+        str | None, typer.Option("--image-size", help="N, or N,N[,N] per spatial axis.")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto|cpu|cuda.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")
+    ] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override any pipeline field: section.field=value (repeatable)."
+        ),
+    ] = None,
 ) -> None:
     """Train a 2D/3D ResNet on an ingested manifest."""
-    _not_available("train")
+    from medres.config import parse_set_options
+    from medres.errors import ConfigError
+    from medres.training import build_spec, run_train
+
+    overrides = parse_set_options(set_)
+    flags = {
+        "data.manifest": str(manifest) if manifest else None,
+        "model.arch": arch,
+        "model.dims": dims,
+        "model.weights": weights,
+        "train.epochs": epochs,
+        "train.batch_size": batch_size,
+        "train.lr": lr,
+        "transforms.image_size": image_size,
+        "train.device": device,
+        "train.seed": seed,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    if out is None:
+        raise ConfigError("--out is required: the run directory to write (e.g. --out runs/r1)")
+    spec = build_spec(pipeline, overrides)
+    result = run_train(spec, out, resume=resume)
+    if result.model_dir.exists():
+        out_console.print(
+            f"run {result.run_dir}: best epoch {result.best_epoch}/{result.epochs_completed}, "
+            f"val AUC {result.val_auc:.4f}, test AUC {result.test_auc:.4f}, "
+            f"{result.seconds:.0f}s"
+        )
 
 
 # --- evaluate ----------------------------------------------------------------------------
 @app.command("evaluate")
 def evaluate_cmd(
     target: Annotated[Path, typer.Argument(help="A run dir or a predictions CSV.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder for metrics.json and report.html.")
+    ],
+    split: Annotated[
+        str, typer.Option("--split", help="Run dir only: evaluate predictions_{split}.csv.")
+    ] = "test",
+    label: Annotated[
+        str | None, typer.Option("--label", help="CSV only: the column holding the true class.")
+    ] = None,
+    positive: Annotated[
+        str | None,
+        typer.Option("--positive", help="The positive class value (0/1 and false/true inferred)."),
+    ] = None,
+    score: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--score", help="CSV only: a score column (model or reader rating); repeat to compare."
+        ),
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option("--by", help="Subgroup column (manufacturer, sex, site, ...); repeatable."),
+    ] = None,
+    n_boot: Annotated[
+        int, typer.Option("--n-boot", help="Stratified bootstrap replicates (0 turns it off).")
+    ] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed.")] = 0,
+    threshold: Annotated[
+        float | None,
+        typer.Option("--threshold", help="Extra operating point for probability scores."),
+    ] = None,
+    ci_level: Annotated[float, typer.Option("--ci-level", help="Confidence level.")] = 0.95,
+    ci_transform: Annotated[
+        str, typer.Option("--ci-transform", help="DeLong CI scale: none (as pROC) or logit.")
+    ] = "none",
+    ece_bins: Annotated[int, typer.Option("--ece-bins", help="Equal-width ECE bins.")] = 10,
+    drop_missing: Annotated[
+        bool,
+        typer.Option("--drop-missing", help="Drop rows with an empty/NaN label or score."),
+    ] = False,
 ) -> None:
     """ROC/AUC with confidence intervals, operating points, calibration and an HTML report."""
-    _not_available("evaluate")
+    from medres.evaluation import EvaluateConfig, run_evaluate
+
+    result = run_evaluate(
+        EvaluateConfig(
+            target=target,
+            out=out,
+            split=split,
+            label=label,
+            positive=positive,
+            scores=tuple(score or ()),
+            by=tuple(by or ()),
+            n_boot=n_boot,
+            seed=seed,
+            threshold=threshold,
+            ci_level=ci_level,
+            ci_transform=ci_transform,
+            ece_bins=ece_bins,
+            drop_missing=drop_missing,
+        )
+    )
+    h = result.headline
+    ci = h.get("ci")
+    ci_text = f" (CI {ci[0]:.3f}-{ci[1]:.3f}, {h.get('ci_method')})" if ci else ""
+    out_console.print(
+        f"{h.get('metric', 'auc')} {h.get('name', '')}: {h.get('value'):.3f}{ci_text}"
+    )
+    out_console.print(f"wrote {result.metrics_path} and {result.report_path}")
 
 
 # --- score -------------------------------------------------------------------------------
 @app.command("score")
 def score_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Model dir written by `medres train`.")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Model dir written by `medres train` (RUN_DIR/model or RUN_DIR).")
+    ],
+    sources: Annotated[
+        list[Path],
+        typer.Argument(help="Folders, files, .zip/.tar archives, or one manifest.csv."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ledger + CSVs).")],
+    workers: Annotated[
+        int, typer.Option("--workers", "-j", help="Decode worker processes (0 = inline).")
+    ] = 2,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help="fp32 | bf16 | fp16 | auto (auto: fp16 AMP on CUDA, fp32 on CPU).",
+        ),
+    ] = "auto",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    shard: Annotated[
+        str | None,
+        typer.Option("--shard", help="Score only shard I of N (0-based, e.g. 0/2); merge later."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="Manifest SOURCE only: score rows of this split.")
+    ] = None,
+    keep_ids: Annotated[
+        bool,
+        typer.Option(
+            "--keep-ids",
+            help="Add StudyInstanceUID/AccessionNumber to scores.csv (raw identifiers, for PACS).",
+        ),
+    ] = False,
+    retry_errors: Annotated[
+        bool, typer.Option("--retry-errors", help="Re-try items the ledger holds as errors.")
+    ] = False,
+    aggregate: Annotated[
+        str | None,
+        typer.Option("--aggregate", help="Also write scores_study.csv: max | mean over a study."),
+    ] = None,
+    cam: Annotated[
+        int | None,
+        typer.Option("--cam", help="Grad-CAM PNGs for the top K items by score (0 = all)."),
+    ] = None,
+    prefetch: Annotated[
+        int, typer.Option("--prefetch", help="Decoded chunks in flight per worker.")
+    ] = 2,
 ) -> None:
     """Score folders/archives of scans with a trained model; re-running resumes."""
-    _not_available("score")
+    from medres.scoring import ScoreConfig, score
+
+    summary = score(
+        ScoreConfig(
+            model_dir=model_dir,
+            sources=tuple(sources),
+            out_dir=out,
+            batch_size=batch_size,
+            workers=workers,
+            prefetch=prefetch,
+            precision=precision,
+            device=device,
+            shard=shard,
+            split=split,
+            keep_ids=keep_ids,
+            retry_errors=retry_errors,
+            aggregate=aggregate,
+            cam=cam,
+        )
+    )
+    i, n = summary.shard
+    shard_note = f", {summary.skipped_shard} in other shards ({i}/{n})" if n > 1 else ""
+    out_console.print(
+        f"scored {summary.scored}, rejected {summary.errors}, skipped {summary.skipped_done} "
+        f"already done{shard_note} in {summary.seconds:.1f} s ({summary.items_per_s:.1f} img/s, "
+        f"{summary.precision}); ledger: {summary.total_ok} ok, {summary.total_errors} errors "
+        f"-> {summary.outputs.get('scores', out / 'scores.csv')}"
+    )
+
+
+# --- score-merge -------------------------------------------------------------------------
+@app.command("score-merge")
+def score_merge_cmd(
+    out_dirs: Annotated[
+        list[Path], typer.Argument(help="Scoring OUT_DIRs (or ledger.sqlite files) to unite.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged ledger + CSVs.")],
+    keep_ids: Annotated[
+        bool, typer.Option("--keep-ids", help="Keep raw StudyInstanceUID/AccessionNumber columns.")
+    ] = False,
+    aggregate: Annotated[
+        str | None, typer.Option("--aggregate", help="Also write scores_study.csv: max | mean.")
+    ] = None,
+) -> None:
+    """Unite the ledgers of sharded runs (conflicts abort) and export scores.csv once."""
+    from medres.scoring import merge
+
+    report = merge(out_dirs, out, keep_ids=keep_ids, aggregate=aggregate)
+    out_console.print(
+        f"merged {len(out_dirs)} ledgers: {report.inserted} new, {report.identical} identical, "
+        f"{report.replaced_errors} errors replaced -> {out / 'scores.csv'}"
+    )
 
 
 # --- demo --------------------------------------------------------------------------------
@@ -164,6 +518,118 @@ def demo_cmd(
 ) -> None:
     """Synthesize a study set, ingest, train, evaluate and score it end to end."""
     _not_available("demo")
+
+
+# --- export ------------------------------------------------------------------------------
+@app.command("export")
+def export_cmd(
+    manifest: Annotated[
+        Path, typer.Argument(help="manifest.csv written by `medres ingest` (or its folder).")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            help="monai-datalist (Decathlon-style JSON for load_decathlon_datalist) or "
+            "nnunet (nnU-Net v2 raw dataset, imaging side only).",
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="monai-datalist: a .json file (a folder gets datalist.json); "
+            "nnunet: the dataset folder, named DatasetNNN_Name.",
+        ),
+    ],
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="Comma-separated class order for label indices (default: numeric or "
+            "alphabetical order of the labels).",
+        ),
+    ] = None,
+    absolute_paths: Annotated[
+        bool,
+        typer.Option(
+            "--absolute-paths",
+            help="monai-datalist: absolute image paths (default: relative to the JSON).",
+        ),
+    ] = False,
+    link: Annotated[
+        str,
+        typer.Option(
+            "--link",
+            help="nnunet: copy (default), hardlink (falls back to copy) or symlink the images.",
+        ),
+    ] = "copy",
+) -> None:
+    """Export a manifest for MONAI (datalist JSON) or nnU-Net v2 (dataset.json + imagesTr/).
+
+    nnU-Net is a segmentation tool: for classification manifests only the imaging side is
+    exported and the class labels go to classification_labels.csv beside dataset.json.
+    """
+    from medres.export import export_dataset
+
+    class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    result = export_dataset(
+        manifest, fmt, out, classes=class_list, absolute_paths=absolute_paths, link=link
+    )
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    out_console.print(f"{result.format}: wrote {result.path} ({counts})", highlight=False)
+
+
+# --- export-model ------------------------------------------------------------------------
+@app.command("export-model")
+def export_model_cmd(
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run dir written by `medres train` (or its model/ folder).")
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="torchscript, onnx or monai-bundle."),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="torchscript/onnx: the file (a folder gets model.ts/model.onnx); "
+            "monai-bundle: the bundle folder.",
+        ),
+    ],
+    input_size: Annotated[
+        str | None,
+        typer.Option(
+            "--input-size",
+            help="Spatial input size N[,N[,N]] (default: the image size in model.json).",
+        ),
+    ] = None,
+) -> None:
+    """Export a trained model to TorchScript, ONNX (dynamic batch) or a MONAI bundle.
+
+    The export is reloaded and its outputs compared with the PyTorch model's (to 1e-4).
+    """
+    from medres.errors import ConfigError
+    from medres.model_export import export_model
+
+    size = None
+    if input_size:
+        try:
+            size = [int(s) for s in input_size.replace("x", ",").split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--input-size {input_size!r} is not N[,N[,N]]; give integers, e.g. 224,224"
+            ) from None
+    result = export_model(run_dir, fmt, out, input_size=size)
+    out_console.print(
+        f"{result.format}: wrote {result.path} (input {list(result.input_shape)}, "
+        f"max |diff| vs PyTorch {result.max_abs_diff:.1e})",
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -1,0 +1,259 @@
+"""One-shot accelerator benchmark: training throughput, loader vs synthetic, MFU.
+
+Meant for one H200 run of at most 8 minutes (the `device` tool lends 15 minutes a
+session); it runs the same code on CPU with tiny sizes (``--tiny``), which the test suite
+exercises so the script is ready whenever a GPU is lent.
+
+Measured (each a median over timed steps after warm-up):
+- ResNet-18 / ResNet-50 2D at 224^2, bf16 autocast, channels_last, batch 256: train img/s.
+- ResNet-18 / ResNet-50 3D at 128^3: train vol/s.
+- The real medres input path (cached NIfTI -> deterministic transforms cached in memory ->
+  random augmentation -> loader -> device) vs synthetic tensors already on the device, for
+  ResNet-18 2D: the ratio must be >= 0.9 (the loader keeps up).
+- MFU: model FLOPs of a training step (forward + backward, counted with
+  ``torch.utils.flop_counter.FlopCounterMode``) per second over the device's dense bf16
+  peak (989 TFLOP/s for H100/H200 SXM; ``--peak-tflops`` to change).
+
+Usage::
+
+    python benchmarks/gpu.py                 # full sizes (GPU)
+    python benchmarks/gpu.py --tiny --device cpu
+    python benchmarks/gpu.py --json out.json
+
+Targets: R50 2D >= 5,000 img/s; loader/synthetic >= 0.9; 3D MFU >= 25%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medres.models import build_model  # noqa: E402
+
+
+@dataclass
+class Result:
+    name: str
+    dims: int
+    size: int
+    batch: int
+    samples_per_s: float
+    step_ms: float
+    tflops_per_s: float
+    mfu: float
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_step_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with FlopCounterMode(display=False) as fc:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(fc.get_total_flops())
+
+
+def bench_train(
+    arch: str,
+    dims: int,
+    size: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    peak_tflops: float,
+    amp: bool,
+) -> Result:
+    torch.manual_seed(0)
+    model = build_model(arch, dims=dims, in_channels=3 if dims == 2 else 1, num_classes=2)
+    model = model.to(device)
+    mf = torch.channels_last if dims == 2 else torch.channels_last_3d
+    model = model.to(memory_format=mf)
+    shape = (batch, 3 if dims == 2 else 1, *([size] * dims))
+    x = torch.randn(shape, device=device).contiguous(memory_format=mf)
+    y = torch.randint(0, 2, (batch,), device=device)
+    flops = _train_step_flops(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dtype = torch.bfloat16
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    tflops = flops / med / 1e12
+    return Result(
+        name=f"{arch}-{dims}d",
+        dims=dims,
+        size=size,
+        batch=batch,
+        samples_per_s=batch / med,
+        step_ms=med * 1e3,
+        tflops_per_s=tflops,
+        mfu=tflops / peak_tflops,
+        note="bf16 autocast" if amp else "fp32",
+    )
+
+
+def bench_loader(
+    size: int, batch: int, n_items: int, device: torch.device, steps: int, amp: bool, tmp: Path
+) -> dict[str, float]:
+    """ResNet-18 2D training fed by the real medres input path vs synthetic device tensors."""
+    import nibabel as nib
+    import numpy as np
+
+    from medres.data import build_loader
+    from medres.transforms import build_transforms
+
+    rng = np.random.default_rng(0)
+    items = []
+    src = max(size, 64)
+    for i in range(n_items):
+        p = tmp / f"img{i}.nii"
+        nib.save(nib.Nifti1Image(rng.normal(0, 100, (src, src)).astype(np.float32), np.eye(4)), p)
+        items.append({"image": str(p), "label": int(i % 2), "image_id": f"i{i}"})
+    preprocessing = {
+        "dims": 2,
+        "image_size": [size, size],
+        "modality": "DX",
+        "in_channels": 3,
+    }
+    train_tf = build_transforms(preprocessing, train=True)
+    loader = build_loader(items, train_tf, batch_size=batch, cache="memory", shuffle=True)
+
+    model = build_model("resnet18", dims=2, in_channels=3, num_classes=2).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def real(n: int) -> float:
+        done, t0 = 0, time.perf_counter()
+        while done < n:
+            for b in loader:
+                x = b["image"].to(device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                )
+                step(x, b["label"].to(device, non_blocking=True).long())
+                done += 1
+                if done >= n:
+                    break
+        _sync(device)
+        return done * batch / (time.perf_counter() - t0)
+
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(
+        memory_format=torch.channels_last
+    )
+    y = torch.randint(0, 2, (batch,), device=device)
+
+    def synthetic(n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(x, y)
+        _sync(device)
+        return n * batch / (time.perf_counter() - t0)
+
+    real(2)
+    synthetic(2)
+    r = statistics.median(real(steps) for _ in range(3))
+    s = statistics.median(synthetic(steps) for _ in range(3))
+    return {"real_img_s": r, "synthetic_img_s": s, "ratio": r / s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke run)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak")
+    ap.add_argument("--json", type=Path, default=None, help="write results as JSON")
+    ap.add_argument("--skip-loader", action="store_true")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amp = device.type == "cuda"
+    if args.tiny:
+        cfg2d, cfg3d, steps, warmup = (32, 4), (16, 2), 2, 1
+    else:
+        cfg2d, cfg3d, steps, warmup = (224, 256), (128, 8), 20, 5
+    results: list[Result] = []
+    for arch in ("resnet18", "resnet50"):
+        results.append(
+            bench_train(arch, 2, *cfg2d, device, steps, warmup, args.peak_tflops, amp)
+        )
+    for arch in ("resnet18", "resnet50"):
+        results.append(
+            bench_train(arch, 3, *cfg3d, device, steps, warmup, args.peak_tflops, amp)
+        )
+    loader: dict[str, float] = {}
+    if not args.skip_loader:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            size, batch = (32, 8) if args.tiny else (224, 256)
+            n_items = 16 if args.tiny else 2048
+            loader = bench_loader(
+                size, batch, n_items, device, 3 if args.tiny else 20, amp, Path(tmp)
+            )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device: {name}  torch {torch.__version__}  peak {args.peak_tflops} TFLOP/s")
+    print(f"{'model':<14}{'size':>6}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'TFLOP/s':>10}{'MFU':>8}")
+    for r in results:
+        print(
+            f"{r.name:<14}{r.size:>6}{r.batch:>7}{r.samples_per_s:>12.1f}{r.step_ms:>10.1f}"
+            f"{r.tflops_per_s:>10.2f}{r.mfu:>8.1%}"
+        )
+    if loader:
+        print(
+            f"loader: real {loader['real_img_s']:.1f} img/s vs synthetic "
+            f"{loader['synthetic_img_s']:.1f} img/s -> ratio {loader['ratio']:.2f} (target >= 0.9)"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"device": name, "results": [asdict(r) for r in results], "loader": loader},
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""Full training state on disk: save atomically, load with ``torch.load(weights_only=True)``.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads
+with ``weights_only=True`` (no pickled objects, no code execution). RNG states are stored
+as tensors/lists: torch (CPU and every CUDA device), numpy (MT19937 key as an int64
+tensor) and Python's ``random``. The sampler position is ``epoch`` (checkpoints are
+written at epoch boundaries; the next epoch's order is a function of seed and epoch, see
+:mod:`medres.data`).
+
+Files in ``RUN_DIR/checkpoints/``: ``last.pt`` (full state, rewritten every epoch) and
+``best.pt`` (model weights of the best validation epoch). Writes go to a temp file that is
+fsynced and ``os.replace``-d, so a kill at any moment leaves the previous complete file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medres.errors import TrainError
+from medres.utils import atomic_open
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medres-checkpoint/1"
+LAST = "last.pt"
+BEST = "best.pt"
+
+__all__ = [
+    "BEST",
+    "FORMAT",
+    "LAST",
+    "capture_rng",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG state that training touches, as tensors and lists."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": int(py_state[0]), "state": list(py_state[1]), "gauss": py_state[2]},
+        "cuda": [],
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = list(torch.cuda.get_rng_state_all())
+    return out
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            n["keys"].numpy().astype(np.uint32),
+            int(n["pos"]),
+            int(n["has_gauss"]),
+            float(n["cached_gaussian"]),
+        )
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus the format tag) atomically with ``torch.save``."""
+    path = Path(path)
+    payload = {"format": FORMAT, **state}
+    with atomic_open(path, "wb") as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(
+            f"{path}: checkpoint not found; train without --resume, or point --out at the run to resume"
+        )
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated / foreign / pickled-object files
+        raise TrainError(
+            f"{path}: not a readable medres checkpoint ({type(exc).__name__}); delete it and "
+            "restart training without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainError(
+            f"{path}: not a {FORMAT} checkpoint; delete it and restart training without --resume"
+        )
+    return state

@@ -1,0 +1,330 @@
+"""Manifest rows -> labelled items -> cached MONAI datasets -> deterministic loaders.
+
+Choices:
+
+* Labels: ``label`` holds a class name per row (binary when two classes, multi-class
+  otherwise); multi-label manifests have ``label_<name>`` 0/1 columns. Rows with an empty
+  label or split are left out (logged), never guessed.
+* Leakage guard: one pseudonymous ``patient_key`` in two splits refuses training.
+* Caching: ``none`` (monai Dataset), ``memory`` (CacheDataset: the deterministic transform
+  prefix is computed once) or ``disk`` (PersistentDataset under a folder named by a hash of
+  the preprocessing, so a changed spec never reads a stale cache).
+* Sampling: :class:`EpochSampler` draws the epoch's order (shuffled, or class-balanced with
+  replacement) from ``(seed, epoch)`` only and shards it over DDP ranks. The augmentation
+  RNGs are re-seeded from ``(seed, epoch, rank)`` at each epoch start (and, with workers,
+  through the loader's generator), so an epoch's batches depend only on its number: this
+  is what makes ``--resume`` bit-exact without saving iterator internals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from medres.config import DataSpec
+from medres.errors import ConfigError, ManifestError, TrainError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TASKS",
+    "EpochSampler",
+    "LabelInfo",
+    "build_loader",
+    "check_leakage",
+    "epoch_seed",
+    "load_manifest",
+    "make_dataset",
+    "make_items",
+    "resolve_labels",
+    "sample_weights",
+    "seed_loader_epoch",
+]
+
+TASKS = ("binary", "multiclass", "multilabel")
+CACHE_MODES = ("none", "memory", "disk")
+BALANCE_MODES = ("none", "sampler", "weights")
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Any:
+    """Read and validate the manifest (``medres.manifest.read_manifest``)."""
+    from medres.manifest import read_manifest
+
+    return read_manifest(path)
+
+
+def check_leakage(rows: Sequence[dict[str, str]], manifest_name: str = "manifest.csv") -> None:
+    """Raise TrainError when one patient key appears in two splits."""
+    seen: dict[str, str] = {}
+    for row in rows:
+        pk, split = row.get("patient_key", ""), row.get("split", "")
+        if not pk or not split:
+            continue
+        prev = seen.setdefault(pk, split)
+        if prev != split:
+            raise TrainError(
+                f"{manifest_name}: patient {pk} is in both the {prev!r} and {split!r} splits "
+                "(leakage); re-split by patient (medres ingest --val-frac/--test-frac) or fix "
+                "the split column"
+            )
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """The resolved task: label columns, class names (output order) and positive class."""
+
+    task: str
+    label_columns: tuple[str, ...]
+    classes: tuple[str, ...]
+    positive_class: str = ""
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes)
+
+    @property
+    def positive_index(self) -> int:
+        return self.classes.index(self.positive_class) if self.positive_class else -1
+
+
+def _sort_classes(values: set[str]) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(values, key=float))
+    except ValueError:
+        return tuple(sorted(values))
+
+
+def resolve_labels(manifest: Any, spec: DataSpec) -> LabelInfo:
+    """Work out task, label columns and classes from ``spec`` and the manifest's values."""
+    name = Path(manifest.path).name
+    cols = tuple(spec.label_columns) or tuple(manifest.label_columns)
+    if not cols:
+        raise ManifestError(
+            f"{name}: no label column; add `label` (or label_<name> 0/1 columns) via "
+            "`medres ingest --labels CSV`"
+        )
+    missing = [c for c in cols if c not in manifest.columns]
+    if missing:
+        raise ConfigError(
+            f"data.label_columns: {', '.join(missing)} not in {name}; columns are "
+            f"{', '.join(manifest.columns)}"
+        )
+    task = spec.task
+    if task == "auto":
+        task = "multilabel" if (len(cols) > 1 or cols[0] != "label") else ""
+    if task not in ("", *TASKS):
+        raise ConfigError(f"data.task is {spec.task!r}; use auto, {', '.join(TASKS)}")
+    if task == "multilabel":
+        classes = tuple(spec.classes) or tuple(c.removeprefix("label_") for c in cols)
+        if len(classes) != len(cols):
+            raise ConfigError(
+                f"data.classes has {len(classes)} names for {len(cols)} label columns; give one each"
+            )
+        return LabelInfo("multilabel", cols, classes)
+    if len(cols) != 1:
+        raise ConfigError(f"data.task {task} takes one label column; got {', '.join(cols)}")
+    values = {r.get(cols[0], "") for r in manifest.rows} - {""}
+    classes = tuple(spec.classes) or _sort_classes(values)
+    unknown = values - set(classes)
+    if unknown:
+        raise ConfigError(
+            f"data.classes {list(classes)} misses label value(s) {sorted(unknown)[:5]} found in {name}"
+        )
+    if len(classes) < 2:
+        raise TrainError(
+            f"{name}: column {cols[0]} has {len(classes)} class(es); training needs at least two "
+            "(check the labels CSV given to ingest)"
+        )
+    if not task:
+        task = "binary" if len(classes) == 2 else "multiclass"
+    if task == "binary" and len(classes) != 2:
+        raise ConfigError(f"data.task binary needs two classes; found {len(classes)}")
+    positive = ""
+    if task == "binary":
+        positive = spec.positive_class or classes[-1]
+        if positive not in classes:
+            raise ConfigError(
+                f"data.positive_class {spec.positive_class!r} is not a class; classes are {list(classes)}"
+            )
+    return LabelInfo(task, cols, classes, positive)
+
+
+def make_items(manifest: Any, split: str, labels: LabelInfo) -> list[dict[str, Any]]:
+    """Dataset items (``image`` path, ``channels``, ``label``, ``index`` into manifest.rows)."""
+    items: list[dict[str, Any]] = []
+    skipped = 0
+    for i, row in enumerate(manifest.rows):
+        if row.get("split", "") != split:
+            continue
+        values = [row.get(c, "") for c in labels.label_columns]
+        if any(v == "" for v in values):
+            skipped += 1
+            continue
+        if labels.task == "multilabel":
+            label: Any = np.asarray([float(v) for v in values], dtype=np.float32)
+        else:
+            label = labels.classes.index(values[0])
+        channels = int(row.get("channels") or 1)
+        items.append(
+            {"image": str(manifest.resolve(row)), "channels": channels, "label": label, "index": i}
+        )
+    if skipped:
+        log.warning("%s split: %d row(s) without a label left out", split, skipped)
+    return items
+
+
+def class_counts(items: Sequence[dict[str, Any]], labels: LabelInfo) -> np.ndarray:
+    """Per-class counts (positives per label for multi-label)."""
+    if labels.task == "multilabel":
+        return np.sum([it["label"] for it in items], axis=0) if items else np.zeros(labels.num_outputs)
+    c = Counter(int(it["label"]) for it in items)
+    return np.asarray([c.get(k, 0) for k in range(labels.num_outputs)], dtype=np.float64)
+
+
+def sample_weights(items: Sequence[dict[str, Any]], labels: LabelInfo) -> torch.Tensor:
+    """Per-item weights giving every class the same expected share (multi-label: rarest label)."""
+    counts = np.maximum(class_counts(items, labels), 1.0)
+    if labels.task == "multilabel":
+        inv = 1.0 / counts
+        w = [max([inv[j] for j in np.flatnonzero(it["label"])] or [1.0 / len(items)]) for it in items]
+    else:
+        w = [1.0 / counts[int(it["label"])] for it in items]
+    return torch.as_tensor(w, dtype=torch.float64)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 31-bit seed derived from (seed, epoch, rank)."""
+    h = hashlib.sha256(f"{seed}:{epoch}:{rank}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic per-epoch order, optionally class-weighted, sharded over ranks.
+
+    Every rank draws the same global order from ``(seed, epoch)`` and takes every
+    ``world``-th index starting at ``rank`` (padded by wrapping so shards are equal).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        shuffle: bool = True,
+        weights: torch.Tensor | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.n, self.shuffle, self.weights = n, shuffle, weights
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        total = len(self) * self.world
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, -1))
+        if self.weights is not None:
+            idx = torch.multinomial(self.weights, total, replacement=True, generator=g).tolist()
+        elif self.shuffle:
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        if len(idx) < total:
+            idx += idx[: total - len(idx)] if idx else []
+        return iter(idx[self.rank : total : self.world])
+
+
+_AUGMENT_KEYS = {
+    "augment", "flip_prob", "flip_axes", "affine_prob", "rotate_deg", "scale",
+    "intensity_prob", "intensity_jitter", "noise_prob", "noise_std",
+}
+
+
+def preprocessing_hash(preprocessing: dict[str, Any]) -> str:
+    """Short content hash of the deterministic preprocessing (the disk-cache key)."""
+    keep = {k: v for k, v in preprocessing.items() if k not in _AUGMENT_KEYS}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_dataset(
+    items: list[dict[str, Any]],
+    transform: Any,
+    *,
+    cache: str,
+    cache_dir: Path | None = None,
+    cache_workers: int = 0,
+) -> torch.utils.data.Dataset:
+    """A MONAI Dataset / CacheDataset / PersistentDataset over ``items``."""
+    from monai.data import CacheDataset, Dataset, PersistentDataset
+
+    if cache not in CACHE_MODES:
+        raise ConfigError(f"data.cache is {cache!r}; use one of {', '.join(CACHE_MODES)}")
+    if cache == "memory":
+        # copy_cache=False: no transform after the cached prefix mutates its input in place
+        return CacheDataset(
+            items,
+            transform,
+            cache_rate=1.0,
+            num_workers=max(cache_workers, 1) if cache_workers else 1,
+            progress=False,
+            copy_cache=False,
+        )
+    if cache == "disk":
+        if cache_dir is None:
+            raise ConfigError("data.cache is disk but no cache folder was given; set data.cache_dir")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=cache_dir)
+    return Dataset(items, transform)
+
+
+def build_loader(
+    dataset: torch.utils.data.Dataset,
+    sampler: EpochSampler,
+    *,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A MONAI DataLoader over ``sampler`` with its own (per-epoch re-seeded) generator."""
+    from monai.data import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=g,
+        drop_last=False,
+        persistent_workers=False,
+    )
+
+
+def seed_loader_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int, rank: int) -> None:
+    """Make the epoch's sampling and augmentation a function of (seed, epoch, rank) only."""
+    from monai.data.utils import set_rnd
+
+    s = epoch_seed(seed, epoch, rank)
+    if isinstance(loader.sampler, EpochSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(s)  # workers seed their transforms from this
+    set_rnd(loader.dataset, s)  # in-process loading (workers=0)

@@ -1,0 +1,457 @@
+"""The training engine: ``fit`` -> ``train_one_epoch`` -> ``evaluate``. No printing, no files.
+
+Choices:
+
+* Loss: cross-entropy over ``num_classes`` logits for binary and multi-class (binary has
+  two outputs so ``prob_0``/``prob_1`` come from one softmax), BCE-with-logits for
+  multi-label. Label smoothing and class weights (``data.balance=weights``) apply to both.
+* Optimiser: AdamW or SGD (Nesterov, momentum 0.9) over backbone/head parameter groups;
+  no weight decay on biases and norm parameters; the backbone at ``lr x backbone_lr_mult``.
+* Schedule: per optimizer step, linear warmup then cosine to 0, one-cycle (cosine up to the
+  peak over the warmup, then cosine down to lr/1e4) or constant. A ``LambdaLR`` over a
+  closure, so its state_dict holds numbers only.
+* AMP: ``bf16`` autocast (CUDA, or CPU when asked), ``fp16`` autocast with a GradScaler
+  (CUDA). Gradient accumulation divides the loss; clipping unscales first.
+* Selection: validation AUC (macro one-vs-rest for multi-class, mean over labels for
+  multi-label) or validation loss; the best epoch is reported to ``on_epoch_end`` which
+  writes checkpoints. Early stopping counts epochs without improvement.
+* DDP: every rank evaluates the whole validation set after the BatchNorm buffers are
+  broadcast from rank 0, so all ranks take the same early-stopping decision without
+  extra communication. Train loss is averaged over ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medres import progress
+from medres.config import TrainSpec
+from medres.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EvalOutput",
+    "TrainState",
+    "autocast",
+    "compute_metric",
+    "evaluate",
+    "fit",
+    "make_loss",
+    "make_optimizer",
+    "make_scheduler",
+    "predict_probs",
+    "selection_score",
+    "train_one_epoch",
+]
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "onecycle", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+
+
+# ---------------------------------------------------------------------------------- building
+class MultiLabelLoss(nn.Module):
+    """BCE-with-logits with optional label smoothing and per-label positive weights."""
+
+    def __init__(self, smoothing: float = 0.0, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.float()
+        if self.smoothing:
+            target = target * (1 - self.smoothing) + self.smoothing / 2
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits.float(), target, pos_weight=self.pos_weight
+        )
+
+
+def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> nn.Module:
+    """Cross-entropy (binary, multiclass) or BCE (multilabel)."""
+    if task == "multilabel":
+        return MultiLabelLoss(label_smoothing, class_weights)
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def _param_groups(model: nn.Module, lr: float, backbone_mult: float, wd: float) -> list[dict[str, Any]]:
+    try:
+        from medres.models import param_groups
+
+        return param_groups(model, lr, backbone_lr_scale=backbone_mult, weight_decay=wd)
+    except ImportError:  # models package not importable yet: same split by name
+        groups: dict[str, dict[str, Any]] = {}
+        for name, p in model.named_parameters():
+            part = "head" if name.split(".")[-2:-1] == ["fc"] or ".fc." in f".{name}" else "backbone"
+            scale = 1.0 if part == "head" else backbone_mult
+            key = part if p.ndim > 1 else f"{part}_no_decay"
+            g = groups.setdefault(
+                key,
+                {"name": key, "params": [], "lr": lr * scale, "lr_scale": scale,
+                 "weight_decay": wd if p.ndim > 1 else 0.0},
+            )  # fmt: skip
+            g["params"].append(p)
+        return list(groups.values())
+
+
+def make_optimizer(model: nn.Module, spec: TrainSpec, backbone_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW or SGD over backbone/head groups (no decay on biases and norms)."""
+    groups = _param_groups(model, spec.lr, backbone_lr_mult, spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
+    raise ConfigError(f"train.optimizer is {spec.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based)."""
+    total = max(total, 1)
+    if kind == "onecycle":
+        warm = max(warmup, 1)
+        if step < warm:
+            return 1e-2 + (1 - 1e-2) * 0.5 * (1 - math.cos(math.pi * (step + 1) / warm))
+        t = (step - warm) / max(total - warm, 1)
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    t = (step - warmup) / max(total - warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, spec: TrainSpec, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step LambdaLR: warmup then cosine / one-cycle / constant."""
+    if spec.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler is {spec.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    total = steps_per_epoch * spec.epochs
+    warmup = round(spec.warmup_epochs * steps_per_epoch)
+    kind = spec.scheduler
+
+    def fn(step: int) -> float:
+        return lr_factor(step, total, warmup, kind)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device`` (None = full precision)."""
+    if amp not in AMP_MODES:
+        raise ConfigError(f"train.amp is {amp!r}; use one of {', '.join(AMP_MODES)}")
+    if amp == "none":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+            return torch.float16
+        return torch.bfloat16
+    if amp == "fp16":
+        raise ConfigError("train.amp fp16 needs CUDA; use bf16 or none on CPU")
+    # CPU: bf16 only on request; on CPUs without AMX it is slower than float32
+    return torch.bfloat16 if amp == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------- state
+@dataclass
+class TrainState:
+    """Everything ``fit`` mutates; checkpointed by the caller at each epoch end."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: nn.Module
+    device: torch.device
+    task: str
+    amp_dtype: torch.dtype | None = None
+    scaler: Any = None
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    channels_last: bool = False
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best_metric: float = float("nan")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EvalOutput:
+    """Validation/prediction outputs in loader order."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    loss: float
+    metric: float
+
+
+def _to_device(batch: dict[str, Any], state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+    x = batch["image"].to(state.device, non_blocking=True)
+    if state.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    y = torch.as_tensor(batch["label"]).to(state.device, non_blocking=True)
+    return x, y
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _dist() -> tuple[bool, int]:
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    return on, (dist.get_world_size() if on else 1)
+
+
+def train_one_epoch(
+    state: TrainState, loader: Iterable[dict[str, Any]], *, total: int | None = None
+) -> dict[str, float]:
+    """One pass over ``loader``; returns ``train_loss``, ``lr`` and timing figures."""
+    model = state.model
+    model.train()
+    opt = state.optimizer
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    n_seen = 0
+    t0 = time.perf_counter()
+    wait = 0.0
+    n_batches = total if total is not None else len(loader)  # type: ignore[arg-type]
+    it = iter(loader)
+    with progress.task(f"epoch {state.epoch + 1}", total=n_batches, unit="batch") as bar:
+        i = 0
+        while True:
+            tw = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - tw
+            x, y = _to_device(batch, state)
+            with autocast(state.device, state.amp_dtype):
+                logits = model(x)
+            loss = state.loss_fn(logits.float(), y)
+            scaled = loss / state.grad_accum
+            if state.scaler is not None:
+                state.scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+            i += 1
+            if i % state.grad_accum == 0 or i == n_batches:
+                _optimizer_step(state)
+            loss_sum += loss.detach().double().cpu() * x.shape[0]
+            n_seen += x.shape[0]
+            bar.advance()
+    on, _world = _dist()
+    stats = torch.stack([loss_sum, torch.tensor(float(n_seen), dtype=torch.float64)])
+    if on:
+        import torch.distributed as dist
+
+        t = stats.to(state.device)
+        dist.all_reduce(t)
+        stats = t.cpu()
+        _sync_buffers(model)
+    elapsed = time.perf_counter() - t0
+    return {
+        "train_loss": float(stats[0] / max(stats[1].item(), 1.0)),
+        "lr": float(opt.param_groups[-1]["lr"]),
+        "train_time_s": elapsed,
+        "data_wait_frac": wait / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def _optimizer_step(state: TrainState) -> None:
+    opt = state.optimizer
+    if state.grad_clip > 0:
+        if state.scaler is not None:
+            state.scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, state.grad_clip)
+    if state.scaler is not None:
+        state.scaler.step(opt)
+        state.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    state.step += 1
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Broadcast BatchNorm running stats from rank 0 so every rank evaluates the same model."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b.data, 0)
+
+
+def compute_metric(task: str, probs: np.ndarray, labels: np.ndarray, positive_index: int = 1) -> float:
+    """AUC: binary (positive class), multi-class macro one-vs-rest, multi-label mean; NaN if undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(labels) == 0:
+        return float("nan")
+    try:
+        if task == "multilabel":
+            aucs = [
+                roc_auc_score(labels[:, j], probs[:, j])
+                for j in range(labels.shape[1])
+                if len(np.unique(labels[:, j])) == 2
+            ]
+            return float(np.mean(aucs)) if aucs else float("nan")
+        present = np.unique(labels)
+        if task == "binary":
+            if len(present) < 2:
+                return float("nan")
+            return float(roc_auc_score(labels == positive_index, probs[:, positive_index]))
+        if len(present) < probs.shape[1]:
+            return float("nan")
+        return float(roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    except ValueError:
+        return float("nan")
+
+
+def _batches(loader: Iterable[dict[str, Any]], description: str) -> Iterator[dict[str, Any]]:
+    yield from progress.track(loader, description, unit="batch")
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    *,
+    task: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    loss_fn: nn.Module | None = None,
+    channels_last: bool = False,
+    description: str = "predict",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(probs, labels, manifest indices, mean loss) over ``loader`` in eval mode."""
+    model.eval()
+    probs, labels, idx = [], [], []
+    loss_sum, n = 0.0, 0
+    for batch in _batches(loader, description):
+        x = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        y = torch.as_tensor(batch["label"]).to(device)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        if loss_fn is not None:
+            loss_sum += float(loss_fn(logits, y)) * x.shape[0]
+        n += x.shape[0]
+        p = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
+        probs.append(p.cpu().numpy())
+        labels.append(y.cpu().numpy())
+        idx.append(torch.as_tensor(batch["index"]).cpu().numpy())
+    if not probs:
+        return np.zeros((0, 0)), np.zeros((0,)), np.zeros((0,), dtype=int), float("nan")
+    return np.concatenate(probs), np.concatenate(labels), np.concatenate(idx), loss_sum / max(n, 1)
+
+
+def evaluate(state: TrainState, loader: Iterable[dict[str, Any]], positive_index: int = 1) -> EvalOutput:
+    """Validation loss and AUC of the current model."""
+    probs, labels, idx, loss = predict_probs(
+        unwrap(state.model),
+        loader,
+        task=state.task,
+        device=state.device,
+        amp_dtype=state.amp_dtype,
+        loss_fn=state.loss_fn,
+        channels_last=state.channels_last,
+        description="validate",
+    )
+    return EvalOutput(probs, labels, idx, loss, compute_metric(state.task, probs, labels, positive_index))
+
+
+def selection_score(metric: str, ev: EvalOutput) -> float:
+    """Higher is better: the AUC, or minus the loss (also when the AUC is undefined)."""
+    if metric == "auc" and not math.isnan(ev.metric):
+        return ev.metric
+    return -ev.loss
+
+
+def fit(
+    state: TrainState,
+    train_loader: Any,
+    val_loader: Any,
+    *,
+    epochs: int,
+    metric: str = "auc",
+    early_stopping: int = 0,
+    positive_index: int = 1,
+    before_epoch: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[TrainState, dict[str, Any], bool], None] | None = None,
+) -> TrainState:
+    """Train from ``state.epoch`` to ``epochs``; ``on_epoch_end(state, row, is_best)`` persists.
+
+    ``before_epoch(epoch)`` re-seeds sampling/augmentation; ``metric`` is ``auc`` or ``loss``
+    (AUC falls back to loss when undefined, e.g. one class in validation).
+    ``state.best_metric`` holds the selection score (higher is better, see
+    :func:`selection_score`).
+    """
+    if metric not in ("auc", "loss"):
+        raise ConfigError(f"eval.metric is {metric!r}; use auc or loss")
+    while state.epoch < epochs:
+        if early_stopping and state.bad_epochs >= early_stopping:
+            log.info("early stopping: no improvement for %d epochs", state.bad_epochs)
+            break
+        if before_epoch is not None:
+            before_epoch(state.epoch)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(state, train_loader)
+        ev = evaluate(state, val_loader, positive_index)
+        value = selection_score(metric, ev)
+        is_best = not math.isnan(value) and (math.isnan(state.best_metric) or value > state.best_metric)
+        state.epoch += 1
+        if is_best:
+            state.best_metric, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+        else:
+            state.bad_epochs += 1
+        row = {
+            "epoch": state.epoch,
+            "step": state.step,
+            "lr": tr["lr"],
+            "train_loss": tr["train_loss"],
+            "val_loss": ev.loss,
+            "val_auc": ev.metric,
+            "best_epoch": state.best_epoch,
+            "epoch_time_s": round(time.perf_counter() - t0, 3),
+            "data_wait_frac": round(tr["data_wait_frac"], 4),
+        }
+        state.history.append(row)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s  (%.1fs)",
+            state.epoch, epochs, row["train_loss"], ev.loss, ev.metric,
+            "  *best*" if is_best else "", row["epoch_time_s"],
+        )  # fmt: skip
+        if on_epoch_end is not None:
+            on_epoch_end(state, row, is_best)
+    return state

@@ -1,0 +1,935 @@
+"""``run_ingest``: sources -> dataset folder (images/, manifest.csv, errors.csv, ingest.json).
+
+Stages (each a small function below): discover inputs and extract archives
+(:mod:`medres.ingest.discover`) -> scan headers in parallel worker processes -> group DICOM
+into stacks (:func:`medres.ingest.dicom.group_stacks`) -> decode and write each stack or
+NIfTI file in isolated workers, reusing cached images whose inputs did not change -> join
+labels and assign patient-grouped splits -> write the outputs atomically.
+
+Choices made here:
+
+* **Isolation.** Header scans and decodes run in ``spawn``-ed worker processes supervised
+  by :func:`isolated_map`: a worker that crashes (segfault, ``os._exit``, OOM kill) or
+  exceeds the per-file time limit is killed and replaced; the item it was on is rejected
+  (``decode_failed`` / ``timeout``) and the rest of its chunk is re-queued. ``spawn`` rather
+  than ``fork`` because the CLI runs a progress thread and logging locks that a forked
+  child could inherit held.
+* **Chunks.** Header scans go to workers in chunks (up to 64 files) with one small
+  message back per file, so a crash is attributed to one file; decodes go one stack at a
+  time.
+* **Incremental.** Each image's inputs give a fingerprint (relative source paths, sizes,
+  mtimes; for archive members the archive's size/mtime and the member's size/CRC) plus the
+  settings that change the output. ``.medres_cache.json`` in the output folder maps
+  fingerprints to the manifest record; an unchanged image is not decoded again. Headers are
+  re-scanned on every run (cheap, and no raw identifier is ever cached).
+* **Accounting.** Every discovered file ends in exactly one of ``used`` (behind an image in
+  the manifest), ``rejected`` or ``skipped`` (benign: :data:`SKIP_CODES`); ``errors.csv``
+  holds one row for every file that is not used, and ``ingest.json`` records the counts.
+* **Privacy.** Raw identifiers stay in worker/main memory only: pseudonyms are computed
+  right after the header is read. ``ingest.json`` records SOURCE arguments by base name
+  only (folder names above may hold patient names).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait as mp_wait
+from pathlib import Path
+from typing import Any
+
+from medres import __version__, progress
+from medres.errors import ConfigError, IngestError, MedresError
+from medres.ingest.codes import Code
+from medres.ingest.discover import ArchiveLimits, InputFile, Rejected, discover
+from medres.ingest.labels import (
+    assign_splits,
+    check_fractions,
+    id_keys,
+    join_labels,
+    read_labels,
+)
+from medres.manifest import MANIFEST_NAME, write_manifest
+from medres.phi import KEY_FILE, load_or_create_key, pseudonym
+from medres.utils import atomic_open, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+ERRORS_NAME = "errors.csv"
+INGEST_JSON = "ingest.json"
+CACHE_NAME = ".medres_cache.json"
+IMAGES_DIR = "images"
+SCRATCH_DIR = ".medres_scratch"
+SKIP_CODES = frozenset({Code.NOT_IMAGE.value, Code.DUPLICATE_INPUT.value, Code.EXTRA_STACK.value})
+_CACHE_VERSION = 1
+
+
+def default_workers() -> int:
+    """CPU cores available to this process."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS/Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Everything ``medres ingest`` needs; built once by the CLI (or by library users).
+
+    ``workers``: worker processes (0 = one per core; 1 still isolates in one worker;
+    ``isolate=False`` runs everything in this process, for tests and debugging).
+    ``min_slices``: 3D stacks with fewer slices are rejected (``too_few_slices``).
+    ``file_timeout_s``: per header/decode item; ``worker_memory_mb``: address-space limit
+    per worker (``None`` = none). ``incremental``: reuse unchanged images of a previous run.
+    """
+
+    sources: tuple[Path, ...]
+    out_dir: Path
+    labels: Path | None = None
+    label_key: str | None = None
+    workers: int = 0
+    val_frac: float = 0.15
+    test_frac: float = 0.15
+    seed: int = 0
+    min_slices: int = 3
+    compress: bool = True
+    file_timeout_s: float = 120.0
+    worker_memory_mb: int | None = None
+    incremental: bool = True
+    isolate: bool = True
+    limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one ingest run produced; the CLI prints it as the summary table."""
+
+    out_dir: Path
+    manifest_path: Path
+    errors_path: Path
+    n_images: int
+    images_by_modality: dict[str, int]
+    rejections_by_code: dict[str, int]
+    files: dict[str, int]
+    splits: dict[str, int]
+    label_columns: tuple[str, ...]
+    unmatched_labels: int
+    unlabelled_images: int
+    timing: dict[str, float]
+    elapsed_s: float
+
+
+# ---------------------------------------------------------------------------------------
+# isolated worker pool
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An item that failed in a worker: a stable code and a one-line message."""
+
+    code: str
+    message: str
+
+
+def _describe(exc: BaseException) -> Failure:
+    if isinstance(exc, IngestError):
+        return Failure(str(exc.code), str(exc))
+    if isinstance(exc, MemoryError):
+        return Failure(Code.TIMEOUT.value, "the per-file memory limit was exceeded")
+    # never echo the exception text: decoder messages can quote header values
+    return Failure(Code.DECODE_FAILED.value, f"unexpected {type(exc).__name__} while reading")
+
+
+def _resolve(ref: str) -> Callable[[Any], Any]:
+    mod, _, name = ref.rpartition(":")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _worker_main(conn: Any, memory_mb: int | None) -> None:  # pragma: no cover - subprocess
+    """Worker loop: receive (function, chunk of (index, item)), send (index, ok, result)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
+    if memory_mb:
+        with contextlib.suppress(Exception):
+            import resource
+
+            lim = memory_mb * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    fns: dict[str, Callable[[Any], Any]] = {}
+    conn.send(("ready",))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        fn_ref, chunk = msg
+        if fn_ref not in fns:
+            fns[fn_ref] = _resolve(fn_ref)
+        fn = fns[fn_ref]
+        for idx, item in chunk:
+            try:
+                out: tuple[Any, ...] = (idx, True, fn(item))
+            except KeyboardInterrupt:
+                return
+            except BaseException as exc:  # decoder panics are BaseException
+                out = (idx, False, _describe(exc))
+            try:
+                conn.send(out)
+            except Exception as exc:  # unpicklable result
+                conn.send((idx, False, _describe(exc)))
+
+
+class _Worker:
+    def __init__(self, ctx: Any, memory_mb: int | None) -> None:
+        parent, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, memory_mb), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self.ready = False
+        self.started = time.monotonic()
+        self.chunk: deque[tuple[int, Any]] = deque()
+        self.last = time.monotonic()
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            with contextlib.suppress(Exception):
+                self.proc.kill()
+        else:
+            with contextlib.suppress(Exception):
+                self.conn.send(None)
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            with contextlib.suppress(Exception):
+                self.proc.kill()
+            self.proc.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+
+class IsolatedPool:
+    """Supervised worker processes that survive crashing and hanging items.
+
+    ``map(fn, items)`` returns ``[(True, fn(item)) | (False, Failure)]`` in item order.
+    ``fn`` must be a module-level function (workers import it by name). Up to ``workers``
+    ``spawn``-ed processes take chunks of items; one that dies or spends more than
+    ``timeout_s`` on one item is killed, that item fails (``decode_failed`` / ``timeout``)
+    and the rest of its chunk is re-queued to a fresh worker. Workers live until
+    :meth:`close` so that several stages pay the start-up cost once. With ``isolate=False``
+    items run in this process (exceptions still become failures; a crash does not).
+    """
+
+    def __init__(
+        self,
+        workers: int = 1,
+        *,
+        timeout_s: float = 120.0,
+        isolate: bool = True,
+        memory_mb: int | None = None,
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        self.workers = max(1, workers)
+        self.timeout_s = timeout_s
+        self.isolate = isolate
+        self.memory_mb = memory_mb
+        self.startup_timeout_s = startup_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._pool: list[_Worker] = []
+
+    def __enter__(self) -> IsolatedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(kill=exc[0] is not None)
+
+    def close(self, kill: bool = False) -> None:
+        for w in self._pool:
+            w.stop(kill=kill)
+        self._pool.clear()
+
+    def map(
+        self,
+        fn: Callable[[Any], Any],
+        items: Sequence[Any],
+        *,
+        chunk_size: int = 1,
+        on_result: Callable[[int], None] | None = None,
+    ) -> list[tuple[bool, Any]]:
+        if not self.isolate:
+            return self._map_local(fn, items, on_result)
+        n = len(items)
+        results: list[tuple[bool, Any] | None] = [None] * n
+        fn_ref = f"{fn.__module__}:{fn.__qualname__}"
+        chunk_size = max(1, chunk_size)
+        pending: deque[list[tuple[int, Any]]] = deque(
+            [(i, items[i]) for i in range(s, min(s + chunk_size, n))]
+            for s in range(0, n, chunk_size)
+        )
+        n_workers = max(1, min(self.workers, len(pending)))
+        pool = self._pool
+        done = 0
+
+        def finish(i: int, res: tuple[bool, Any]) -> None:
+            nonlocal done
+            if results[i] is None:
+                results[i] = res
+                done += 1
+                if on_result:
+                    on_result(i)
+
+        def fail_current(w: _Worker, failure: Failure) -> None:
+            if w.chunk:
+                idx, _ = w.chunk.popleft()
+                finish(idx, (False, failure))
+            if w.chunk:
+                pending.appendleft(list(w.chunk))
+                w.chunk.clear()
+
+        while done < n:
+            while len(pool) < n_workers:
+                pool.append(_Worker(self._ctx, self.memory_mb))
+            for w in pool:
+                if w.ready and not w.chunk and pending:
+                    w.chunk = deque(pending.popleft())
+                    w.last = time.monotonic()
+                    w.conn.send((fn_ref, list(w.chunk)))
+            mp_wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], timeout=0.5)
+            now = time.monotonic()
+            for w in list(pool):
+                dead = False
+                try:
+                    while w.conn.poll():
+                        msg = w.conn.recv()
+                        if msg[0] == "ready":
+                            w.ready = True
+                            continue
+                        idx, ok, val = msg
+                        if w.chunk and w.chunk[0][0] == idx:
+                            w.chunk.popleft()
+                        finish(idx, (ok, val))
+                        w.last = now
+                except (EOFError, OSError):
+                    dead = True
+                if dead or not w.proc.is_alive():
+                    code = w.proc.exitcode
+                    fail_current(
+                        w,
+                        Failure(
+                            Code.DECODE_FAILED.value,
+                            f"the worker process crashed while reading it (exit code {code})",
+                        ),
+                    )
+                    w.stop(kill=True)
+                    pool.remove(w)
+                elif not w.ready and now - w.started > self.startup_timeout_s:
+                    raise MedresError(
+                        "ingest worker processes did not start; retry with --workers 1 or "
+                        "check that medres imports cleanly (`python -c 'import medres'`)"
+                    )
+                elif w.chunk and now - w.last > self.timeout_s:
+                    log.warning(
+                        "an input exceeded the %.0f s limit; its worker was stopped", self.timeout_s
+                    )
+                    w.stop(kill=True)
+                    pool.remove(w)
+                    fail_current(
+                        w,
+                        Failure(
+                            Code.TIMEOUT.value,
+                            f"reading it took longer than the {self.timeout_s:g} s per-file limit",
+                        ),
+                    )
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _map_local(
+        fn: Callable[[Any], Any], items: Sequence[Any], on_result: Callable[[int], None] | None
+    ) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        for i, item in enumerate(items):
+            try:
+                results.append((True, fn(item)))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                results.append((False, _describe(exc)))
+            if on_result:
+                on_result(i)
+        return results
+
+
+def isolated_map(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    workers: int = 1,
+    timeout_s: float = 120.0,
+    chunk_size: int = 1,
+    isolate: bool = True,
+    memory_mb: int | None = None,
+    on_result: Callable[[int], None] | None = None,
+) -> list[tuple[bool, Any]]:
+    """One-off :class:`IsolatedPool` map (see there)."""
+    with IsolatedPool(workers, timeout_s=timeout_s, isolate=isolate, memory_mb=memory_mb) as pool:
+        return pool.map(fn, items, chunk_size=chunk_size, on_result=on_result)
+
+
+# ---------------------------------------------------------------------------------------
+# worker tasks (module level: workers import them by name)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Header-scan outcome for one file: ``kind`` is ``dicom`` (with ``header``) or ``nifti``."""
+
+    kind: str
+    header: Any = None
+
+
+def scan_task(item: tuple[Path, str]) -> ScanResult:
+    """Classify one file by content and scan its DICOM header (pixels not read).
+
+    DICOM is tried first (one open per DICOM file); only a file that is not DICOM is
+    checked for a NIfTI header.
+    """
+    from medres.ingest import dicom, nifti
+
+    path, source = item
+    try:
+        return ScanResult("dicom", dicom.scan_header(path, source))
+    except IngestError as exc:
+        if str(exc.code) == Code.NOT_DICOM.value and nifti.is_nifti(path):
+            return ScanResult("nifti")
+        raise
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One image to decode and write: a DICOM stack or a NIfTI file."""
+
+    kind: str  # "dicom" | "nifti"
+    payload: Any  # Stack | (path, source)
+    image_id: str
+    out_path: Path
+    rel_path: str
+    key: bytes
+    min_slices: int
+    sources: tuple[str, ...]
+
+
+def decode_task(job: DecodeJob) -> dict[str, Any]:
+    """Decode one image, write it atomically as NIfTI and return its manifest record."""
+    from medres.ingest import dicom, nifti
+
+    if job.kind == "nifti":
+        path, source = job.payload
+        img = nifti.load_nifti(Path(path), source)
+    else:
+        img = dicom.load_stack(job.payload)
+    if img.dims == 3 and img.n_slices < job.min_slices:
+        raise IngestError(
+            f"{job.sources[0]}: 3D stack with {img.n_slices} slice(s), fewer than --min-slices "
+            f"{job.min_slices}; lower --min-slices to keep it",
+            code=Code.TOO_FEW_SLICES.value,
+        )
+    nifti.write_image(img, job.out_path)  # atomic (temp file + os.replace)
+    keys = id_keys(
+        job.key,
+        patient_id=img.patient_id,
+        study_uid=img.study_uid,
+        series_uid=img.series_uid,
+        accession=img.accession,
+    )
+    return {
+        "image_id": job.image_id,
+        "image_path": job.rel_path,
+        "source": common_source(job.sources),
+        "dims": str(img.dims),
+        "channels": str(img.channels),
+        "shape": "x".join(str(s) for s in img.shape),
+        "spacing": "x".join(_num(s) for s in img.spacing),
+        "modality": img.modality or "",
+        "manufacturer": img.manufacturer or "",
+        "body_part": img.body_part or "",
+        "sex": img.sex or "",
+        "age": "" if img.age is None else _num(img.age),
+        **keys,
+        "n_slices": str(img.n_slices),
+        "warnings": ";".join(dict.fromkeys(w.replace(";", ",") for w in img.warnings)),
+        "sources": list(job.sources),
+    }
+
+
+def _num(v: float) -> str:
+    return f"{float(v):.6g}"
+
+
+def common_source(sources: Sequence[str]) -> str:
+    """The manifest ``source`` of an image: its one file, else the deepest common folder
+    (``p01/ct`` for ``p01/ct/1.dcm`` ... ``p01/ct/90.dcm``; ``a.zip`` for members at its top)."""
+    if len(sources) == 1:
+        return sources[0]
+    tokens = [re.split(r"([/!])", s) for s in sources]
+    common: list[str] = []
+    for parts in zip(*tokens, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    # keep whole components only: drop a trailing separator or partial component
+    if len(common) % 2 == 0:
+        common = common[:-1]
+    if not common or any(len(t) == len(common) for t in tokens):
+        return sorted(sources)[0]
+    return "".join(common)
+
+
+# ---------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class _Ledger:
+    """Per-file status: every discovered source ends used, rejected or skipped."""
+
+    status: dict[str, tuple[str, str, str]] = field(
+        default_factory=dict
+    )  # source -> (state, code, msg)
+    seen: int = 0
+
+    def reject(self, source: str, code: str, message: str) -> None:
+        code = str(code)
+        state = "skipped" if code in SKIP_CODES else "rejected"
+        self.status.setdefault(source, (state, code, message))
+
+    def use(self, source: str) -> None:
+        self.status[source] = ("used", "", "")
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(s for s, _, _ in self.status.values())
+        return {
+            "seen": self.seen,
+            "used": c["used"],
+            "rejected": c["rejected"],
+            "skipped": c["skipped"],
+        }
+
+    def error_rows(self) -> list[dict[str, str]]:
+        return [
+            {"source": src, "code": code, "message": msg}
+            for src, (state, code, msg) in sorted(self.status.items())
+            if state != "used"
+        ]
+
+
+def run_ingest(config: IngestConfig) -> IngestReport:
+    """Ingest ``config.sources`` into ``config.out_dir``; see the module docstring.
+
+    Raises :class:`ConfigError` / :class:`~medres.errors.ManifestError` for bad options or
+    labels (before any heavy work) and :class:`IngestError` when nothing usable was found
+    (errors.csv and ingest.json are written first so the reasons can be read).
+    """
+    t0 = time.monotonic()
+    timing: dict[str, float] = {}
+    _check_config(config)
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_key(out)
+    table = read_labels(config.labels, key, config.label_key) if config.labels else None
+    workers = config.workers or default_workers()
+    scratch = out / SCRATCH_DIR
+    shutil.rmtree(scratch, ignore_errors=True)
+    ledger = _Ledger()
+    pool = IsolatedPool(
+        workers,
+        timeout_s=config.file_timeout_s,
+        isolate=config.isolate,
+        memory_mb=config.worker_memory_mb,
+    )
+    try:
+        t = time.monotonic()
+        found = discover(list(config.sources), scratch, limits=config.limits, exclude=[out])
+        ledger.seen = found.seen
+        for r in found.rejected:
+            ledger.reject(r.source, r.code, r.message)
+        timing["discover_s"] = time.monotonic() - t
+
+        t = time.monotonic()
+        headers, niftis = _scan(found.files, pool, ledger)
+        timing["scan_s"] = time.monotonic() - t
+
+        t = time.monotonic()
+        jobs = _plan(headers, niftis, found.files, config, key, ledger)
+        timing["group_s"] = time.monotonic() - t
+
+        t = time.monotonic()
+        records, cached_files = _decode(jobs, config, pool, ledger)
+        timing["decode_s"] = time.monotonic() - t
+    finally:
+        pool.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    t = time.monotonic()
+    records.sort(key=lambda r: r["image_id"])
+    label_columns: tuple[str, ...] = ("label",)
+    unmatched = unlabelled = 0
+    labels: list[dict[str, str]] = [{"label": ""} for _ in records]
+    given = [""] * len(records)
+    if table is not None:
+        joined = join_labels(records, table)
+        labels, given = joined.labels, joined.given_splits
+        label_columns = table.label_columns
+        unmatched, unlabelled = joined.unmatched_rows, joined.unlabelled_images
+    groups = [r["patient_key"] or f"image:{r['image_id']}" for r in records]
+    strata = ["|".join(lab[c] for c in label_columns) for lab in labels]
+    splits = assign_splits(
+        groups,
+        strata,
+        given,
+        val_frac=config.val_frac,
+        test_frac=config.test_frac,
+        seed=config.seed,
+    )
+    rows = []
+    for rec, lab, sp in zip(records, labels, splits, strict=True):
+        row = {k: v for k, v in rec.items() if k not in ("sources", "accession_key")}
+        row.update(lab)
+        row["split"] = sp
+        rows.append(row)
+    manifest_path = out / MANIFEST_NAME
+    errors_path = out / ERRORS_NAME
+    if rows:
+        write_manifest(manifest_path, rows, label_columns)
+    _write_errors(errors_path, ledger.error_rows())
+    _prune_images(out, {r["image_path"] for r in rows})
+    timing["write_s"] = time.monotonic() - t
+    elapsed = time.monotonic() - t0
+    timing["total_s"] = elapsed
+
+    files = ledger.counts()
+    files["cached"] = cached_files
+    report = IngestReport(
+        out_dir=out,
+        manifest_path=manifest_path,
+        errors_path=errors_path,
+        n_images=len(rows),
+        images_by_modality=dict(sorted(Counter(r["modality"] or "?" for r in rows).items())),
+        rejections_by_code=dict(sorted(Counter(e["code"] for e in ledger.error_rows()).items())),
+        files=files,
+        splits=dict(Counter(splits)),
+        label_columns=label_columns if table is not None else (),
+        unmatched_labels=unmatched,
+        unlabelled_images=unlabelled,
+        timing={k: round(v, 3) for k, v in timing.items()},
+        elapsed_s=round(elapsed, 3),
+    )
+    _write_ingest_json(out / INGEST_JSON, config, report, workers, table)
+    if not rows:
+        raise IngestError(
+            f"no usable image found in {len(config.sources)} source(s) "
+            f"({files['seen']} files, {files['rejected']} rejected); see {errors_path.name} "
+            "for the reason per file",
+            code="nothing_usable",
+        )
+    return report
+
+
+def _check_config(config: IngestConfig) -> None:
+    if not config.sources:
+        raise ConfigError("no SOURCE given; pass folders, files or archives to ingest")
+    check_fractions(config.val_frac, config.test_frac)
+    if config.workers < 0:
+        raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")
+    if config.min_slices < 1:
+        raise ConfigError(f"--min-slices {config.min_slices} must be at least 1")
+    if config.file_timeout_s <= 0:
+        raise ConfigError("--file-timeout must be positive (seconds)")
+    if config.out_dir.exists() and not config.out_dir.is_dir():
+        raise ConfigError(
+            f"--out {config.out_dir.name!r} exists and is not a folder; choose a folder"
+        )
+    for i, src in enumerate(config.sources):
+        if not src.exists():
+            raise ConfigError(
+                f"SOURCE argument {i + 1} ({src.name!r}) does not exist; check the path"
+            )
+
+
+def _scan(
+    files: list[InputFile], pool: IsolatedPool, ledger: _Ledger
+) -> tuple[list[Any], list[InputFile]]:
+    items = [(f.path, f.source) for f in files]
+    chunk = max(1, min(64, math.ceil(len(items) / (pool.workers * 4))))
+    with progress.task("Scanning headers", total=len(items), unit="files") as bar:
+        results = pool.map(scan_task, items, chunk_size=chunk, on_result=lambda _i: bar.advance())
+    headers: list[Any] = []
+    niftis: list[InputFile] = []
+    for f, (ok, val) in zip(files, results, strict=True):
+        if not ok:
+            ledger.reject(f.source, val.code, val.message)
+        elif val.kind == "nifti":
+            niftis.append(f)
+        else:
+            headers.append(val.header)
+    return headers, niftis
+
+
+def _fingerprint(parts: list[tuple[str, str]], config: IngestConfig) -> str:
+    h = hashlib.sha256()
+    h.update(f"{_CACHE_VERSION}|{__version__}|{config.min_slices}|{config.compress}".encode())
+    for src, fp in sorted(parts):
+        h.update(f"\n{src}\t{fp}".encode())
+    return h.hexdigest()
+
+
+def _plan(
+    headers: list[Any],
+    niftis: list[InputFile],
+    files: list[InputFile],
+    config: IngestConfig,
+    key: bytes,
+    ledger: _Ledger,
+) -> list[tuple[str, DecodeJob]]:
+    """Group headers into stacks and make one decode job (with its fingerprint) per image."""
+    from medres.ingest import dicom
+
+    by_source = {f.source: f for f in files}
+    jobs: list[tuple[str, DecodeJob]] = []
+    suffix = ".nii.gz" if config.compress else ".nii"
+    images = config.out_dir / IMAGES_DIR
+    taken: set[str] = set()
+
+    def make(kind: str, payload: Any, identity: str, sources: tuple[str, ...]) -> None:
+        image_id = pseudonym(identity, key, "img-")
+        n = 1
+        while image_id in taken:  # two stacks of one series kept: keep ids distinct
+            n += 1
+            image_id = pseudonym(f"{identity}\x00{n}", key, "img-")
+        taken.add(image_id)
+        rel = f"{IMAGES_DIR}/{image_id}{suffix}"
+        fp = _fingerprint([(s, by_source[s].fingerprint) for s in sources], config)
+        jobs.append(
+            (
+                fp,
+                DecodeJob(
+                    kind,
+                    payload,
+                    image_id,
+                    images / f"{image_id}{suffix}",
+                    rel,
+                    key,
+                    config.min_slices,
+                    sources,
+                ),
+            )
+        )
+
+    if headers:
+        policy = dicom.GeometryPolicy(min_slices=config.min_slices)
+        stacks, rejections = dicom.group_stacks(headers, policy)
+        for src, code, message in _rejected_files(headers, stacks, rejections):
+            ledger.reject(src, code, message)
+        for stack in stacks:
+            make("dicom", stack, f"dicom\x00{stack.key}", tuple(stack.sources))
+    for f in niftis:
+        make("nifti", (f.path, f.source), f"nifti\x00{f.source}", (f.source,))
+    return jobs
+
+
+def _rejected_files(
+    headers: Sequence[Any], stacks: Sequence[Any], rejections: Sequence[Any]
+) -> list[tuple[str, str, str]]:
+    """One (source, code, message) per file that grouping did not put in a kept stack.
+
+    A grouping rejection names its first file and ``n_files``; the other files of its
+    series that no kept stack uses are attributed to the series' rejections in order
+    (``sources`` on a rejection, when present, is used as is).
+    """
+    kept = {src for st in stacks for src in st.sources}
+    left: dict[tuple[str, str], list[str]] = {}
+    for h in sorted(headers, key=lambda h: h.source):
+        if h.source not in kept:
+            left.setdefault((h.study_uid, h.series_uid), []).append(h.source)
+    out: list[tuple[str, str, str]] = []
+    capacity: list[tuple[Any, int]] = []
+    for rej in rejections:
+        series = left.get((rej.study_uid, rej.series_uid), [])
+        explicit = getattr(rej, "sources", None)
+        wanted = list(explicit) if explicit else [rej.source]
+        for src in wanted:
+            if src in series:
+                series.remove(src)
+            out.append((src, str(rej.code), rej.message))
+        capacity.append((rej, 0 if explicit else max(0, int(rej.n_files) - 1)))
+    for rej, cap in capacity:
+        series = left.get((rej.study_uid, rej.series_uid), [])
+        while cap > 0 and series:
+            out.append((series.pop(0), str(rej.code), rej.message))
+            cap -= 1
+    for series in left.values():
+        for src in series:  # not claimed by any rejection: should not happen, but account
+            log.debug("file not in any kept stack nor rejection; reported as extra_stack")
+            out.append(
+                (src, Code.EXTRA_STACK.value, f"{src}: not part of the kept stack of its series")
+            )
+    return out
+
+
+def _load_cache(out: Path) -> dict[str, dict[str, Any]]:
+    path = out / CACHE_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        return {}
+    units = data.get("units", {})
+    return units if isinstance(units, dict) else {}
+
+
+def _decode(
+    jobs: list[tuple[str, DecodeJob]], config: IngestConfig, pool: IsolatedPool, ledger: _Ledger
+) -> tuple[list[dict[str, Any]], int]:
+    """Decode the jobs whose fingerprint is not cached; returns records and cached file count."""
+    out = config.out_dir
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    cache = _load_cache(out) if config.incremental else {}
+    records: list[dict[str, Any]] = []
+    todo: list[tuple[str, DecodeJob]] = []
+    hits = 0
+    for fp, job in jobs:
+        rec = cache.get(fp)
+        if rec is not None and rec.get("image_id") == job.image_id and job.out_path.is_file():
+            records.append(rec)
+            hits += 1
+        else:
+            todo.append((fp, job))
+    cached_files = sum(len(r.get("sources", [])) for r in records)
+    log.info("%d image(s) unchanged since the last run, %d to decode", hits, len(todo))
+    with progress.task("Decoding images", total=len(todo), unit="images") as bar:
+        results = pool.map(
+            decode_task, [j for _, j in todo], chunk_size=1, on_result=lambda _i: bar.advance()
+        )
+    new_cache = {fp: rec for fp, rec in cache.items() if rec in records}
+    for (fp, job), (ok, val) in zip(todo, results, strict=True):
+        if ok:
+            records.append(val)
+            new_cache[fp] = val
+        else:
+            for src in job.sources:
+                ledger.reject(src, val.code, val.message)
+    for rec in records:
+        for src in rec.get("sources", []):
+            ledger.use(src)
+    with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
+        json.dump({"version": _CACHE_VERSION, "units": new_cache}, fh)
+    return records, cached_files
+
+
+def _write_errors(path: Path, rows: list[dict[str, str]]) -> None:
+    import csv
+
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["source", "code", "message"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _prune_images(out: Path, keep: set[str]) -> None:
+    """Remove images a previous run wrote that are no longer in the manifest."""
+    images = out / IMAGES_DIR
+    if not images.is_dir():
+        return
+    for p in images.iterdir():
+        rel = f"{IMAGES_DIR}/{p.name}"
+        if rel not in keep and (p.name.startswith("img-") or p.name.startswith(".img-")):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def _versions() -> dict[str, str]:
+    out = {"medres": __version__, "python": platform.python_version()}
+    for mod in ("pydicom", "nibabel", "numpy"):
+        m = sys.modules.get(mod)
+        if m is None:
+            with contextlib.suppress(Exception):
+                m = importlib.import_module(mod)
+        out[mod] = getattr(m, "__version__", "") if m else ""
+    return out
+
+
+def _write_ingest_json(
+    path: Path, config: IngestConfig, report: IngestReport, workers: int, table: Any
+) -> None:
+    settings = {
+        "sources": [p.name or str(p) for p in config.sources],
+        "labels": config.labels.name if config.labels else None,
+        "label_key": table.key_column if table is not None else None,
+        "workers": workers,
+        "val_frac": config.val_frac,
+        "test_frac": config.test_frac,
+        "seed": config.seed,
+        "min_slices": config.min_slices,
+        "compress": config.compress,
+        "file_timeout_s": config.file_timeout_s,
+        "worker_memory_mb": config.worker_memory_mb,
+        "incremental": config.incremental,
+        "isolate": config.isolate,
+        "limits": asdict(config.limits),
+    }
+    atomic_write_json(
+        path,
+        {
+            "format": "medres-ingest/1",
+            "versions": _versions(),
+            "settings": settings,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "timing": report.timing,
+            "files": report.files,
+            "images": report.n_images,
+            "images_by_modality": report.images_by_modality,
+            "rejections_by_code": report.rejections_by_code,
+            "splits": report.splits,
+            "label_columns": list(report.label_columns),
+            "labels": None
+            if table is None
+            else {
+                "key_column": table.key_column,
+                "rows": table.n_rows,
+                "unmatched_rows": report.unmatched_labels,
+                "unlabelled_images": report.unlabelled_images,
+            },
+            "key_file": KEY_FILE,
+        },
+    )
+
+
+__all__ = [
+    "DecodeJob",
+    "Failure",
+    "IngestConfig",
+    "IngestReport",
+    "IsolatedPool",
+    "Rejected",
+    "ScanResult",
+    "decode_task",
+    "default_workers",
+    "isolated_map",
+    "run_ingest",
+    "scan_task",
+]

@@ -1,0 +1,465 @@
+"""The streaming scoring loop: items -> decode workers -> batched inference -> ledger.
+
+Choices:
+
+- **Decoding in worker processes** (``fork`` on Linux, like PyTorch's DataLoader; the
+  workers never touch CUDA). Items are sent in chunks to amortise inter-process
+  overhead; at most ``workers * prefetch`` chunks are in flight, which bounds memory and
+  keeps the model fed while it computes (prefetch). Results come back in submission
+  order, so a run is deterministic. ``workers=0`` decodes inline (debugging, tests).
+- **Items stream**: the loop pulls items from an iterator, so scoring starts before
+  discovery ends. Items already in the ledger (or in another shard) never reach here.
+- **Per-item failures are data, not exceptions**: a decoder failure becomes an
+  ``error`` record with an ingest code (``decode_failed`` unless the reader raised an
+  ``IngestError`` with its own code). A worker that dies (segfaulting decoder) breaks
+  the pool; its chunk is retried item by item in a fresh pool and the culprit is
+  recorded as ``decode_failed``.
+- **Batches group items of equal shape** (the saved preprocessing normally resizes, so
+  there is one shape); each batch is committed in one ledger transaction right after its
+  forward pass. A crash loses only the batch in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from medres.errors import IngestError
+from medres.ingest.codes import Code
+from medres.scoring.ledger import Ledger, Record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One unit of scoring work (a NIfTI file, a DICOM stack or a manifest row).
+
+    ``key`` is the pseudonymous item key (also the output ``image_id``). ``identity`` is
+    the raw stable identity used only to compute the shard; it is never written.
+    ``kind`` is ``nifti``, ``dicom`` or ``error`` (rejected during discovery, with
+    ``code``/``message``). ``payload`` is whatever the decoder needs (paths, picklable).
+    """
+
+    key: str
+    identity: str
+    source: str
+    kind: str
+    payload: Any = None
+    study_key: str = ""
+    series_key: str = ""
+    study_uid: str = ""
+    accession: str = ""
+    code: str = ""
+    message: str = ""
+
+
+@dataclass
+class Decoded:
+    """What a worker returns for one item: the model input array or an error."""
+
+    item: ScoreItem
+    array: np.ndarray | None = None
+    code: str = ""
+    message: str = ""
+
+
+@dataclass
+class LoopStats:
+    """Counts and timings of one :func:`run_items` call."""
+
+    scored: int = 0
+    errors: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    decode_wait_s: float = 0.0
+    model_s: float = 0.0
+    commit_s: float = 0.0
+    scored_items: list[tuple[ScoreItem, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def items_per_s(self) -> float:
+        return (self.scored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- worker side -------------------------------------------------------------------------------
+_WORKER_DECODER: Callable[[ScoreItem], np.ndarray] | None = None
+
+
+def _init_worker(decoder: Callable[[ScoreItem], np.ndarray]) -> None:
+    global _WORKER_DECODER
+    _WORKER_DECODER = decoder
+    try:  # decoding is single-threaded per worker; the parallelism is across workers
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # pragma: no cover - torch always present in medres
+        pass
+
+
+def decode_one(decoder: Callable[[ScoreItem], np.ndarray], item: ScoreItem) -> Decoded:
+    """Decode one item, turning any failure into a coded error (never raises)."""
+    if item.kind == "error":
+        return Decoded(item, code=item.code, message=item.message)
+    try:
+        arr = decoder(item)
+        return Decoded(item, np.ascontiguousarray(arr, dtype=np.float32))
+    except IngestError as exc:
+        return Decoded(item, code=str(exc.code), message=str(exc))
+    except BaseException as exc:  # decoders raise non-Exception panics
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        msg = " ".join(str(exc).split())[:200]
+        return Decoded(
+            item,
+            code=Code.DECODE_FAILED.value,
+            message=f"decoding failed ({type(exc).__name__}: {msg}); the file may be corrupt",
+        )
+
+
+def _decode_chunk(chunk: Sequence[ScoreItem]) -> list[Decoded]:
+    assert _WORKER_DECODER is not None
+    return [decode_one(_WORKER_DECODER, it) for it in chunk]
+
+
+# -- model side ---------------------------------------------------------------------------------
+class Predictor:
+    """Batched forward: ``inference_mode``, channels_last, autocast by ``precision``.
+
+    ``precision``: ``fp32`` (exact; no autocast), ``bf16`` (autocast to bfloat16 on CPU
+    or CUDA), ``fp16`` (CUDA autocast), ``auto`` (fp16 AMP on CUDA, fp32 on CPU: bf16 on
+    CPU is opt-in because it changes probabilities by up to ~1e-2, see the benchmark).
+    ``to_probs`` maps logits to probabilities (the model's task decides how).
+    """
+
+    PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: str = "cpu",
+        precision: str = "fp32",
+        to_probs: Callable[[Any], Any] | None = None,
+        channels_last: bool = True,
+    ) -> None:
+        import torch
+
+        from medres.errors import ConfigError
+
+        if precision not in self.PRECISIONS:
+            raise ConfigError(
+                f"--precision {precision!r}: unknown; choose one of {', '.join(self.PRECISIONS)}"
+            )
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        if precision == "auto":
+            precision = "fp16" if cuda else "fp32"
+        if precision == "fp16" and not cuda:
+            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.precision = precision
+        self.model = model.to(self.device).eval()
+        self.channels_last = channels_last
+        self._formatted: set[int] = set()
+        self.to_probs = to_probs or default_to_probs
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        fmt = None
+        if self.channels_last and x.ndim == 4:
+            fmt = torch.channels_last
+        elif self.channels_last and x.ndim == 5:
+            fmt = torch.channels_last_3d
+        if fmt is not None and x.ndim not in self._formatted:
+            self.model = self.model.to(memory_format=fmt)
+            self._formatted.add(x.ndim)
+        x = x.to(self.device, non_blocking=True)
+        if fmt is not None:
+            x = x.contiguous(memory_format=fmt)
+        with torch.inference_mode(), self._autocast():
+            logits = self.model(x)
+        probs = self.to_probs(logits.float())
+        return probs.detach().cpu().numpy().astype(np.float64)
+
+
+def default_to_probs(logits: Any) -> Any:
+    """Softmax over classes (binary models have two outputs, ``prob_0, prob_1``)."""
+    import torch
+
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def _chunks(items: Iterable[ScoreItem], size: int) -> Iterator[list[ScoreItem]]:
+    chunk: list[ScoreItem] = []
+    for it in items:
+        chunk.append(it)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _mp_context() -> mp.context.BaseContext:
+    method = os.environ.get("MEDRES_MP_START") or ("fork" if sys.platform == "linux" else "spawn")
+    return mp.get_context(method)
+
+
+class _Decoders:
+    """Ordered, bounded, prefetching decode of item chunks (inline when ``workers == 0``)."""
+
+    def __init__(self, decoder: Callable[[ScoreItem], np.ndarray], workers: int, prefetch: int):
+        self.decoder = decoder
+        self.workers = workers
+        self.max_inflight = max(1, workers * prefetch)
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=_mp_context(),
+            initializer=_init_worker,
+            initargs=(self.decoder,),
+        )
+
+    def run(self, chunks: Iterable[list[ScoreItem]]) -> Iterator[list[Decoded]]:
+        if self.workers <= 0:
+            for chunk in chunks:
+                yield [decode_one(self.decoder, it) for it in chunk]
+            return
+        self.pool = self._new_pool()
+        pending: deque[tuple[list[ScoreItem], Future]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append((chunk, self._submit(chunk)))
+                while len(pending) >= self.max_inflight:
+                    yield self._result(*pending.popleft(), pending)
+            while pending:
+                yield self._result(*pending.popleft(), pending)
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, chunk: list[ScoreItem]) -> Future:
+        assert self.pool is not None
+        try:
+            return self.pool.submit(_decode_chunk, chunk)
+        except BrokenProcessPool:
+            self.pool = self._new_pool()
+            return self.pool.submit(_decode_chunk, chunk)
+
+    def _result(
+        self, chunk: list[ScoreItem], fut: Future, pending: deque[tuple[list[ScoreItem], Future]]
+    ) -> list[Decoded]:
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            log.warning("a decode worker died; retrying its %d items one by one", len(chunk))
+            out = self._isolate(chunk)
+            # every other in-flight chunk died with the pool: resubmit them to a fresh one
+            for i, (c, _) in enumerate(list(pending)):
+                pending[i] = (c, self._submit(c))
+            return out
+
+    def _isolate(self, chunk: list[ScoreItem]) -> list[Decoded]:
+        out = []
+        for it in chunk:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            try:
+                out.extend(self.pool.submit(_decode_chunk, [it]).result())
+            except BrokenProcessPool:
+                out.append(
+                    Decoded(
+                        it,
+                        code=Code.DECODE_FAILED.value,
+                        message="the decoder crashed the worker process on this input "
+                        "(corrupt file?); it was skipped",
+                    )
+                )
+        self.pool.shutdown(wait=False, cancel_futures=True) if self.pool else None
+        self.pool = self._new_pool()
+        return out
+
+
+def _record(
+    d: ScoreItem, status: str, *, keep_ids: bool, scores=(), pred="", code="", message=""
+) -> Record:
+    return Record(
+        item_key=d.key,
+        image_id=d.key,
+        source=d.source,
+        status=status,
+        scores=tuple(float(s) for s in scores),
+        pred=pred,
+        code=code,
+        message=message,
+        study_key=d.study_key,
+        series_key=d.series_key,
+        study_uid=d.study_uid if keep_ids else "",
+        accession=d.accession if keep_ids else "",
+    )
+
+
+def run_items(
+    items: Iterable[ScoreItem],
+    decoder: Callable[[ScoreItem], np.ndarray],
+    predictor: Callable[[np.ndarray], np.ndarray],
+    ledger: Ledger,
+    model_hash: str,
+    *,
+    label_fn: Callable[[Sequence[float]], str],
+    batch_size: int = 32,
+    workers: int = 2,
+    prefetch: int = 2,
+    chunk_size: int | None = None,
+    keep_ids: bool = False,
+    keep_inputs: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> LoopStats:
+    """Decode, predict and commit every item; returns counts and timings.
+
+    ``label_fn`` maps one row of probabilities to the predicted label. ``keep_inputs``
+    keeps ``(item, input array)`` of scored items in the stats (for Grad-CAM).
+    """
+    stats = LoopStats()
+    t0 = time.perf_counter()
+    chunk_size = chunk_size or max(1, min(batch_size, 16))
+    decoders = _Decoders(decoder, workers, prefetch)
+    by_shape: dict[tuple[int, ...], list[Decoded]] = {}
+    errors: list[Record] = []
+
+    def flush(shape: tuple[int, ...]) -> None:
+        group = by_shape.pop(shape, [])
+        if not group:
+            return
+        tm = time.perf_counter()
+        probs = predictor(np.stack([g.array for g in group]))
+        stats.model_s += time.perf_counter() - tm
+        recs = [
+            _record(g.item, "ok", keep_ids=keep_ids, scores=p, pred=label_fn(list(p)))
+            for g, p in zip(group, probs, strict=True)
+        ]
+        recs += errors
+        tc = time.perf_counter()
+        ledger.commit(model_hash, recs)
+        stats.commit_s += time.perf_counter() - tc
+        if keep_inputs:
+            stats.scored_items.extend((g.item, g.array) for g in group)
+        stats.scored += len(group)
+        stats.errors += len(errors)
+        stats.batches += 1
+        if on_progress:
+            on_progress(len(recs))
+        errors.clear()
+
+    def flush_errors() -> None:
+        if errors:
+            n = len(errors)
+            ledger.commit(model_hash, list(errors))
+            stats.errors += n
+            errors.clear()
+            if on_progress:
+                on_progress(n)
+
+    it_decoded = decoders.run(_chunks(items, chunk_size))
+    while True:
+        tw = time.perf_counter()
+        try:
+            results = next(it_decoded)
+        except StopIteration:
+            break
+        finally:
+            stats.decode_wait_s += time.perf_counter() - tw
+        for d in results:
+            if d.item.kind == "error" or d.array is None:
+                code = d.code or d.item.code
+                msg = d.message or d.item.message
+                errors.append(_record(d.item, "error", keep_ids=keep_ids, code=code, message=msg))
+                continue
+            shape = tuple(d.array.shape)
+            by_shape.setdefault(shape, []).append(d)
+            if len(by_shape[shape]) >= batch_size:
+                flush(shape)
+        if len(errors) >= batch_size:
+            flush_errors()
+    for shape in list(by_shape):
+        flush(shape)
+    flush_errors()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def background(iterable: Iterable[Any], maxsize: int = 256) -> Iterator[Any]:
+    """Run ``iterable`` in a daemon thread, yielding its items through a bounded queue.
+
+    Discovery runs here so that scoring starts before it ends; an exception in the
+    thread is re-raised in the consumer.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=maxsize)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", x), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(("raise", exc))
+
+    th = threading.Thread(target=produce, name="medres-discovery", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "item":
+                yield x
+            elif kind == "raise":
+                raise x
+            else:
+                return
+    finally:
+        stop.set()
+
+
+def error_item(item: ScoreItem, code: str, message: str) -> ScoreItem:
+    """A copy of ``item`` marked as rejected with ``code``."""
+    return replace(item, kind="error", code=code, message=message)

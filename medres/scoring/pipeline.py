@@ -1,0 +1,405 @@
+"""``medres score``: score folders, archives or a manifest with a trained model, resumably.
+
+Choices:
+
+- The model directory is loaded with ``medres.models.load_model_dir`` and its saved
+  ``preprocessing`` is replayed with ``medres.transforms.build_transforms(...,
+  train=False, load=False)`` on ``image_to_metatensor(LoadedImage)``: the same code
+  path as training and evaluation, never a second copy.
+- The model hash is sha256 over the weights file then ``model.json``; the ledger is
+  keyed by (item key, model hash), so one OUT_DIR can hold several models' results and
+  re-scoring with a retrained model never mixes scores.
+- Sharding: ``--shard i/n`` keeps the items whose stable identity hash falls in shard
+  ``i``; under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) the rank and world size are
+  used the same way, all ranks write the same ledger (SQLite serialises them) and every
+  rank exports under a lock, so the last one to finish leaves the complete CSVs.
+- Resuming: committed items (ok and error) are skipped; ``retry_errors`` re-tries the
+  error rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medres import progress
+from medres.errors import ConfigError, ScoringError
+from medres.phi import KEY_FILE, load_or_create_key
+from medres.scoring.engine import (
+    LoopStats,
+    Predictor,
+    ScoreItem,
+    background,
+    default_to_probs,
+    run_items,
+)
+from medres.scoring.ledger import (
+    AGGREGATES,
+    LEDGER_NAME,
+    Ledger,
+    MergeReport,
+    ModelInfo,
+    export_csvs,
+    merge_ledgers,
+    parse_shard,
+    predict_label,
+    shard_of,
+)
+from medres.scoring.sources import discover_items, is_manifest_source, manifest_items
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("weights.safetensors", "model.json")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything ``medres score`` needs; built once by the CLI."""
+
+    model_dir: Path
+    sources: tuple[Path, ...]
+    out_dir: Path
+    batch_size: int = 32
+    workers: int = 2
+    prefetch: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    shard: str | None = None
+    split: str | None = None
+    keep_ids: bool = False
+    retry_errors: bool = False
+    aggregate: str | None = None
+    cam: int | None = None  # None: no Grad-CAM; 0: all scored items; k: top-k by score
+    cam_class: str | None = None
+
+
+@dataclass
+class ScoreSummary:
+    """What one ``score`` call did (the CLI prints it)."""
+
+    out_dir: Path
+    model_hash: str
+    shard: tuple[int, int]
+    discovered: int = 0
+    skipped_done: int = 0
+    skipped_shard: int = 0
+    scored: int = 0
+    errors: int = 0
+    total_ok: int = 0
+    total_errors: int = 0
+    seconds: float = 0.0
+    items_per_s: float = 0.0
+    precision: str = ""
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+
+def model_hash(model_dir: str | os.PathLike[str]) -> str:
+    """sha256 over the model dir's ``weights.safetensors`` then ``model.json`` bytes."""
+    h = hashlib.sha256()
+    for name in MODEL_FILES:
+        p = Path(model_dir) / name
+        if not p.is_file():
+            raise ScoringError(
+                f"{Path(model_dir).name}/{name}: missing; give the model/ folder written by "
+                "`medres train` (RUN_DIR/model)"
+            )
+        with open(p, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """Accept RUN_DIR as well as RUN_DIR/model."""
+    if (path / "model.json").is_file():
+        return path
+    if (path / "model" / "model.json").is_file():
+        return path / "model"
+    raise ScoringError(
+        f"{path}: no model.json there or in {path.name}/model; give the model dir from `medres train`"
+    )
+
+
+def resolve_shard(text: str | None) -> tuple[int, int]:
+    """``--shard`` or, under torchrun, (RANK, WORLD_SIZE); both at once is an error."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        if text:
+            raise ConfigError("--shard cannot be combined with torchrun; use one or the other")
+        return (int(os.environ.get("RANK", "0")), world)
+    return parse_shard(text)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+            return f"cuda:{local % torch.cuda.device_count()}"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return device
+
+
+class MedresDecoder:
+    """Worker-side decoding: ingest's readers + the model's saved inference transforms.
+
+    Picklable (only the preprocessing dict travels); the MONAI transform is built lazily
+    in each worker.
+    """
+
+    def __init__(self, preprocessing: dict[str, Any]) -> None:
+        self.preprocessing = preprocessing
+        self._tf: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"preprocessing": self.preprocessing, "_tf": None}
+
+    def load(self, item: ScoreItem) -> Any:
+        """The item's :class:`~medres.ingest.image.LoadedImage` via ingest's readers."""
+        if item.kind == "dicom":
+            from medres.ingest.dicom import load_stack
+
+            return load_stack(item.payload)
+        from medres.ingest.nifti import load_nifti
+
+        return load_nifti(Path(item.payload[0]), item.payload[1] if len(item.payload) > 1 else "")
+
+    def __call__(self, item: ScoreItem) -> np.ndarray:
+        from medres.transforms import build_transforms, image_to_metatensor
+
+        if self._tf is None:
+            self._tf = build_transforms(self.preprocessing, train=False, load=False)
+        img = self.load(item)
+        out = self._tf({"image": image_to_metatensor(img)})
+        x = out["image"]
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, np.float32)
+
+
+def load_model(model_dir: Path, device: str) -> tuple[Any, dict[str, Any]]:
+    try:
+        from medres.models import load_model_dir
+    except ImportError:  # the package may not re-export it
+        from medres.models.io import load_model_dir
+    return load_model_dir(model_dir, device=device)
+
+
+def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> Iterator[ScoreItem]:
+    sources = list(config.sources)
+    if not sources:
+        raise ConfigError("no SOURCE given; pass folders, archives or a manifest.csv")
+    for i, s in enumerate(sources):
+        if not s.exists():
+            raise ConfigError(
+                f"SOURCE argument {i + 1} ({s.name!r}) does not exist; check the path"
+            )
+    if is_manifest_source(sources):
+        yield from manifest_items(sources[0], split=config.split)
+        return
+    if config.split:
+        raise ConfigError("--split applies to a manifest.csv SOURCE only; drop it for folders")
+    yield from discover_items(sources, key=key, scratch=scratch, exclude=[config.out_dir.resolve()])
+
+
+def _filtered(
+    items: Iterator[ScoreItem],
+    done: set[str],
+    shard: tuple[int, int],
+    summary: ScoreSummary,
+    bar: Any = None,
+) -> Iterator[ScoreItem]:
+    """Drop items of other shards and items already committed; sets the bar's total at the end."""
+    seen: set[str] = set()
+    for it in items:
+        summary.discovered += 1
+        if shard[1] > 1 and shard_of(it.identity, shard[1]) != shard[0]:
+            summary.skipped_shard += 1
+            continue
+        if it.key in done or it.key in seen:
+            summary.skipped_done += 1
+            continue
+        seen.add(it.key)
+        yield it
+    if bar is not None:
+        bar.update(total=len(seen))
+
+
+def score(
+    config: ScoreConfig, *, decoder: Any = None, model: Any = None, meta: dict | None = None
+) -> ScoreSummary:
+    """Score ``config.sources`` into ``config.out_dir`` (resumable); returns a summary.
+
+    ``decoder``/``model``/``meta`` replace the defaults (tests, benchmarks).
+    """
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size {config.batch_size}: must be >= 1")
+    if config.workers < 0:
+        raise ConfigError(f"--workers {config.workers}: must be >= 0")
+    if config.aggregate and config.aggregate not in AGGREGATES:
+        raise ConfigError(
+            f"--aggregate {config.aggregate!r}: unknown; choose one of {', '.join(AGGREGATES)}"
+        )
+    shard = resolve_shard(config.shard)
+    device = resolve_device(config.device)
+    out = config.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if model is None:
+        mdir = resolve_model_dir(config.model_dir)
+        mhash = model_hash(mdir)
+        model, meta = load_model(mdir, device)
+    else:
+        mhash = hashlib.sha256(repr(sorted((meta or {}).items())).encode()).hexdigest()
+    meta = meta or {}
+    classes = [str(c) for c in meta.get("classes", [])]
+    if not classes:
+        raise ScoringError(f"{config.model_dir}/model.json: no 'classes'; re-export the model")
+    task = str(meta.get("task", ""))
+    if decoder is None:
+        decoder = MedresDecoder(meta.get("preprocessing", {}))
+    key = load_or_create_key(out)
+    fingerprint = hashlib.sha256(b"medres-ledger\x00" + key).hexdigest()[:16]
+    predictor = Predictor(
+        model, device=device, precision=config.precision, to_probs=probs_for_task(task)
+    )
+    summary = ScoreSummary(
+        out_dir=out, model_hash=mhash, shard=shard, precision=predictor.precision
+    )
+
+    with Ledger(out / LEDGER_NAME) as ledger:
+        ledger.set_meta("key_fingerprint", fingerprint, check=True)
+        ledger.register_model(
+            ModelInfo(mhash, tuple(classes), task),
+            extra={"arch": meta.get("arch"), "precision": predictor.precision},
+        )
+        done = ledger.done_keys(mhash, include_errors=not config.retry_errors)
+        log.info(
+            "model %s, %d items already in the ledger, shard %d/%d, precision %s, device %s",
+            mhash[:12], len(done), shard[0], shard[1], predictor.precision, device,
+        )  # fmt: skip
+        _clean_stale_scratch(out)
+        scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=out))
+        try:
+            with progress.task("scoring", total=None, unit="img") as bar:
+                items = background(
+                    _filtered(iter_items(config, key, scratch), done, shard, summary, bar)
+                )
+                stats = run_items(
+                    items,
+                    decoder,
+                    predictor,
+                    ledger,
+                    mhash,
+                    label_fn=lambda p: predict_label(p, classes, task),
+                    batch_size=config.batch_size,
+                    workers=config.workers,
+                    prefetch=config.prefetch,
+                    keep_ids=config.keep_ids,
+                    keep_inputs=config.cam is not None,
+                    on_progress=bar.advance,
+                )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        summary.outputs = export_csvs(
+            ledger, out, mhash, keep_ids=config.keep_ids, aggregate=config.aggregate
+        )
+        counts = ledger.counts(mhash)
+    _fill(summary, stats, counts)
+    if config.cam is not None and stats.scored_items:
+        from medres.scoring.cam import write_cams
+
+        summary.outputs["cam"] = write_cams(
+            model, stats.scored_items, out / "cam", meta=meta, top_k=config.cam,
+            class_name=config.cam_class, device=device,
+        )  # fmt: skip
+    log.info(
+        "scored %d, rejected %d in %.1f s (%.1f img/s); ledger: %d ok, %d errors",
+        summary.scored, summary.errors, summary.seconds, summary.items_per_s,
+        summary.total_ok, summary.total_errors,
+    )  # fmt: skip
+    return summary
+
+
+def _ledger_path(p: Path) -> Path:
+    if p.is_dir():
+        p = p / LEDGER_NAME
+    if not p.is_file():
+        raise ScoringError(f"{p}: no scoring ledger; give OUT_DIRs written by `medres score`")
+    return p
+
+
+def merge(
+    sources: list[Path],
+    out_dir: Path,
+    *,
+    keep_ids: bool = False,
+    aggregate: str | None = None,
+    model_hash: str | None = None,
+) -> MergeReport:
+    """Unite the ledgers of ``sources`` (OUT_DIRs or ledger files) into ``out_dir``.
+
+    The first source's ``.medres_key`` is copied so that a later ``score`` into
+    ``out_dir`` resumes with the same pseudonyms; the merge itself refuses ledgers made
+    under different keys. Exports the CSVs of ``model_hash`` (default: the only model).
+    """
+    if not sources:
+        raise ConfigError("score-merge needs at least one OUT_DIR to merge")
+    ledgers = [_ledger_path(Path(s)) for s in sources]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_dst = out_dir / KEY_FILE
+    key_src = ledgers[0].parent / KEY_FILE
+    if not key_dst.exists() and key_src.is_file():
+        shutil.copyfile(key_src, key_dst)
+        os.chmod(key_dst, 0o600)
+    report = merge_ledgers(out_dir / LEDGER_NAME, ledgers)
+    with Ledger(out_dir / LEDGER_NAME) as led:
+        mhash = led.model(model_hash).model_hash
+        export_csvs(led, out_dir, mhash, keep_ids=keep_ids, aggregate=aggregate)
+    return report
+
+
+def probs_for_task(task: str) -> Any:
+    """Logits -> probabilities as training does: sigmoid for multilabel, else softmax."""
+    if task != "multilabel":
+        return default_to_probs
+
+    def sigmoid(logits: Any) -> Any:
+        import torch
+
+        return torch.sigmoid(logits)
+
+    return sigmoid
+
+
+def _clean_stale_scratch(out: Path) -> None:
+    """Remove archive scratch folders left by killed runs (their pid is gone)."""
+    for p in out.glob(".scratch-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            continue
+
+
+def _fill(summary: ScoreSummary, stats: LoopStats, counts: dict[str, int]) -> None:
+    summary.scored = stats.scored
+    summary.errors = stats.errors
+    summary.seconds = stats.seconds
+    summary.items_per_s = stats.items_per_s
+    summary.total_ok = counts.get("ok", 0)
+    summary.total_errors = counts.get("error", 0)

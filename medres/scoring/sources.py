@@ -1,0 +1,171 @@
+"""Turn SOURCE arguments into a stream of :class:`~medres.scoring.engine.ScoreItem`.
+
+Choices:
+
+- Reuses ingest's discovery (``medres.ingest.discover``: folders, files, archives, safe
+  extraction, PHI-safe ``source`` strings) and ingest's DICOM header scan and
+  series-to-stack grouping: there is one code path for what counts as an image.
+- A single ``.csv`` SOURCE is a manifest: its rows keep their ``image_id`` (the item
+  key), ``--split`` selects rows.
+- Item keys are pseudonyms under ``OUT_DIR/.medres_key`` (``medres.phi``): for a DICOM
+  stack of (SeriesInstanceUID, stack index), for a NIfTI file of (source path, size).
+  The shard of an item is computed from the same identity with an unkeyed hash, so
+  machines with different keys still split the work identically.
+- NIfTI files are yielded as soon as they are listed; DICOM files are grouped into
+  stacks once their headers are read, so scoring of NIfTI/early items starts while
+  the DICOM headers are still being scanned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from medres.errors import ScoringError
+from medres.ingest.codes import Code
+from medres.phi import pseudonym
+from medres.scoring.engine import ScoreItem
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITEM_PREFIX = "img-"
+
+
+def is_nifti(name: str) -> bool:
+    low = name.lower()
+    return any(low.endswith(s) for s in NIFTI_SUFFIXES)
+
+
+def is_manifest_source(sources: list[Path]) -> bool:
+    """One SOURCE that is a ``.csv`` file is read as a manifest."""
+    return len(sources) == 1 and sources[0].suffix.lower() == ".csv" and sources[0].is_file()
+
+
+def item_key(identity: str, key: bytes) -> str:
+    """The pseudonymous item key (and output ``image_id``) of a raw identity."""
+    return pseudonym(identity, key, prefix=ITEM_PREFIX)
+
+
+def manifest_items(path: Path, *, split: str | None = None) -> Iterator[ScoreItem]:
+    """Items from a manifest's rows (``image_id`` kept; ``split`` filters rows)."""
+    from medres.manifest import read_manifest
+
+    man = read_manifest(path)
+    rows = man.select(split) if split else man.rows
+    if split and not rows:
+        raise ScoringError(
+            f"{path.name}: no rows with split={split!r}; check --split (train/val/test)"
+        )
+    for row in rows:
+        p = man.resolve(row)
+        yield ScoreItem(
+            key=row["image_id"],
+            identity=row["image_id"],
+            source=row.get("source", "") or row["image_path"],
+            kind="nifti",
+            payload=(str(p), row.get("source", "") or row["image_path"]),
+            study_key=row.get("study_key", ""),
+            series_key=row.get("series_key", ""),
+        )
+
+
+def discover_items(
+    sources: list[Path], *, key: bytes, scratch: Path, exclude: list[Path] | None = None
+) -> Iterator[ScoreItem]:
+    """Items from folders/files/archives via ingest's discovery and DICOM grouping."""
+    from medres.ingest.discover import discover
+
+    found = discover(sources, scratch, exclude=exclude)
+    for rej in found.rejected:
+        yield _rejected(rej.source, rej.code, rej.message, key)
+    candidates = []
+    for f in found.files:
+        if is_nifti(f.source):
+            yield nifti_item(f.path, f.source, f.size, key)
+        else:
+            candidates.append(f)
+    if candidates:
+        yield from dicom_items(candidates, key=key)
+
+
+def nifti_item(path: Path, source: str, size: int, key: bytes) -> ScoreItem:
+    """A NIfTI file: identity = (source path, size), so a replaced file is re-scored."""
+    ident = f"nifti\x00{source}\x00{size}"
+    return ScoreItem(
+        key=item_key(ident, key),
+        identity=ident,
+        source=source,
+        kind="nifti",
+        payload=(str(path), source),
+    )
+
+
+def dicom_items(files: list, *, key: bytes) -> Iterator[ScoreItem]:
+    """Classify by content and group DICOM files into stacks with ingest's code.
+
+    ``medres.ingest.pipeline.scan_task`` tells NIfTI (by content) from DICOM and reads
+    the DICOM header; ``medres.ingest.dicom.group_stacks`` groups and validates series.
+    A series may span folders, so stacks are formed after all headers are read (headers
+    only: fast); NIfTI files were already yielded and are being scored meanwhile.
+    """
+    from medres.errors import IngestError
+    from medres.ingest import dicom
+    from medres.ingest.pipeline import _stack_identity, common_source, scan_task
+
+    headers = []
+    for f in files:
+        try:
+            res = scan_task((f.path, f.source))
+        except IngestError as exc:
+            yield _rejected(f.source, str(exc.code), str(exc), key)
+            continue
+        except BaseException as exc:  # a header parser panic must not stop scoring
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            yield _rejected(f.source, Code.UNREADABLE.value, f"{f.source}: header unreadable", key)
+            continue
+        if res.kind == "nifti":
+            yield nifti_item(f.path, f.source, f.size, key)
+        else:
+            headers.append(res.header)
+    if not headers:
+        return
+    stacks, rejections = dicom.group_stacks(headers)
+    for rej in rejections:
+        yield _rejected(rej.source, str(rej.code), rej.message, key)
+    taken: set[str] = set()
+    for stack in stacks:
+        ident = _stack_identity(stack)
+        n = 1
+        base = ident
+        while item_key(ident, key) in taken:  # same rule as ingest: keep ids distinct
+            n += 1
+            ident = f"{base}\x00{n}"
+        k = item_key(ident, key)
+        taken.add(k)
+        h = stack.first
+        yield ScoreItem(
+            key=k,
+            identity=ident,
+            source=common_source(stack.sources),
+            kind="dicom",
+            payload=stack,
+            study_key=pseudonym(h.study_uid, key, "stu-"),
+            series_key=pseudonym(h.series_uid, key, "ser-"),
+            study_uid=h.study_uid,
+            accession=h.accession,
+        )
+
+
+def _rejected(source: str, code: str, message: str, key: bytes) -> ScoreItem:
+    ident = f"rejected\x00{source}"
+    return ScoreItem(
+        key=item_key(ident, key),
+        identity=ident,
+        source=source,
+        kind="error",
+        code=code,
+        message=message,
+    )

@@ -1,0 +1,131 @@
+"""`medres score` end to end through the CLI (CliRunner, CPU, tiny data)."""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medres.cli import app
+from medres.scoring.demo_data import write_dicom_2d, write_model_dir, write_nifti_folder
+
+runner = CliRunner()
+STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.202"
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("score_cli")
+    model = write_model_dir(root / "run" / "model", image_size=(16, 16))
+    src = root / "src"
+    write_nifti_folder(src / "nifti", 6, (16, 16))
+    # two studies of 2D DICOM, study A with two series (for per-study aggregation)
+    write_dicom_2d(src / "dcm" / "a1.dcm", study_uid=STUDY_A, series_uid=STUDY_A + ".1", seed=1)
+    write_dicom_2d(src / "dcm" / "a2.dcm", study_uid=STUDY_A, series_uid=STUDY_A + ".2", seed=2)
+    write_dicom_2d(src / "dcm" / "b1.dcm", study_uid=STUDY_B, series_uid=STUDY_B + ".1", seed=3)
+    (src / "junk.txt").write_text("not an image")
+    (src / "broken.nii").write_bytes(b"\x00" * 100)
+    return {"root": root, "model": model, "src": src}
+
+
+def _score(*args: str) -> object:
+    return runner.invoke(app, ["-q", "score", *args], catch_exceptions=False)
+
+
+def test_score_folder_then_resume(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [str(data["model"]), str(data["src"]), "--out", str(out), "--workers", "2"]
+    res = _score(*args, "--batch-size", "4", "--aggregate", "max")
+    assert res.exit_code == 0, res.output
+    rows = _read(out / "scores.csv")
+    assert list(rows[0]) == ["image_id", "source", "prob_0", "prob_1", "pred", "status"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 9  # 6 NIfTI + 3 DICOM series
+    for r in ok:
+        p = [float(r["prob_0"]), float(r["prob_1"])]
+        assert sum(p) == pytest.approx(1.0, abs=1e-6)
+        assert r["pred"] == str(int(np.argmax(p)))
+        assert r["image_id"].startswith("img-")
+    errors = {e["source"]: e["code"] for e in _read(out / "errors.csv")}
+    assert errors == {"junk.txt": "not_dicom", "broken.nii": "invalid_nifti"}
+    assert len(rows) == 11  # one row per item, rejected inputs included
+    text = (out / "scores.csv").read_text() + (out / "errors.csv").read_text()
+    assert STUDY_A not in text and "PAT-0001" not in text and "Doe" not in text
+    studies = _read(out / "scores_study.csv")
+    by_n = sorted(int(s["n_items"]) for s in studies)
+    assert by_n == [1, 1, 1, 1, 1, 1, 1, 2]  # study A's two series aggregated
+    a_rows = [r for r in ok if r["source"].startswith("dcm/a")]
+    study_a = next(s for s in studies if s["n_items"] == "2")
+    assert float(study_a["prob_1"]) == max(float(r["prob_1"]) for r in a_rows)
+
+    before = (out / "scores.csv").read_bytes()
+    res = _score(*args)
+    assert res.exit_code == 0
+    assert "scored 0" in res.output and "skipped 11" in res.output
+    assert (out / "scores.csv").read_bytes() == before
+
+
+def test_keep_ids_and_archive_source(data: dict[str, Path], tmp_path: Path) -> None:
+    arc = tmp_path / "batch.zip"
+    with zipfile.ZipFile(arc, "w") as zf:
+        for p in sorted((data["src"] / "dcm").iterdir()):
+            zf.write(p, f"dcm/{p.name}")
+    out = tmp_path / "out"
+    res = _score(str(data["model"]), str(arc), "--out", str(out), "--keep-ids", "--workers", "0")
+    assert res.exit_code == 0, res.output
+    rows = _read(out / "scores.csv")
+    assert {r["StudyInstanceUID"] for r in rows} == {STUDY_A, STUDY_B}
+    assert {r["AccessionNumber"] for r in rows} == {"ACC0001"}
+    assert all(r["source"].startswith("batch.zip!dcm/") for r in rows)
+
+
+def test_manifest_source_keeps_image_ids_and_split(data: dict[str, Path], tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    paths = write_nifti_folder(root / "images", 4, (16, 16))
+    lines = ["image_id,image_path,source,dims,label,split"]
+    for i, p in enumerate(paths):
+        lines.append(f"case{i},images/{p.name},{p.name},2,{i % 2},{'test' if i < 3 else 'train'}")
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    res = _score(
+        str(data["model"].parent), str(root / "manifest.csv"), "--out", str(out), "--split", "test"
+    )
+    assert res.exit_code == 0, res.output
+    assert [r["image_id"] for r in _read(out / "scores.csv")] == ["case0", "case1", "case2"]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--shard", "2/2"], "--shard"),
+        (["--precision", "int4"], "--precision"),
+        (["--aggregate", "median"], "--aggregate"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    data: dict[str, Path], tmp_path: Path, extra: list[str], needle: str
+) -> None:
+    res = runner.invoke(
+        app, ["score", str(data["model"]), str(data["src"]), "--out", str(tmp_path), *extra]
+    )
+    assert res.exit_code == 1
+    assert needle in res.output and "Traceback" not in res.output
+
+
+def test_missing_model_dir_and_source(data: dict[str, Path], tmp_path: Path) -> None:
+    res = runner.invoke(app, ["score", str(tmp_path), str(data["src"]), "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "model" in res.output
+    res = runner.invoke(
+        app, ["score", str(data["model"]), str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and "does not exist" in res.output

@@ -1,0 +1,166 @@
+"""The scoring loop: decode workers -> batched inference -> ledger, with a stand-in model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medres.errors import ConfigError, IngestError
+from medres.scoring.engine import (
+    Predictor,
+    ScoreItem,
+    background,
+    decode_one,
+    default_to_probs,
+    run_items,
+)
+from medres.scoring.ledger import Ledger, ModelInfo, predict_label
+
+H = "cd" * 32
+CLASSES = ["0", "1"]
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, dims: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
+        pool = torch.nn.AdaptiveAvgPool2d(1) if dims == 2 else torch.nn.AdaptiveAvgPool3d(1)
+        self.body = torch.nn.Sequential(conv(1, 4, 3, padding=1), torch.nn.ReLU(), pool)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class SeedDecoder:
+    """Deterministic image per item from its key; ``bad`` keys fail like corrupt files."""
+
+    def __init__(self, size: int = 8, bad: tuple[str, ...] = (), coded: tuple[str, ...] = ()):
+        self.size, self.bad, self.coded = size, bad, coded
+
+    def __call__(self, item: ScoreItem) -> np.ndarray:
+        if item.key in self.bad:
+            raise RuntimeError("broken stream")
+        if item.key in self.coded:
+            raise IngestError("too few slices", code="too_few_slices")
+        rng = np.random.default_rng(int(item.key.split("-")[1]))
+        return rng.normal(size=(1, self.size, self.size)).astype(np.float32)
+
+
+def _items(n: int) -> list[ScoreItem]:
+    return [ScoreItem(f"img-{i}", f"id{i}", f"f{i}.nii", "nifti") for i in range(n)]
+
+
+def _run(tmp_path, items, decoder, *, workers=0, batch_size=4, precision="fp32", name="l"):
+    led = Ledger(tmp_path / f"{name}.sqlite")
+    led.register_model(ModelInfo(H, tuple(CLASSES), "binary"))
+    pred = Predictor(TinyNet(), precision=precision)
+    stats = run_items(
+        items,
+        decoder,
+        pred,
+        led,
+        H,
+        label_fn=lambda p: predict_label(p, CLASSES),
+        batch_size=batch_size,
+        workers=workers,
+    )
+    recs = {r.item_key: r for r in led.records(H)}
+    led.close()
+    return stats, recs
+
+
+def test_inline_and_worker_decoding_give_identical_scores(tmp_path) -> None:
+    items = _items(23)
+    s0, r0 = _run(tmp_path, items, SeedDecoder(), workers=0, name="a")
+    s2, r2 = _run(tmp_path, items, SeedDecoder(), workers=2, name="b")
+    assert s0.scored == s2.scored == 23
+    assert s0.batches == 6  # ceil(23 / 4)
+    assert {k: r.scores for k, r in r0.items()} == {k: r.scores for k, r in r2.items()}
+    # probabilities are a distribution and pred is their argmax
+    for r in r0.values():
+        assert sum(r.scores) == pytest.approx(1.0)
+        assert r.pred == CLASSES[int(np.argmax(r.scores))]
+
+
+def test_batch_size_does_not_change_scores(tmp_path) -> None:
+    items = _items(9)
+    _, a = _run(tmp_path, items, SeedDecoder(), batch_size=1, name="a")
+    _, b = _run(tmp_path, items, SeedDecoder(), batch_size=8, name="b")
+    for k in a:
+        np.testing.assert_allclose(a[k].scores, b[k].scores, atol=1e-6)
+
+
+def test_failures_become_coded_error_rows(tmp_path) -> None:
+    items = [*_items(6), ScoreItem("img-99", "x", "junk.bin", "error", code="not_dicom")]
+    dec = SeedDecoder(bad=("img-2",), coded=("img-3",))
+    stats, recs = _run(tmp_path, items, dec, workers=2)
+    assert stats.scored == 4 and stats.errors == 3
+    assert recs["img-2"].code == "decode_failed" and "RuntimeError" in recs["img-2"].message
+    assert recs["img-3"].code == "too_few_slices"
+    assert recs["img-99"].code == "not_dicom"
+    assert recs["img-2"].scores == ()
+
+
+def test_mixed_shapes_are_batched_separately(tmp_path) -> None:
+    class TwoSizes(SeedDecoder):
+        def __call__(self, item):
+            size = 8 if int(item.key.split("-")[1]) % 2 else 12
+            return np.ones((1, size, size), np.float32) * int(item.key.split("-")[1])
+
+    stats, recs = _run(tmp_path, _items(10), TwoSizes(), batch_size=3)
+    assert stats.scored == 10
+    assert stats.batches == 4  # 5 of each size -> 2 batches each
+
+
+def test_decode_one_never_raises_on_non_exception_panics() -> None:
+    class Panic(BaseException):
+        pass
+
+    def dec(item):
+        raise Panic("rust panic")
+
+    d = decode_one(dec, _items(1)[0])
+    assert d.array is None and d.code == "decode_failed"
+
+
+def test_predictor_bf16_close_to_fp32_and_rejects_unknown() -> None:
+    x = np.random.default_rng(0).normal(size=(4, 1, 16, 16)).astype(np.float32)
+    p32 = Predictor(TinyNet(), precision="fp32")(x)
+    pbf = Predictor(TinyNet(), precision="bf16")(x)
+    assert p32.shape == (4, 2)
+    assert np.abs(p32 - pbf).max() < 2e-2
+    assert Predictor(TinyNet(), precision="auto").precision == "fp32"  # CPU default is exact
+    with pytest.raises(ConfigError, match="precision"):
+        Predictor(TinyNet(), precision="int8")
+    with pytest.raises(ConfigError, match="CUDA"):
+        Predictor(TinyNet(), precision="fp16")
+
+
+def test_predictor_3d_channels_last() -> None:
+    x = np.random.default_rng(1).normal(size=(2, 1, 6, 6, 6)).astype(np.float32)
+    p = Predictor(TinyNet(dims=3), precision="fp32")(x)
+    with torch.inference_mode():
+        ref = torch.softmax(TinyNet(dims=3)(torch.from_numpy(x)), 1).numpy()
+    np.testing.assert_allclose(p, ref, atol=1e-6)
+
+
+def test_default_to_probs_single_logit_is_binary() -> None:
+    p = default_to_probs(torch.tensor([[0.0], [2.0]]))
+    assert p.shape == (2, 2)
+    torch.testing.assert_close(p.sum(1), torch.ones(2))
+
+
+def test_background_streams_and_propagates_errors() -> None:
+    assert list(background(iter(range(1000)), maxsize=4)) == list(range(1000))
+
+    def boom():
+        yield 1
+        raise ConfigError("bad source")
+
+    it = background(boom())
+    assert next(it) == 1
+    with pytest.raises(ConfigError, match="bad source"):
+        next(it)
