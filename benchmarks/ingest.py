@@ -79,29 +79,69 @@ def make_series(folder: Path, n: int, size: int, rle: bool, seed: int = 0) -> li
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         for kw, v in {
-            "StudyDate": "20240101", "SeriesDate": "20240101", "AcquisitionDate": "20240101",
-            "ContentDate": "20240101", "StudyTime": "101010", "SeriesTime": "101200",
-            "AcquisitionTime": "101201", "ContentTime": "101202", "AccessionNumber": "ACC123",
-            "Modality": "CT", "Manufacturer": "ACME", "InstitutionName": "General Hospital",
-            "ReferringPhysicianName": "Doe^John", "StationName": "CT01",
-            "StudyDescription": "CT CHEST", "SeriesDescription": "AXIAL 1.25 STD",
-            "ManufacturerModelName": "Scanner 9000", "PatientName": "Test^Patient",
-            "PatientID": "P0001", "PatientBirthDate": "19600101", "PatientSex": "M",
-            "PatientAge": "064Y", "BodyPartExamined": "CHEST", "SliceThickness": "1.25",
-            "KVP": "120", "DataCollectionDiameter": "500", "SoftwareVersions": "1.0",
-            "ReconstructionDiameter": "360", "DistanceSourceToDetector": "1040",
-            "DistanceSourceToPatient": "570", "GantryDetectorTilt": "0", "TableHeight": "150",
-            "RotationDirection": "CW", "ExposureTime": "500", "XRayTubeCurrent": "200",
-            "Exposure": "100", "FilterType": "BODY", "GeneratorPower": "24000",
-            "FocalSpots": "1.2", "ConvolutionKernel": "STANDARD", "PatientPosition": "FFS",
-            "StudyInstanceUID": study, "SeriesInstanceUID": series, "StudyID": "1",
-            "SeriesNumber": "3", "AcquisitionNumber": "1", "InstanceNumber": str(k + 1),
-            "FrameOfReferenceUID": frame, "PositionReferenceIndicator": "SN",
-            "SliceLocation": f"{-k * 1.25:.2f}", "SamplesPerPixel": 1,
-            "PhotometricInterpretation": "MONOCHROME2", "Rows": size, "Columns": size,
-            "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
-            "WindowCenter": "40", "WindowWidth": "400", "RescaleIntercept": "-1024",
-            "RescaleSlope": "1", "RescaleType": "HU",
+            "StudyDate": "20240101",
+            "SeriesDate": "20240101",
+            "AcquisitionDate": "20240101",
+            "ContentDate": "20240101",
+            "StudyTime": "101010",
+            "SeriesTime": "101200",
+            "AcquisitionTime": "101201",
+            "ContentTime": "101202",
+            "AccessionNumber": "ACC123",
+            "Modality": "CT",
+            "Manufacturer": "ACME",
+            "InstitutionName": "General Hospital",
+            "ReferringPhysicianName": "Doe^John",
+            "StationName": "CT01",
+            "StudyDescription": "CT CHEST",
+            "SeriesDescription": "AXIAL 1.25 STD",
+            "ManufacturerModelName": "Scanner 9000",
+            "PatientName": "Test^Patient",
+            "PatientID": "P0001",
+            "PatientBirthDate": "19600101",
+            "PatientSex": "M",
+            "PatientAge": "064Y",
+            "BodyPartExamined": "CHEST",
+            "SliceThickness": "1.25",
+            "KVP": "120",
+            "DataCollectionDiameter": "500",
+            "SoftwareVersions": "1.0",
+            "ReconstructionDiameter": "360",
+            "DistanceSourceToDetector": "1040",
+            "DistanceSourceToPatient": "570",
+            "GantryDetectorTilt": "0",
+            "TableHeight": "150",
+            "RotationDirection": "CW",
+            "ExposureTime": "500",
+            "XRayTubeCurrent": "200",
+            "Exposure": "100",
+            "FilterType": "BODY",
+            "GeneratorPower": "24000",
+            "FocalSpots": "1.2",
+            "ConvolutionKernel": "STANDARD",
+            "PatientPosition": "FFS",
+            "StudyInstanceUID": study,
+            "SeriesInstanceUID": series,
+            "StudyID": "1",
+            "SeriesNumber": "3",
+            "AcquisitionNumber": "1",
+            "InstanceNumber": str(k + 1),
+            "FrameOfReferenceUID": frame,
+            "PositionReferenceIndicator": "SN",
+            "SliceLocation": f"{-k * 1.25:.2f}",
+            "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2",
+            "Rows": size,
+            "Columns": size,
+            "BitsAllocated": 16,
+            "BitsStored": 16,
+            "HighBit": 15,
+            "PixelRepresentation": 1,
+            "WindowCenter": "40",
+            "WindowWidth": "400",
+            "RescaleIntercept": "-1024",
+            "RescaleSlope": "1",
+            "RescaleType": "HU",
         }.items():
             setattr(ds, kw, v)
         ds.ImagePositionPatient = ["-180.0", "-180.0", f"{-k * 1.25:.2f}"]
@@ -174,7 +214,7 @@ def scan_medres(paths: list[Path]) -> None:
     from medres.ingest.dicom import scan_headers
 
     headers, rejected = scan_headers(paths, workers=1)
-    if rejected:
+    if rejected or len(headers) != len(paths):
         raise RuntimeError(rejected[0].message)
 
 
@@ -185,7 +225,9 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_case(name: str, paths: list[Path], tools: list[str], args: argparse.Namespace, tmp: Path) -> dict:
+def bench_case(
+    name: str, paths: list[Path], tools: list[str], args: argparse.Namespace, tmp: Path
+) -> dict:
     times: dict[str, list[float]] = {t: [] for t in tools}
     outs = {t: tmp / f"{name}_{t}{args.ext}" for t in tools}
     for t in tools:  # warm-up: imports, page cache
@@ -197,8 +239,10 @@ def bench_case(name: str, paths: list[Path], tools: list[str], args: argparse.Na
             times[t].append(timed(lambda t=t: RUNNERS[t](paths, outs[t], args.workers)))
     n = len(paths)
     res = {t: statistics.median(v) / n * 1e3 for t, v in times.items()}
-    print(f"\n{name}: {n} files of {args.size}x{args.size}, workers={args.workers}, out {args.ext}, "
-          f"median of {args.repeats}")
+    print(
+        f"\n{name}: {n} files of {args.size}x{args.size}, workers={args.workers}, out {args.ext}, "
+        f"median of {args.repeats}"
+    )
     base = res.get("medres")
     for t in tools:
         ratio = f"{res[t] / base:6.2f}x" if base else ""
@@ -228,8 +272,10 @@ def bench_scan(paths: list[Path], repeats: int) -> dict:
             (bare if name == "bare" else med).append(timed(lambda fn=fn: fn(paths)))
     n = len(paths)
     b, m = statistics.median(bare) / n * 1e3, statistics.median(med) / n * 1e3
-    print(f"\nheader scan (1 worker): bare stop_before_pixels {b:.3f} ms/file, "
-          f"medres scan_header {m:.3f} ms/file, ratio {m / b:.2f} (target <= 1.3)")
+    print(
+        f"\nheader scan (1 worker): bare stop_before_pixels {b:.3f} ms/file, "
+        f"medres scan_header {m:.3f} ms/file, ratio {m / b:.2f} (target <= 1.3)"
+    )
     return {"bare_ms": b, "medres_ms": m, "ratio": m / b}
 
 

@@ -106,9 +106,121 @@ def _not_available(command: str) -> None:
 @app.command("synth")
 def synth_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="What to write: ct, mr (3D DICOM series), xray (DX/CR), us (ultrasound, RGB), "
+            "sc (secondary capture, RGB), nifti (3D .nii.gz)."
+        ),
+    ] = "ct",
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 20,
+    studies_per_patient: Annotated[
+        int, typer.Option(help="Studies per patient (the label is per patient).")
+    ] = 1,
+    prevalence: Annotated[float, typer.Option(help="Fraction of patients with the finding.")] = 0.5,
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            help="rows,cols for 2D kinds or rows,cols,slices for 3D [default: 128,128,64 for "
+            "CT/NIfTI, 128,128,48 for MR, 128,128 for 2D]."
+        ),
+    ] = None,
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            help="Row,col[,slice] spacing in mm [default: fits a typical field of view: "
+            "350 mm CT, 300 mm MR, 400 mm radiograph]."
+        ),
+    ] = None,
+    oblique: Annotated[
+        float, typer.Option(help="Fraction of 3D series with a tilted (oblique) orientation.")
+    ] = 0.0,
+    difficulty: Annotated[
+        float,
+        typer.Option(help="0..1; higher = fainter lesion, more noise, anatomy and distractors."),
+    ] = 0.5,
+    lesion_contrast: Annotated[
+        float,
+        typer.Option(
+            help="Multiplier of the nominal lesion contrast (CT 60 HU); negative = darker."
+        ),
+    ] = 1.0,
+    lesion_radius: Annotated[
+        str | None,
+        typer.Option(help="min,max lesion radius in mm [default: 3.5-7% of the field of view]."),
+    ] = None,
+    classes: Annotated[
+        int, typer.Option(help="2 = binary (lesion present); k>2: class c carries c lesions.")
+    ] = 2,
+    monochrome1_fraction: Annotated[
+        float, typer.Option(help="Fraction of radiographs stored MONOCHROME1 (inverted).")
+    ] = 0.3,
+    compression: Annotated[
+        str | None,
+        typer.Option(help="Lossless transfer syntax: rle, jpegls or jpeg2000 [default: none]."),
+    ] = None,
+    multiframe: Annotated[
+        bool,
+        typer.Option(
+            help="Enhanced multi-frame CT/MR (one file per series) instead of one per slice."
+        ),
+    ] = False,
+    messy: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated defects to plant: shuffle_names, missing_slice, duplicate_slice, "
+            "localizer, uneven_spacing, two_series, junk, truncated, no_preamble."
+        ),
+    ] = None,
+    archive: Annotated[
+        str | None, typer.Option(help="Also pack the data folder as zip, tar or tar.gz.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; the same seed writes identical files.")
+    ] = 0,
+    phi_canary: Annotated[
+        bool,
+        typer.Option(
+            help="Write canary PHI (PatientName/ID, BirthDate, Accession, Institution containing "
+            "PHICANARY) into every file, for PHI-leak tests."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a previous synth output in --out.")
+    ] = False,
 ) -> None:
     """Write a synthetic DICOM/NIfTI study set with a learnable finding and labels.csv."""
-    _not_available("synth")
+    from medres.synth import SynthSpec, generate, parse_names, parse_tuple
+
+    spec = SynthSpec(
+        kind=kind,
+        n_patients=patients,
+        studies_per_patient=studies_per_patient,
+        prevalence=prevalence,
+        shape=parse_tuple(shape, int, "--shape"),
+        spacing=parse_tuple(spacing, float, "--spacing"),
+        oblique=oblique,
+        lesion_contrast=lesion_contrast,
+        lesion_radius_mm=parse_tuple(lesion_radius, float, "--lesion-radius"),  # type: ignore[arg-type]
+        difficulty=difficulty,
+        n_classes=classes,
+        monochrome1_fraction=monochrome1_fraction,
+        compression=compression,
+        multiframe=multiframe,
+        messy=parse_names(messy),
+        archive=archive,
+        seed=seed,
+        phi_canary=phi_canary,
+    )
+    res = generate(spec, out, overwrite=overwrite)
+    n_pos = sum(1 for r in res.truth if r.label > 0)
+    out_console.print(
+        f"synth: {len(res.truth)} {kind} series ({n_pos} with the finding), {res.n_files} files "
+        f"in {res.seconds:.1f} s -> {res.data_dir}"
+    )
+    out_console.print(f"labels: {res.labels_csv}   truth: {res.truth_csv}")
+    if res.archive is not None:
+        out_console.print(f"archive: {res.archive}")
 
 
 # --- ingest ------------------------------------------------------------------------------
@@ -393,13 +505,40 @@ def evaluate_cmd(
             drop_missing=drop_missing,
         )
     )
-    h = result.headline
-    ci = h.get("ci")
-    ci_text = f" (CI {ci[0]:.3f}-{ci[1]:.3f}, {h.get('ci_method')})" if ci else ""
-    out_console.print(
-        f"{h.get('metric', 'auc')} {h.get('name', '')}: {h.get('value'):.3f}{ci_text}"
-    )
-    out_console.print(f"wrote {result.metrics_path} and {result.report_path}")
+    _print_evaluation(result.metrics)
+    out_console.print(f"wrote {result.metrics_path} and {result.report_path}", markup=False)
+
+
+def _print_evaluation(m: dict[str, Any]) -> None:
+    """A table of AUCs with their CIs (per score column, or per class / label)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def ci(v: Any) -> str:
+        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "-"
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = m.get("models") or m.get("per_class") or m.get("per_label") or {}
+    kind = "score" if m.get("task") == "binary" else "class"
+    table = Table(title=f"{m.get('task')} evaluation, n = {m.get('n')}")
+    for col in (kind, "AUC", "DeLong CI", "bootstrap CI"):
+        table.add_column(col, justify="left" if col == kind else "right")
+    for name, v in rows.items():
+        cells = (num(v.get("auc")), ci(v.get("auc_ci")), ci(v.get("auc_ci_bootstrap")))
+        table.add_row(Text(str(name)), *cells)
+    if "macro_auc" in m:
+        table.add_row("macro", num(m["macro_auc"]), "-", ci(m.get("macro_auc_ci_bootstrap")))
+    out_console.print(table)
+    for c in m.get("comparisons", []):
+        p = "-" if c["p_value"] is None else f"{c['p_value']:.4g}"
+        out_console.print(
+            f"{c['a']} vs {c['b']}: AUC difference {c['auc_diff']:+.3f} "
+            f"CI {ci(c['diff_ci'])}, paired DeLong p = {p}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 # --- score -------------------------------------------------------------------------------

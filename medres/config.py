@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -391,3 +392,53 @@ def apply_overrides(spec: PipelineSpec, overrides: dict[str, Any]) -> PipelineSp
 
 def is_dataclass_instance(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def field_docs() -> dict[str, list[tuple[str, str, str]]]:
+    """``{section: [(field, default as YAML, docstring), ...]}`` read from this module's source.
+
+    The docstring under each field is the single source of the field documentation;
+    ``pipelines/README.md`` is generated from it (:func:`fields_markdown`) and a test keeps
+    the two in sync.
+    """
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(sys.modules[__name__]))
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for i, stmt in enumerate(body[:-1]):
+                nxt = body[i + 1]
+                if (
+                    isinstance(stmt, ast.AnnAssign)
+                    and isinstance(stmt.target, ast.Name)
+                    and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)
+                ):
+                    docs.setdefault(node.name, {})[stmt.target.id] = " ".join(nxt.value.value.split())
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for section, cls in SECTIONS.items():
+        default = _section_to_dict(cls())
+        out[section] = [
+            (
+                f.name,
+                yaml.safe_dump(default[f.name], default_flow_style=True).strip().removesuffix("..."),
+                docs.get(cls.__name__, {}).get(f.name, ""),
+            )
+            for f in fields(cls)
+        ]
+    return out
+
+
+def fields_markdown() -> str:
+    """Markdown tables of every section and field (the reference part of pipelines/README.md)."""
+    lines: list[str] = []
+    for section, rows in field_docs().items():
+        lines += [f"### `{section}`", "", "| field | default | meaning |", "|---|---|---|"]
+        for name, default, doc in rows:
+            lines.append(f"| `{section}.{name}` | `{default.strip()}` | {doc.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)

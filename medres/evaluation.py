@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from medres import metrics as M
+from medres import progress
 from medres.errors import ConfigError, EvaluationError
 from medres.utils import atomic_write_text
 
@@ -106,19 +107,21 @@ class Predictions:
 # ---------------------------------------------------------------------------------------
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate a run dir or predictions CSV and write ``metrics.json`` and ``report.html``."""
-    _check_config(config)
-    preds = load_predictions(config)
-    evaluator = _EVALUATORS[preds.task]
-    metrics = evaluator(preds, config)
-    metrics = sanitize(metrics)
     from medres.report import render_report
 
+    _check_config(config)
+    with progress.task("evaluate", total=3, unit="step") as step:
+        preds = load_predictions(config)
+        step.advance()
+        metrics = sanitize(_EVALUATORS[preds.task](preds, config))
+        step.advance()
+        text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
+        page = render_report(metrics)  # render before writing: no half-finished output pair
+        step.advance()
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     report_path = out / "report.html"
-    text = json.dumps(metrics, indent=2, allow_nan=False) + "\n"
-    page = render_report(metrics)  # render before writing: no half-finished output pair
     atomic_write_text(metrics_path, text)
     atomic_write_text(report_path, page)
     log.info("wrote %s and %s", metrics_path, report_path)
@@ -160,11 +163,62 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise EvaluationError(
             f"{path}: not a readable UTF-8 CSV ({type(exc).__name__}); export it as CSV"
         ) from None
+    except OSError as exc:
+        raise EvaluationError(
+            f"{path}: cannot be read ({exc.strerror}); check the path and its permissions"
+        ) from None
     if not fields:
         raise EvaluationError(f"{path}: empty file or no header row; write a CSV with a header")
     rows = [{(k or "").strip(): (v or "") for k, v in r.items()} for r in rows]
     if not rows:
         raise EvaluationError(f"{path}: header only, no rows to evaluate")
+    return fields, rows
+
+
+def _manifest_columns(
+    run: Path, fields: list[str], by: tuple[str, ...]
+) -> dict[str, dict[str, str]]:
+    """Values of ``--by`` columns missing from the predictions, joined from the run's manifest.
+
+    The manifest path comes from ``RUN_DIR/pipeline.yaml`` (``data.manifest``, absolute or
+    relative to the working directory or the run dir); rows are matched on ``image_id``.
+    Returns ``{column: {image_id: value}}``; columns that cannot be found are left out, so
+    the caller's "no column" error names them.
+    """
+    wanted = [c for c in by if c not in fields]
+    if not wanted or "image_id" not in fields:
+        return {}
+    try:
+        import yaml
+
+        from medres.manifest import read_manifest
+
+        spec = yaml.safe_load((run / "pipeline.yaml").read_text(encoding="utf-8")) or {}
+        manifest = Path(str((spec.get("data") or {}).get("manifest") or ""))
+        if not manifest.parts:
+            return {}
+        if not manifest.is_absolute() and not manifest.exists():
+            manifest = run / manifest
+        m = read_manifest(manifest)
+    except Exception as exc:  # an unreadable spec or manifest: use the predictions only
+        log.debug("no manifest join for --by (%s)", type(exc).__name__)
+        return {}
+    out: dict[str, dict[str, str]] = {}
+    for col in wanted:
+        if col in m.columns:
+            out[col] = {r["image_id"]: r.get(col, "") for r in m.rows}
+            log.info("--by %s: values joined from the manifest on image_id", col)
+    return out
+
+
+def _read_with_extra(
+    path: Path, extra: dict[str, dict[str, str]] | None
+) -> tuple[list[str], list[dict[str, str]]]:
+    fields, rows = _read_csv(path)
+    for col, values in (extra or {}).items():
+        fields = [*fields, col]
+        for r in rows:
+            r[col] = values.get(r.get("image_id", ""), "")
     return fields, rows
 
 
@@ -240,6 +294,10 @@ def _drop_missing(
 def load_predictions(cfg: EvaluateConfig) -> Predictions:
     """Read and validate a run dir (``predictions_{split}.csv``) or a predictions CSV."""
     target = Path(cfg.target)
+    if not target.exists():
+        raise EvaluationError(
+            f"{target}: no such file or directory; pass a run dir or a predictions CSV"
+        )
     if target.is_dir() and not cfg.scores:
         return _load_run_dir(target, cfg)
     if target.is_dir():
@@ -269,29 +327,46 @@ def _load_run_dir(run: Path, cfg: EvaluateConfig) -> Predictions:
             raise EvaluationError(
                 f"{meta_path}: not valid JSON; restore it from the run or re-run `medres train`"
             ) from None
+        if not isinstance(meta, dict):
+            raise EvaluationError(
+                f"{meta_path}: expected a JSON object; restore it or re-run `medres train`"
+            )
     else:
         log.warning("%s missing; inferring classes from the prob_ columns", meta_path)
     fields, _ = _read_csv(path)
+    extra = _manifest_columns(run, fields, cfg.by)
     label_cols = [f for f in fields if f.startswith("label_")]
     prob_classes = [f[len("prob_") :] for f in fields if f.startswith("prob_")]
     classes = [str(c) for c in meta.get("classes") or prob_classes]
+    if not classes:
+        raise EvaluationError(
+            f"{path.name}: no prob_<class> columns and no model/model.json classes; "
+            "pass a run dir written by `medres train`, or a CSV with --label and --score"
+        )
     task = meta.get("task") or (
         "multilabel" if label_cols else "binary" if len(classes) == 2 else "multiclass"
     )
     name = str(meta.get("arch") or run.name)
+    # the trainer records its label columns; a single-label run normally uses `label`
+    meta_cols = [str(c) for c in meta.get("label_columns") or []]
+    single = meta_cols[0] if len(meta_cols) == 1 and meta_cols[0] in fields else "label"
     split_counts = _split_counts(run)
     if task == "binary":
         positive = cfg.positive or str(meta.get("positive_class") or classes[-1])
         preds = _load_binary_csv(
-            path, cfg, "label", positive, (f"prob_{positive}",), model_name=name
+            path, cfg, single, positive, (f"prob_{positive}",), model_name=name, extra=extra
         )
     elif task == "multiclass":
-        preds = _load_multiclass(path, cfg, classes)
+        preds = _load_multiclass(path, cfg, classes, single, extra=extra)
     elif task == "multilabel":
-        names = [c for c in classes if f"label_{c}" in fields] or [
-            c[len("label_") :] for c in label_cols
-        ]
-        preds = _load_multilabel(path, cfg, names)
+        if len(meta_cols) == len(classes):
+            pairs = list(zip(classes, meta_cols, strict=True))
+        else:
+            names = [c for c in classes if f"label_{c}" in fields] or [
+                c[len("label_") :] for c in label_cols
+            ]
+            pairs = [(c, f"label_{c}") for c in names]
+        preds = _load_multilabel(path, cfg, pairs, extra=extra)
     else:
         raise EvaluationError(
             f"{meta_path}: task {task!r} is unknown; known: {', '.join(_EVALUATORS)}"
@@ -325,7 +400,15 @@ def _groups(
     out: dict[str, list[str]] = {}
     for col in by:
         _require(path, fields, col, "--by")
-        out[col] = _group_values([r.get(col, "") for r in rows])
+        values = _group_values([r.get(col, "") for r in rows])
+        distinct = len(set(values))
+        if distinct > 50 or (distinct > 10 and distinct > len(values) / 2):
+            raise EvaluationError(
+                f"{path.name}: --by {col!r} has {distinct} distinct values in {len(values)} rows; "
+                "it looks like an identifier, pick a column with a few repeated values "
+                "(manufacturer, sex, site)"
+            )
+        out[col] = values
     return out
 
 
@@ -357,8 +440,9 @@ def _load_binary_csv(
     positive: str | None,
     scores: tuple[str, ...],
     model_name: str | None,
+    extra: dict[str, dict[str, str]] | None = None,
 ) -> Predictions:
-    fields, rows = _read_csv(path)
+    fields, rows = _read_with_extra(path, extra)
     _require(path, fields, label, "--label")
     dupes = [s for s, c in Counter(scores).items() if c > 1]
     if dupes:
@@ -430,13 +514,19 @@ def _csv_split_counts(rows: list[dict[str, str]], y: np.ndarray) -> dict[str, di
     return out
 
 
-def _load_multiclass(path: Path, cfg: EvaluateConfig, classes: list[str]) -> Predictions:
-    fields, rows = _read_csv(path)
-    _require(path, fields, "label", "a run dir whose predictions have")
+def _load_multiclass(
+    path: Path,
+    cfg: EvaluateConfig,
+    classes: list[str],
+    label: str = "label",
+    extra: dict[str, dict[str, str]] | None = None,
+) -> Predictions:
+    fields, rows = _read_with_extra(path, extra)
+    _require(path, fields, label, "a run dir whose predictions have")
     for c in classes:
         _require(path, fields, f"prob_{c}", "a run dir whose predictions have")
     index = {c: i for i, c in enumerate(classes)}
-    labels = [r.get("label", "").strip() for r in rows]
+    labels = [r.get(label, "").strip() for r in rows]
     unknown = sorted({v for v in labels if v not in index and not _is_missing(v)})
     if unknown:
         raise EvaluationError(
@@ -447,7 +537,7 @@ def _load_multiclass(path: Path, cfg: EvaluateConfig, classes: list[str]) -> Pre
     probs = np.vstack([_parse_scores(path, rows, f"prob_{c}") for c in classes]).T
     prob_missing = np.isnan(probs)
     what = {
-        "label": label_missing,
+        label: label_missing,
         **{f"prob_{c}": prob_missing[:, i] for i, c in enumerate(classes)},
     }
     keep = _drop_missing(path, cfg, label_missing | prob_missing.any(axis=1), what)
@@ -457,7 +547,7 @@ def _load_multiclass(path: Path, cfg: EvaluateConfig, classes: list[str]) -> Pre
     counts = np.bincount(y, minlength=len(classes))
     if (counts > 0).sum() < 2:
         raise EvaluationError(
-            f"{path.name}: only one class is present in 'label'; AUC needs at least two, "
+            f"{path.name}: only one class is present in {label!r}; AUC needs at least two, "
             "evaluate a split that has several classes"
         )
     data = {
@@ -471,38 +561,51 @@ def _load_multiclass(path: Path, cfg: EvaluateConfig, classes: list[str]) -> Pre
     )
 
 
-def _load_multilabel(path: Path, cfg: EvaluateConfig, names: list[str]) -> Predictions:
-    fields, rows = _read_csv(path)
-    if not names:
+def _load_multilabel(
+    path: Path,
+    cfg: EvaluateConfig,
+    pairs: list[tuple[str, str]],
+    extra: dict[str, dict[str, str]] | None = None,
+) -> Predictions:
+    """``pairs``: (name, label column) per label; scores are ``prob_<name>``."""
+    fields, rows = _read_with_extra(path, extra)
+    if not pairs:
         raise EvaluationError(
             f"{path.name}: a multi-label run needs label_<name> columns; none found"
         )
-    for c in names:
-        _require(path, fields, f"label_{c}", "a run dir whose predictions have")
+    names = [c for c, _ in pairs]
+    for c, col in pairs:
+        _require(path, fields, col, "a run dir whose predictions have")
         _require(path, fields, f"prob_{c}", "a run dir whose predictions have")
-    lab = np.full((len(rows), len(names)), np.nan)
-    for j, c in enumerate(names):
+    lab = np.full((len(rows), len(pairs)), np.nan)
+    for j, (_, col) in enumerate(pairs):
         for i, r in enumerate(rows):
-            v = r.get(f"label_{c}", "")
+            v = r.get(col, "")
             if _is_missing(v):
                 continue
             f = _to_float(v)
             if f not in (0.0, 1.0):
                 raise EvaluationError(
-                    f"{path.name}: column 'label_{c}' row {i + 2} is not 0 or 1; "
+                    f"{path.name}: column {col!r} row {i + 2} is not 0 or 1; "
                     "multi-label columns hold 0/1"
                 )
             lab[i, j] = f
     probs = np.vstack([_parse_scores(path, rows, f"prob_{c}") for c in names]).T
     miss_l, miss_p = np.isnan(lab), np.isnan(probs)
     what = {
-        **{f"label_{c}": miss_l[:, j] for j, c in enumerate(names)},
+        **{col: miss_l[:, j] for j, (_, col) in enumerate(pairs)},
         **{f"prob_{c}": miss_p[:, j] for j, c in enumerate(names)},
     }
     keep = _drop_missing(path, cfg, miss_l.any(axis=1) | miss_p.any(axis=1), what)
     rows = [r for r, k in zip(rows, keep, strict=True) if k]
     y = lab[keep].astype(bool)
     probs = probs[keep]
+    both = [c for j, c in enumerate(names) if 0 < y[:, j].sum() < y.shape[0]]
+    if not both:
+        raise EvaluationError(
+            f"{path.name}: no label_<name> column has both 0 and 1; AUC needs both classes, "
+            "evaluate a split where some labels are present and some absent"
+        )
     data = {
         "source": path.name,
         "n": int(y.shape[0]),

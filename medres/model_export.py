@@ -22,9 +22,13 @@ Choices made here:
   ``metadata_props``.
 * **MONAI bundle** layout: ``configs/metadata.json`` (MONAI's metadata schema fields,
   ``network_data_format`` for ``image`` and ``pred``, and the full ``model.json`` under
-  ``medres``), ``configs/inference.json`` (``network_def``, checkpoint loading,
-  preprocessing through ``medres.transforms.build_transforms`` with the saved spec,
-  softmax/sigmoid post-processing, an evaluator run over ``dataset_dir``),
+  ``medres``), ``configs/inference.json`` (MONAI's standard
+  evaluator layout: ``network_def``, checkpoint loading, preprocessing through
+  ``medres.transforms.build_transforms`` with the saved spec read from the metadata,
+  softmax/sigmoid post-processing, a ``ClassificationSaver`` writing
+  ``eval/predictions.csv``, over the NIfTI files in ``dataset_dir``; its ``dataset``,
+  ``network`` and ``postprocessing`` reproduce medres's own predictions, and running the
+  evaluator needs pytorch-ignite),
   ``models/model.pt`` (state dict) and ``models/model.ts`` (TorchScript with the metadata
   embedded, for ``monai.bundle.load(..., load_ts_module=True)``), ``docs/README.md``.
   ``network_def`` is a plain ``monai.networks.nets.ResNet`` whenever the model is one
@@ -84,47 +88,11 @@ def find_model_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 def load_run_model(run_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
     """Load the trained model (eval mode, CPU) and its ``model.json`` from a run dir."""
-    model_dir = find_model_dir(run_dir)
-    try:
-        from medres.models import load_model_dir
-    except ImportError:  # models stage not in this tree yet
-        load_model_dir = _load_model_dir_fallback
-    model, meta = load_model_dir(model_dir, device="cpu")
+    from medres.models import load_model_dir
+
+    model, meta = load_model_dir(find_model_dir(run_dir), device="cpu")
     model.eval()
     return model, dict(meta)
-
-
-def _load_model_dir_fallback(path: Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """Minimal reader of the documented model dir for plain MONAI ResNets (standard stem)."""
-    from monai.networks.nets import ResNet
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "model.json").read_text(encoding="utf-8"))
-    blocks = {
-        "resnet18": ("basic", [2, 2, 2, 2]),
-        "resnet34": ("basic", [3, 4, 6, 3]),
-        "resnet50": ("bottleneck", [3, 4, 6, 3]),
-        "resnet101": ("bottleneck", [3, 4, 23, 3]),
-        "resnet152": ("bottleneck", [3, 8, 36, 3]),
-    }
-    if meta.get("arch") not in blocks:
-        raise ModelError(f"{path}/model.json: unknown arch {meta.get('arch')!r}")
-    block, layers = blocks[meta["arch"]]
-    small = meta.get("stem") == "small"
-    model = ResNet(
-        block,
-        layers,
-        [64, 128, 256, 512],
-        spatial_dims=int(meta["dims"]),
-        n_input_channels=int(meta["in_channels"]),
-        num_classes=int(meta["num_classes"]),
-        conv1_t_size=3 if small else 7,
-        conv1_t_stride=1 if small else 2,
-        no_max_pool=small,
-        bias_downsample=False,
-    )
-    model.load_state_dict(load_file(str(path / "weights.safetensors"), device=device))
-    return model, meta
 
 
 # --- sample input ------------------------------------------------------------------------
@@ -479,6 +447,7 @@ def bundle_inference(
         "output_dir": "$@bundle_root + '/eval'",
         "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
         "classes": [str(c) for c in meta.get("classes", [])],
+        "image_channels": int(meta.get("in_channels", 1)),
         "medres_preprocessing": "@_meta_#medres#preprocessing",
         "network_def": network_def,
         "network": "$@network_def.to(@device)",
@@ -489,7 +458,8 @@ def bundle_inference(
         },
         "dataset": {
             "_target_": "Dataset",
-            "data": "$[{'image': i, 'image_path': i} for i in @datalist]",
+            "data": "$[{'image': i, 'image_path': i, 'channels': @image_channels} "
+            "for i in @datalist]",
             "transform": "@preprocessing",
         },
         "dataloader": {
@@ -514,7 +484,7 @@ def bundle_inference(
             {
                 "_target_": "ClassificationSaver",
                 "output_dir": "@output_dir",
-                "batch_transform": "$lambda x: [xx['image'].meta for xx in x]",
+                "batch_transform": "$lambda x: [{'filename_or_obj': xx['image_path']} for xx in x]",
                 "output_transform": "$lambda x: [xx['pred'] for xx in x]",
             },
         ],
@@ -543,12 +513,16 @@ A MONAI bundle exported by medres {version} from a trained run.
 * `configs/metadata.json`: input `{shape}` (N, C, spatial...) after medres preprocessing,
   output `pred` = logits for classes {classes}; the medres `model.json` is under `medres`.
 
-Run inference over a folder of NIfTI files (needs medres and pytorch-ignite):
+Run inference over a folder of NIfTI files written by `medres ingest` (needs medres and
+pytorch-ignite); probabilities go to `eval/predictions.csv`:
 
 ```
 python -m monai.bundle run --config_file configs/inference.json \\
     --meta_file configs/metadata.json --bundle_root . --dataset_dir /path/to/images
 ```
+
+Add `--image_channels N` when the files hold N channels (default: the model's input
+channels).
 """
 
 
@@ -616,12 +590,19 @@ def verify_monai_bundle(bundle: str | os.PathLike[str], model: Any) -> float:
     fmt = parser["_meta_#network_data_format#inputs#image"]
     shape = (2, int(fmt["num_channels"]), *[int(s) for s in fmt["spatial_shape"]])
     net = parser.get_parsed_content("network_def")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net = load(name=root.name, bundle_dir=str(root.parent), model=net, device="cpu")
-        ts_net, ts_meta, _ = load(
-            name=root.name, bundle_dir=str(root.parent), load_ts_module=True, device="cpu"
-        )
+    # monai logs "'dst' model updated" at INFO on its own handler; keep the console clean
+    monai_log = logging.getLogger("monai.networks.utils")
+    level = monai_log.level
+    monai_log.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = load(name=root.name, bundle_dir=str(root.parent), model=net, device="cpu")
+            ts_net, ts_meta, _ = load(
+                name=root.name, bundle_dir=str(root.parent), load_ts_module=True, device="cpu"
+            )
+    finally:
+        monai_log.setLevel(level)
     net.eval()
     if ts_meta.get("medres", {}).get("num_classes") != parser["_meta_#medres#num_classes"]:
         raise ModelError(f"{root}/models/model.ts: embedded metadata does not match metadata.json")

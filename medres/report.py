@@ -68,6 +68,8 @@ def _f(x: Any, digits: int = 3) -> str:
 def _ci(ci: Any, digits: int = 3) -> str:
     if not ci:
         return "–"
+    if ci[0] < 0:  # a dash range would read as a minus sign
+        return f"{ci[0]:.{digits}f} to {ci[1]:.{digits}f}".replace("-", "−")
     return f"{ci[0]:.{digits}f}–{ci[1]:.{digits}f}"
 
 
@@ -436,6 +438,8 @@ def _multi_sections(m: dict[str, Any]) -> str:
         if key in m:
             summary.append((key.replace("_", " "), _f(m[key])))
     out += "<h2>Summary</h2>" + _table(["metric", "value"], summary)
+    if m.get("subgroups"):
+        out += "<h2>Subgroups</h2>"
     for col, srows in (m.get("subgroups") or {}).items():
         out += f"<h3>by {_e(col)}</h3>" + _table(
             [col, "n", "macro AUC"],

@@ -24,3 +24,68 @@ def _few_threads():
     torch.set_num_threads(min(n, 2))
     yield
     torch.set_num_threads(n)
+
+
+# --- synthetic study sets (medres.synth) -------------------------------------------------
+# Session-scoped and cached per spec: tests must treat these folders as read-only (copy
+# them to tmp_path before planting further damage).
+
+
+@pytest.fixture(scope="session")
+def synth_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``synth_factory(kind="ct", n_patients=4, shape=(32, 32, 12), ...)`` -> SynthResult.
+
+    The same spec is generated once per session; different specs get their own folder.
+    """
+    from medres.synth import SynthSpec, generate
+
+    cache: dict = {}
+
+    def make(**kwargs):
+        spec = SynthSpec(**kwargs)
+        if spec not in cache:
+            cache[spec] = generate(spec, tmp_path_factory.mktemp(f"synth_{spec.kind}"))
+        return cache[spec]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def synth_ct(synth_factory):
+    """Tiny CT set: 6 patients, 32x32x12, half of the series oblique, one file per slice."""
+    return synth_factory(kind="ct", n_patients=6, shape=(32, 32, 12), oblique=0.5, seed=11)
+
+
+@pytest.fixture(scope="session")
+def synth_xray(synth_factory):
+    """Tiny radiograph set: 8 patients, 48x40, half MONOCHROME1, DX and CR mixed."""
+    return synth_factory(
+        kind="xray", n_patients=8, shape=(48, 40), monochrome1_fraction=0.5, seed=12
+    )
+
+
+@pytest.fixture(scope="session")
+def synth_nifti(synth_factory):
+    """Tiny NIfTI set: 4 patients, 32x32x12 .nii.gz volumes with RAS affines."""
+    return synth_factory(kind="nifti", n_patients=4, shape=(32, 32, 12), seed=13)
+
+
+@pytest.fixture(scope="session")
+def synth_ct_messy(synth_factory):
+    """Tiny CT set (10 patients) with every per-series defect planted once, plus junk files."""
+    return synth_factory(
+        kind="ct",
+        n_patients=10,
+        shape=(24, 24, 10),
+        seed=14,
+        messy=(
+            "missing_slice",
+            "duplicate_slice",
+            "localizer",
+            "uneven_spacing",
+            "two_series",
+            "junk",
+            "truncated",
+            "no_preamble",
+        ),
+    )

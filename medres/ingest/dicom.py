@@ -46,6 +46,7 @@ Choices made (see docs/architecture.md, "Canonical image on disk"):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from pydicom.dataelem import RawDataElement
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
@@ -84,7 +86,11 @@ _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _EXPLICIT_BE = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 _NATIVE_LE = {_IMPLICIT_LE, _EXPLICIT_LE}
-_PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+_PIXEL_TAGS = {
+    0x7FE00010: "PixelData",
+    0x7FE00008: "FloatPixelData",
+    0x7FE00009: "DoubleFloatPixelData",
+}
 _UNDEFINED = 0xFFFFFFFF
 # SOP classes that carry no image although they may have Rows/Columns-like content.
 _NON_IMAGE_PREFIXES = (
@@ -215,7 +221,11 @@ class DicomHeader:
     def expected_pixel_bytes(self) -> int:
         """Bytes of native pixel data the header implies (YBR_FULL_422 is subsampled: 2
         samples per pixel)."""
-        spp = 2 if self.photometric == "YBR_FULL_422" and self.samples_per_pixel == 3 else self.samples_per_pixel
+        spp = (
+            2
+            if self.photometric == "YBR_FULL_422" and self.samples_per_pixel == 3
+            else self.samples_per_pixel
+        )
         bits = self.rows * self.cols * self.number_of_frames * spp * self.bits_allocated
         return (bits + 7) // 8
 
@@ -299,7 +309,8 @@ def is_dicom(path: Path) -> bool:
             fh.seek(0)
             ds = pydicom.dcmread(fh, force=True, stop_before_pixels=True)
             return len(ds) > 0 and any(
-                k in ds for k in ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID")
+                k in ds
+                for k in ("SOPClassUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID")
             )
     except _NO_CATCH:
         raise
@@ -334,7 +345,9 @@ def _fn(v: Any, n: int) -> tuple[float, ...] | None:
     if v is None:
         return None
     try:
-        vals = tuple(float(x) for x in (v if isinstance(v, Iterable) and not isinstance(v, str) else [v]))
+        vals = tuple(
+            float(x) for x in (v if isinstance(v, Iterable) and not isinstance(v, str) else [v])
+        )
     except (TypeError, ValueError):
         return None
     if len(vals) != n or not all(math.isfinite(x) for x in vals):
@@ -464,9 +477,9 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force)
             implicit, little = ds.original_encoding
             tsyntax = ""
-            meta = getattr(ds, "file_meta", None)
+            meta = ds.file_meta if "file_meta" in ds.__dict__ else None
             if meta is not None:
-                tsyntax = str(meta.get("TransferSyntaxUID", "") or "")
+                tsyntax = _Raw(meta).text(0x00020010, "TransferSyntaxUID")
             if not tsyntax:
                 tsyntax = _IMPLICIT_LE if implicit else (_EXPLICIT_LE if little else _EXPLICIT_BE)
             pix = None
@@ -490,7 +503,11 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
         except _NO_CATCH:
             raise
         except BaseException as exc:
-            kind = "truncated" if size < 1024 or "EOF" in repr(exc) or "end of" in str(exc).lower() else "unparsable"
+            kind = (
+                "truncated"
+                if size < 1024 or "EOF" in repr(exc) or "end of" in str(exc).lower()
+                else "unparsable"
+            )
             raise IngestError(
                 f"{src}: DICOM header is {kind} ({type(exc).__name__}); re-export or re-copy the file",
                 code=Code.TRUNCATED,
@@ -499,15 +516,79 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
     return hdr
 
 
+class _Raw:
+    """Fast reads of plain header values straight from pydicom's raw (unconverted) elements.
+
+    pydicom converts an element on first access, which costs more than parsing the file; the
+    scan only needs ~35 plain values, so strings and US numbers are decoded here directly
+    and everything else (sequences, unusual encodings) goes through pydicom.
+    """
+
+    __slots__ = ("d", "ds", "enc")
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        # plain-int keys: lookups then skip pydicom's Python-level BaseTag.__eq__
+        self.d = dict(zip(map(int, ds._dict), ds._dict.values(), strict=True))
+        cs = self.text(0x00080005)
+        self.enc = (
+            "utf-8" if "192" in cs else "latin-1" if cs in ("", "ISO_IR 100", "ISO_IR 6") else None
+        )
+
+    def text(self, tag: int, keyword: str = "", person: bool = False) -> str:
+        """ASCII-safe values (UI, CS, DS, IS, AS); ``person=True`` for charset-dependent text."""
+        e = self.d.get(tag)
+        if e is None:
+            return ""
+        if isinstance(e, RawDataElement) and (not person or self.enc is not None):
+            v = e.value
+            if not v:
+                return ""
+            return v.decode(self.enc or "latin-1", "replace").strip(" \x00")
+        return _s(self.ds, keyword) if keyword else str(e.value or "").strip()
+
+    def multi(self, tag: int, keyword: str) -> list[str]:
+        e = self.d.get(tag)
+        if isinstance(e, RawDataElement):
+            t = self.text(tag)
+            return [x.strip(" \x00") for x in t.split("\\")] if t else []
+        v = self.ds.get(keyword)
+        if v is None:
+            return []
+        return (
+            [str(x) for x in v]
+            if not isinstance(v, str | bytes) and hasattr(v, "__iter__")
+            else [str(v)]
+        )
+
+    def floats(self, tag: int, keyword: str, n: int) -> tuple[float, ...] | None:
+        vals = self.multi(tag, keyword)
+        return _fn(vals, n) if vals else None
+
+    def number(self, tag: int, keyword: str) -> float | None:
+        vals = self.multi(tag, keyword)
+        return _f(vals[0]) if vals else None
+
+    def us(self, tag: int, keyword: str) -> int | None:
+        e = self.d.get(tag)
+        if e is None:
+            return None
+        if isinstance(e, RawDataElement) and e.value is not None and len(e.value) == 2:
+            return int.from_bytes(e.value, "little" if e.is_little_endian else "big")
+        return _i(self.ds.get(keyword))
+
+
 def _header_from_dataset(
     ds: Any, path: Path, src: str, tsyntax: str, pix: tuple[str, int, int] | None, size: int
 ) -> DicomHeader:
-    sop_class = _s(ds, "SOPClassUID")
+    raw = _Raw(ds)
+    sop_class = raw.text(0x00080016, "SOPClassUID")
     if not sop_class and meta_get(ds, "MediaStorageSOPClassUID"):
         sop_class = meta_get(ds, "MediaStorageSOPClassUID")
-    rows = _i(ds.get("Rows")) or 0
-    cols = _i(ds.get("Columns")) or 0
-    nframes = _i(ds.get("NumberOfFrames")) or 1
+    rows = raw.us(0x00280010, "Rows") or 0
+    cols = raw.us(0x00280011, "Columns") or 0
+    nf = raw.number(0x00280008, "NumberOfFrames")
+    nframes = int(nf) if nf is not None and nf >= 1 else 1
     if any(sop_class.startswith(p) for p in _NON_IMAGE_PREFIXES) or (
         rows == 0 and cols == 0 and pix is None and not _is_image_class(sop_class)
     ):
@@ -521,16 +602,13 @@ def _header_from_dataset(
             "short); re-export or re-copy the file",
             code=Code.NO_PIXEL_DATA,
         )
-    itype = ds.get("ImageType")
-    image_type: tuple[str, ...] = ()
-    if itype is not None:
-        image_type = tuple(str(v) for v in (itype if not isinstance(itype, str) else itype.split("\\")))
+    image_type = tuple(raw.multi(0x00080008, "ImageType"))
     fg: dict[str, Any] = {}
-    if nframes > 1 or "PerFrameFunctionalGroupsSequence" in ds:
+    if nframes > 1 or 0x52009230 in raw.d:
         fg = _functional_groups(ds, nframes)
-    orientation = _fn(ds.get("ImageOrientationPatient"), 6) or fg.get("orientation")
-    pixel_spacing = _fn(ds.get("PixelSpacing"), 2) or fg.get("pixel_spacing")
-    position = _fn(ds.get("ImagePositionPatient"), 3)
+    orientation = raw.floats(0x00200037, "ImageOrientationPatient", 6) or fg.get("orientation")
+    pixel_spacing = raw.floats(0x00280030, "PixelSpacing", 2) or fg.get("pixel_spacing")
+    position = raw.floats(0x00200032, "ImagePositionPatient", 3)
     positions = fg.get("positions", ())
     if fg.get("mixed_orientation"):
         raise IngestError(
@@ -540,50 +618,54 @@ def _header_from_dataset(
         )
     if positions and position is None:
         position = positions[0]
-    slope = _f(ds.get("RescaleSlope"))
-    inter = _f(ds.get("RescaleIntercept"))
+    slope = raw.number(0x00281053, "RescaleSlope")
+    inter = raw.number(0x00281052, "RescaleIntercept")
     offset, length = -1, -1
     keyword = "PixelData"
     if pix is not None:
         keyword, offset, length = pix
         if length == _UNDEFINED:
             length = -1
+    acq = raw.number(0x00200012, "AcquisitionNumber")
+    inst = raw.number(0x00200013, "InstanceNumber")
+    bits_allocated = raw.us(0x00280100, "BitsAllocated") or 0
+    thickness = raw.number(0x00180050, "SliceThickness")
     return DicomHeader(
         path=path,
         source=src,
-        sop_instance_uid=_s(ds, "SOPInstanceUID"),
+        sop_instance_uid=raw.text(0x00080018, "SOPInstanceUID"),
         sop_class_uid=sop_class,
-        study_uid=_s(ds, "StudyInstanceUID"),
-        series_uid=_s(ds, "SeriesInstanceUID"),
-        patient_id=_s(ds, "PatientID"),
-        accession=_s(ds, "AccessionNumber"),
-        modality=_s(ds, "Modality").upper(),
-        manufacturer=_s(ds, "Manufacturer"),
-        body_part=_s(ds, "BodyPartExamined").upper(),
-        sex=_s(ds, "PatientSex").upper()[:1],
-        age=_age(_s(ds, "PatientAge")),
+        study_uid=raw.text(0x0020000D, "StudyInstanceUID"),
+        series_uid=raw.text(0x0020000E, "SeriesInstanceUID"),
+        patient_id=raw.text(0x00100020, "PatientID", person=True),
+        accession=raw.text(0x00080050, "AccessionNumber", person=True),
+        modality=raw.text(0x00080060, "Modality").upper(),
+        manufacturer=raw.text(0x00080070, "Manufacturer", person=True),
+        body_part=raw.text(0x00180015, "BodyPartExamined", person=True).upper(),
+        sex=raw.text(0x00100040, "PatientSex").upper()[:1],
+        age=_age(raw.text(0x00101010, "PatientAge")),
         image_type=image_type,
         rows=rows,
         cols=cols,
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
-        imager_pixel_spacing=_fn(ds.get("ImagerPixelSpacing"), 2),  # type: ignore[arg-type]
+        imager_pixel_spacing=raw.floats(0x00181164, "ImagerPixelSpacing", 2),  # type: ignore[arg-type]
         image_position=position,  # type: ignore[arg-type]
         image_orientation=orientation,  # type: ignore[arg-type]
-        slice_thickness=_f(ds.get("SliceThickness")) or fg.get("slice_thickness"),
-        number_of_frames=max(nframes, 1),
-        samples_per_pixel=_i(ds.get("SamplesPerPixel")) or 1,
-        photometric=_s(ds, "PhotometricInterpretation").upper(),
-        planar_configuration=_i(ds.get("PlanarConfiguration")) or 0,
-        bits_allocated=_i(ds.get("BitsAllocated")) or 0,
-        bits_stored=_i(ds.get("BitsStored")) or _i(ds.get("BitsAllocated")) or 0,
-        pixel_representation=_i(ds.get("PixelRepresentation")) or 0,
+        slice_thickness=thickness or fg.get("slice_thickness"),
+        number_of_frames=nframes,
+        samples_per_pixel=raw.us(0x00280002, "SamplesPerPixel") or 1,
+        photometric=raw.text(0x00280004, "PhotometricInterpretation").upper(),
+        planar_configuration=raw.us(0x00280006, "PlanarConfiguration") or 0,
+        bits_allocated=bits_allocated,
+        bits_stored=raw.us(0x00280101, "BitsStored") or bits_allocated,
+        pixel_representation=raw.us(0x00280103, "PixelRepresentation") or 0,
         transfer_syntax=tsyntax,
-        acquisition_number=_i(ds.get("AcquisitionNumber")),
-        instance_number=_i(ds.get("InstanceNumber")),
+        acquisition_number=None if acq is None else int(acq),
+        instance_number=None if inst is None else int(inst),
         rescale_slope=1.0 if slope is None or slope == 0 else slope,
         rescale_intercept=0.0 if inter is None else inter,
-        has_modality_lut_sequence="ModalityLUTSequence" in ds,
-        frame_of_reference_uid=_s(ds, "FrameOfReferenceUID"),
+        has_modality_lut_sequence=0x00283000 in raw.d,
+        frame_of_reference_uid=raw.text(0x00200052, "FrameOfReferenceUID"),
         has_pixel_data=pix is not None,
         pixel_keyword=keyword,
         pixel_offset=offset,
@@ -751,7 +833,11 @@ def _group_series(
     for h in sorted(hs, key=lambda h: (str(h.path), h.source)):
         if h.sop_instance_uid and h.sop_instance_uid in seen:
             rejections.append(
-                _reject([h], Code.DUPLICATE_INPUT, f"same SOP instance as {seen[h.sop_instance_uid].source}; copy skipped")
+                _reject(
+                    [h],
+                    Code.DUPLICATE_INPUT,
+                    f"same SOP instance as {seen[h.sop_instance_uid].source}; copy skipped",
+                )
             )
             continue
         if h.sop_instance_uid:
@@ -782,8 +868,12 @@ def _group_series(
         main = clusters[0]
         for extra in clusters[1:]:
             rejections.append(
-                _reject(extra, Code.EXTRA_STACK, f"{len(extra)} slice(s) split off the main stack "
-                        "(other orientation, localizer or repeated acquisition); not ingested")
+                _reject(
+                    extra,
+                    Code.EXTRA_STACK,
+                    f"{len(extra)} slice(s) split off the main stack "
+                    "(other orientation, localizer or repeated acquisition); not ingested",
+                )
             )
         try:
             stacks.append(_volume_stack(study, series, main, policy))
@@ -791,7 +881,11 @@ def _group_series(
             rejections.append(_reject(main, Code(exc.code), str(exc)))
         for h in singles:
             rejections.append(
-                _reject([h], Code.EXTRA_STACK, "instance without slice geometry or multi-frame beside a volume series; not ingested")
+                _reject(
+                    [h],
+                    Code.EXTRA_STACK,
+                    "instance without slice geometry or multi-frame beside a volume series; not ingested",
+                )
             )
         return stacks, rejections
     for h in singles:
@@ -802,14 +896,16 @@ def _group_series(
     return stacks, rejections
 
 
-def _split_acquisitions(cluster: list[DicomHeader], policy: GeometryPolicy) -> list[list[DicomHeader]]:
+def _split_acquisitions(
+    cluster: list[DicomHeader], policy: GeometryPolicy
+) -> list[list[DicomHeader]]:
     """Split a cluster by AcquisitionNumber only when positions repeat and the split removes
     the repeats (e.g. two passes of the same volume in one series)."""
     if len(cluster) < 2:
         return [cluster]
     n = _normal(cluster[0].image_orientation or (1, 0, 0, 0, 1, 0))
     d = sorted(float(np.dot(h.image_position, n)) for h in cluster)  # type: ignore[arg-type]
-    if not any(b - a < policy.duplicate_tol for a, b in zip(d, d[1:], strict=False)):
+    if not any(b - a < policy.duplicate_tol for a, b in itertools.pairwise(d)):
         return [cluster]
     groups: dict[int | None, list[DicomHeader]] = defaultdict(list)
     for h in cluster:
@@ -829,14 +925,29 @@ def _spacing_2d(h: DicomHeader) -> tuple[tuple[float, float], list[str]]:
 
 def _single_stack(study: str, series: str, h: DicomHeader, policy: GeometryPolicy) -> Stack:
     """One instance: 2D image, multi-frame 2D (frames as slices) or enhanced volume."""
-    if h.number_of_frames > 1 and h.image_orientation is not None and len(h.frame_positions) == h.number_of_frames:
+    if (
+        h.number_of_frames > 1
+        and h.image_orientation is not None
+        and len(h.frame_positions) == h.number_of_frames
+    ):
         slices = [
-            _Slice(0, f, h.frame_positions[f], *(h.frame_rescale[f] if h.frame_rescale else (h.rescale_slope, h.rescale_intercept)))
+            _Slice(
+                0,
+                f,
+                h.frame_positions[f],
+                *(
+                    h.frame_rescale[f]
+                    if h.frame_rescale
+                    else (h.rescale_slope, h.rescale_intercept)
+                ),
+            )
             for f in range(h.number_of_frames)
         ]
         return _validated_volume(study, series, [h], slices, h.sop_instance_uid, policy)
     (dr, dc), warnings = _spacing_2d(h)
-    slices = [_Slice(0, f, None, h.rescale_slope, h.rescale_intercept) for f in range(h.number_of_frames)]
+    slices = [
+        _Slice(0, f, None, h.rescale_slope, h.rescale_intercept) for f in range(h.number_of_frames)
+    ]
     if h.frame_rescale and len(h.frame_rescale) == h.number_of_frames:
         slices = [_Slice(0, f, None, *h.frame_rescale[f]) for f in range(h.number_of_frames)]
     if h.number_of_frames > 1:
@@ -855,7 +966,10 @@ def _single_stack(study: str, series: str, h: DicomHeader, policy: GeometryPolic
 
 
 def _volume_stack(study: str, series: str, hs: list[DicomHeader], policy: GeometryPolicy) -> Stack:
-    slices = [_Slice(i, 0, h.image_position, h.rescale_slope, h.rescale_intercept) for i, h in enumerate(hs)]
+    slices = [
+        _Slice(i, 0, h.image_position, h.rescale_slope, h.rescale_intercept)
+        for i, h in enumerate(hs)
+    ]
     return _validated_volume(study, series, hs, slices, "", policy)
 
 
@@ -888,7 +1002,8 @@ def _validated_volume(
         if (h.pixel_spacing is None) != (h0.pixel_spacing is None) or (
             h.pixel_spacing is not None
             and h0.pixel_spacing is not None
-            and max(abs(a - b) for a, b in zip(h.pixel_spacing, h0.pixel_spacing, strict=True)) > policy.pixel_spacing_tol
+            and max(abs(a - b) for a, b in zip(h.pixel_spacing, h0.pixel_spacing, strict=True))
+            > policy.pixel_spacing_tol
         ):
             raise IngestError(
                 "slices disagree on PixelSpacing; re-export the series",
@@ -932,7 +1047,12 @@ def _validated_volume(
     if nk == 1:  # one slice: a 2D image like any other (diagonal affine, X=cols, Y=rows)
         one = _Slice(0, kept[0].frame, kept[0].position, kept[0].slope, kept[0].intercept)
         h = hs[kept[0].header_index]
-        affine = ((dc, 0.0, 0.0, 0.0), (0.0, dr, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+        affine = (
+            (dc, 0.0, 0.0, 0.0),
+            (0.0, dr, 0.0, 0.0),
+            (0.0, 0.0, 1.0, 0.0),
+            (0.0, 0.0, 0.0, 1.0),
+        )
         return Stack(
             headers=(h,),
             kind="image",
@@ -1037,7 +1157,9 @@ def _read_native(h: DicomHeader, out: np.ndarray) -> None:
         fh.seek(h.pixel_offset)
         n = fh.readinto(memoryview(out).cast("B"))
     if n != out.nbytes:
-        raise IngestError(f"{h.source}: pixel data ends early; re-copy the file", code=Code.TRUNCATED)
+        raise IngestError(
+            f"{h.source}: pixel data ends early; re-copy the file", code=Code.TRUNCATED
+        )
 
 
 def _decode(h: DicomHeader) -> tuple[np.ndarray, Any]:
@@ -1049,7 +1171,10 @@ def _decode(h: DicomHeader) -> tuple[np.ndarray, Any]:
     except _NO_CATCH:
         raise
     except BaseException as exc:
-        raise IngestError(f"{h.source}: cannot re-read file ({type(exc).__name__}); re-copy it", code=Code.TRUNCATED) from None
+        raise IngestError(
+            f"{h.source}: cannot re-read file ({type(exc).__name__}); re-copy it",
+            code=Code.TRUNCATED,
+        ) from None
     try:
         arr = ds.pixel_array
     except _NO_CATCH:
@@ -1127,44 +1252,67 @@ def _to_output_dtype(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float32)
 
 
-def _apply_values(raw: np.ndarray, slices: Sequence[_Slice], h0: DicomHeader, ds: Any = None) -> np.ndarray:
-    """Modality LUT per slice (axis 0), MONOCHROME1 inversion, output dtype."""
+def _apply_values(
+    raw: np.ndarray,
+    slices: Sequence[_Slice],
+    h0: DicomHeader,
+    orient: Callable[[np.ndarray], np.ndarray],
+    ds: Any = None,
+) -> np.ndarray:
+    """Modality LUT per slice (axis 0 of ``raw``), MONOCHROME1 inversion, output dtype.
+
+    ``orient`` maps a (slices, rows, cols)-shaped array to a view in canonical layout; the
+    result is written once, F-contiguous, in that layout (the value pass doubles as the
+    reorientation copy, and the NIfTI writer can then write it without another copy).
+    """
     lut = _lut_sequence(ds)
     slopes = np.array([s.slope for s in slices], dtype=np.float64)
     inters = np.array([s.intercept for s in slices], dtype=np.float64)
     mono1 = h0.photometric == "MONOCHROME1"
+    per_slice = (-1, 1, 1)
+    view = orient(raw)
     if lut is not None:
-        out = lut(raw)
+        out = lut(view)
         if mono1:
             lo, hi = (float(v) for v in lut(np.array(_bits_range(h0), dtype=raw.dtype)))
             out = (lo + hi) - out.astype(np.float64)
-        return _to_output_dtype(out)
+        return np.asfortranarray(_to_output_dtype(out))
     integral = (
         raw.dtype.kind in "iu"
-        and np.all(slopes == 1.0)
-        and np.all(inters == np.round(inters))
-        and not mono1
+        and bool(np.all(slopes == 1.0))
+        and bool(np.all(inters == np.round(inters)))
     )
-    if integral:
-        lo = int(raw.min()) + int(inters.min()) if raw.size else 0
-        hi = int(raw.max()) + int(inters.max()) if raw.size else 0
-        if np.all(inters == 0) and raw.dtype == np.int16:
-            return raw
+    if integral and not mono1:
+        # unused high bits are not masked (as pydicom), so only the dtype bounds the values
+        blo, bhi = float(np.iinfo(raw.dtype).min), float(np.iinfo(raw.dtype).max)
+        lo, hi = blo + inters.min(), bhi + inters.max()
+        if not (lo >= -32768 and hi <= 32767) and raw.size:
+            # the stored-bits range does not settle it: look at the actual values
+            lo, hi = float(raw.min()) + inters.min(), float(raw.max()) + inters.max()
         if lo >= -32768 and hi <= 32767:
-            out = np.empty(raw.shape, dtype=np.int16)
-            for k in range(raw.shape[0]):
-                np.add(raw[k], np.int32(inters[k]), out=out[k], casting="unsafe")
+            out = np.empty(view.shape, dtype=np.int16, order="F")
+            if np.all(inters == inters[0]):
+                np.add(
+                    view,
+                    np.int16(inters[0]) if raw.dtype == np.int16 else np.int32(inters[0]),
+                    out=out,
+                    casting="unsafe",
+                )
+            else:
+                np.add(
+                    view,
+                    orient(inters.astype(np.int32).reshape(per_slice)),
+                    out=out,
+                    casting="unsafe",
+                )
             return out
-        out32 = raw.astype(np.float64) + inters.reshape((-1,) + (1,) * (raw.ndim - 1))
-        return _to_output_dtype(out32)
-    shape = (-1,) + (1,) * (raw.ndim - 1)
-    out = raw.astype(np.float64) * slopes.reshape(shape) + inters.reshape(shape)
+    out = view.astype(np.float64, order="F") * orient(slopes.reshape(per_slice))
+    out += orient(inters.reshape(per_slice))
     if mono1:
         blo, bhi = _bits_range(h0)
-        lo = blo * slopes + inters
-        hi = bhi * slopes + inters
-        out = (lo + hi).reshape(shape) - out
-    return _to_output_dtype(out)
+        lo_hi = (blo + bhi) * slopes + 2 * inters
+        out = orient(lo_hi.reshape(per_slice)) - out
+    return np.asfortranarray(_to_output_dtype(out))
 
 
 def _run_guarded(fn: Callable[[], Any], src: str) -> Any:
@@ -1173,7 +1321,9 @@ def _run_guarded(fn: Callable[[], Any], src: str) -> Any:
     except (IngestError, *_NO_CATCH):
         raise
     except MemoryError:
-        raise IngestError(f"{src}: out of memory while decoding; ingest with fewer workers", code=Code.TIMEOUT) from None
+        raise IngestError(
+            f"{src}: out of memory while decoding; ingest with fewer workers", code=Code.TIMEOUT
+        ) from None
     except BaseException as exc:
         raise IngestError(
             f"{src}: decoding failed ({type(exc).__name__}); the pixel data is corrupt, re-export the file",
@@ -1196,13 +1346,15 @@ def load_stack(stack: Stack, workers: int = 1) -> LoadedImage:
 def _load_stack(stack: Stack, workers: int) -> LoadedImage:
     h0 = stack.first
     all_slices = list(stack.slices) + list(stack.dup_slices)
-    fast = all(_fast_ok(h) for h in stack.headers) and len({_stored_dtype(h) for h in stack.headers}) == 1
+    fast = (
+        all(_fast_ok(h) for h in stack.headers)
+        and len({_stored_dtype(h) for h in stack.headers}) == 1
+    )
     ds0 = None
     if fast:
         dtype = _stored_dtype(h0)
         raw = np.empty((len(all_slices), h0.rows, h0.cols), dtype=dtype)
-        per_header = h0.number_of_frames > 1
-        if per_header:  # one multi-frame file: read all frames once, then pick
+        if h0.number_of_frames > 1:  # one multi-frame file: read all frames once, then pick
             frames = np.empty((h0.number_of_frames, h0.rows, h0.cols), dtype=dtype)
             _read_native(h0, frames)
             for k, s in enumerate(all_slices):
@@ -1219,14 +1371,8 @@ def _load_stack(stack: Stack, workers: int) -> LoadedImage:
                 for k in range(len(all_slices)):
                     read(k)
     else:
-        decoded: dict[int, np.ndarray] = {}
-        for s in all_slices:
-            if s.header_index not in decoded:
-                h = stack.headers[s.header_index]
-                arr, ds = _decode(h)
-                decoded[s.header_index] = arr
-                if ds0 is None:
-                    ds0 = ds
+        decoded = _decode_all(stack, all_slices, workers)
+        ds0 = decoded.pop(-1, None)
         shapes = {a.shape[1:] for a in decoded.values()}
         if len(shapes) != 1:
             raise IngestError(
@@ -1245,40 +1391,85 @@ def _load_stack(stack: Stack, workers: int) -> LoadedImage:
                     code=Code.DUPLICATE_SLICES,
                 )
         raw = raw[:n]
-    color = raw.ndim == 4
-    if color:
-        values = _to_output_dtype(raw)
+    orient, affine, dims = _canonical(stack, raw.shape)
+    if raw.ndim == 4:  # colour: no modality LUT
+        values = np.asfortranarray(_to_output_dtype(orient(raw)))
     else:
-        values = _apply_values(raw, stack.slices, h0, ds0 if h0.has_modality_lut_sequence else None)
-    return _finish(stack, values, warnings)
+        values = _apply_values(
+            raw, stack.slices, h0, orient, ds0 if h0.has_modality_lut_sequence else None
+        )
+    if dims == 2:
+        values = values[:, :, 0]
+    return _image(stack, values, affine, dims, warnings)
 
 
-def _finish(stack: Stack, values: np.ndarray, warnings: list[str]) -> LoadedImage:
-    """(slices, rows, cols[, C]) -> canonical (X, Y[, Z])[, C] and the RAS affine."""
-    h0 = stack.first
-    color = values.ndim == 4
-    n = values.shape[0]
-    # (k, j, i[, c]) -> (i, j, k[, c])
-    arr = values.transpose((2, 1, 0, 3) if color else (2, 1, 0))
+def _decode_all(stack: Stack, all_slices: list[_Slice], workers: int) -> dict[int, Any]:
+    """pydicom-decode every header a slice needs (in ``workers`` processes when several
+    compressed files are involved); key -1 holds the first dataset (for a Modality LUT)."""
+    need = sorted({s.header_index for s in all_slices})
+    out: dict[int, Any] = {}
+    if workers > 1 and len(need) > 8:
+        chunk = max(4, len(need) // (workers * 4))
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            arrays = list(
+                pool.map(_decode_array, [stack.headers[i] for i in need], chunksize=chunk)
+            )
+        for i, a in zip(need, arrays, strict=True):
+            if isinstance(a, IngestError):
+                raise a
+            out[i] = a
+        if stack.first.has_modality_lut_sequence:
+            out[-1] = _decode(stack.first)[1]
+        return out
+    for i in need:
+        arr, ds = _decode(stack.headers[i])
+        out[i] = arr
+        out.setdefault(-1, ds)
+    return out
+
+
+def _decode_array(h: DicomHeader) -> np.ndarray | IngestError:
+    """Process-pool worker: the decoded frames, or the coded error (exceptions pickle)."""
+    try:
+        return _run_guarded(lambda: _decode(h)[0], h.source)
+    except IngestError as exc:
+        return exc
+
+
+def _canonical(
+    stack: Stack, raw_shape: tuple[int, ...]
+) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, int]:
+    """The view mapping (slices, rows, cols[, C]) to canonical (X, Y, Z[, C]), the affine of
+    that layout and the number of spatial dims (2 for a single 2D frame)."""
+    n, rows, cols = raw_shape[:3]
     assert stack.affine_lps is not None
     aff = np.array(stack.affine_lps, dtype=float)
-    if stack.kind == "volume":
-        from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
-        aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # LPS -> RAS
-        ornt = io_orientation(aff)
-        arr = apply_orientation(arr, ornt)
-        aff = aff @ inv_ornt_aff(ornt, values.shape[2:0:-1] + (n,))
-        dims = 3
-    elif n == 1:
-        arr = arr[:, :, 0]
-        dims = 2
-    else:
-        dims = 3  # frames of a 2D object as slices
-    h = h0
+    def to_ijk(a: np.ndarray) -> np.ndarray:
+        return a.transpose((2, 1, 0, 3) if a.ndim == 4 else (2, 1, 0))
+
+    if stack.kind != "volume":
+        return to_ijk, aff, (2 if n == 1 else 3)
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+
+    aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # LPS -> RAS
+    ornt = io_orientation(aff)
+    aff = aff @ inv_ornt_aff(ornt, (cols, rows, n))
+
+    def orient(a: np.ndarray) -> np.ndarray:
+        return apply_orientation(to_ijk(a), ornt)
+
+    return orient, aff, 3
+
+
+def _image(
+    stack: Stack, values: np.ndarray, affine: np.ndarray, dims: int, warnings: list[str]
+) -> LoadedImage:
+    h = stack.first
+    color = values.ndim == dims + 1
     return LoadedImage(
-        array=arr,
-        affine=aff,
+        array=values,
+        affine=affine,
         dims=dims,
         channels=int(values.shape[-1]) if color else 1,
         modality=h.modality,
@@ -1291,7 +1482,7 @@ def _finish(stack: Stack, values: np.ndarray, warnings: list[str]) -> LoadedImag
         series_uid=h.series_uid,
         accession=h.accession,
         sources=stack.sources,
-        n_slices=n,
+        n_slices=len(stack.slices),
         warnings=warnings,
         meta={
             "stack_key": stack.key,
@@ -1331,4 +1522,3 @@ def convert_series(
     img = load_stack(stacks[0], workers=workers)
     write_image(img, Path(out_path))
     return img
-

@@ -88,7 +88,9 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
     except FileNotFoundError:
         raise IngestError(f"{src}: file not found; check the path", code=Code.UNREADABLE) from None
     except PermissionError:
-        raise IngestError(f"{src}: permission denied; make the file readable", code=Code.UNREADABLE) from None
+        raise IngestError(
+            f"{src}: permission denied; make the file readable", code=Code.UNREADABLE
+        ) from None
     except _NO_CATCH:
         raise
     except BaseException as exc:
@@ -97,16 +99,26 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
             code=Code.INVALID_NIFTI,
         ) from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair)):
-        raise IngestError(f"{src}: not a NIfTI image ({type(img).__name__}); convert it to NIfTI", code=Code.INVALID_NIFTI)
+        raise IngestError(
+            f"{src}: not a NIfTI image ({type(img).__name__}); convert it to NIfTI",
+            code=Code.INVALID_NIFTI,
+        )
     affine = np.asarray(img.affine, dtype=float)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if (
+        affine.shape != (4, 4)
+        or not np.all(np.isfinite(affine))
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+    ):
         raise IngestError(
             f"{src}: NIfTI affine is non-finite or singular (zero voxel size); fix the header's sform/qform",
             code=Code.INVALID_NIFTI,
         )
     shape = tuple(int(s) for s in img.shape)
     if any(s <= 0 for s in shape) or len(shape) < 2:
-        raise IngestError(f"{src}: NIfTI has an empty or 1D shape {shape}; re-export the file", code=Code.INVALID_NIFTI)
+        raise IngestError(
+            f"{src}: NIfTI has an empty or 1D shape {shape}; re-export the file",
+            code=Code.INVALID_NIFTI,
+        )
     try:
         data = np.asanyarray(img.dataobj)
     except _NO_CATCH:
@@ -117,7 +129,10 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
             code=Code.TRUNCATED,
         ) from None
     except BaseException as exc:
-        raise IngestError(f"{src}: NIfTI data cannot be read ({type(exc).__name__}); re-export the file", code=Code.INVALID_NIFTI) from None
+        raise IngestError(
+            f"{src}: NIfTI data cannot be read ({type(exc).__name__}); re-export the file",
+            code=Code.INVALID_NIFTI,
+        ) from None
     channels = 1
     if data.dtype.names:  # RGB24 / RGBA32 structured
         data = np.stack([data[n] for n in data.dtype.names[:3]], axis=-1)
@@ -155,7 +170,11 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
         sources=[src],
         n_slices=int(spatial[2]) if dims == 3 else 1,
         warnings=warnings,
-        meta={"format": "nifti", "qform_code": int(img.header["qform_code"]), "sform_code": int(img.header["sform_code"])},
+        meta={
+            "format": "nifti",
+            "qform_code": int(img.header["qform_code"]),
+            "sform_code": int(img.header["sform_code"]),
+        },
     )
 
 
@@ -164,6 +183,26 @@ def _has_shear(affine: np.ndarray) -> bool:
     cols = m / np.linalg.norm(m, axis=0)
     off = cols.T @ cols - np.eye(3)
     return bool(np.max(np.abs(off)) > 1e-6)
+
+
+def _write_nii(nimg: object, arr: np.ndarray, path: str) -> None:
+    """Single-file NIfTI-1: 348-byte header, 4 zero extension bytes, voxels in F order.
+
+    Writes the F-ordered voxels straight from the array's buffer (no ``tobytes`` copy when
+    the array is already F-contiguous, which :func:`~medres.ingest.dicom.load_stack` makes).
+    """
+    hdr = nimg.header  # type: ignore[attr-defined]
+    hdr.set_data_offset(352)
+    data = np.asfortranarray(arr)
+    if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and not np.little_endian):
+        data = data.astype(data.dtype.newbyteorder("<"))
+    hdr.set_data_dtype(data.dtype)
+    if hdr.endianness != "<":
+        hdr = hdr.as_byteswapped("<")
+    with open(path, "wb") as fh:
+        fh.write(hdr.binaryblock)
+        fh.write(b"\x00" * 4)
+        fh.write(memoryview(data.T).cast("B") if data.size else b"")
 
 
 def write_image(img: LoadedImage, path: Path) -> None:
@@ -177,7 +216,9 @@ def write_image(img: LoadedImage, path: Path) -> None:
     elif name.endswith(".nii"):
         suffix = ".nii"
     else:
-        raise IngestError(f"{path}: output image name must end in .nii or .nii.gz", code=Code.INVALID_NIFTI)
+        raise IngestError(
+            f"{path}: output image name must end in .nii or .nii.gz", code=Code.INVALID_NIFTI
+        )
     arr = img.array
     if arr.dtype not in (np.int16, np.float32):
         arr = _to_output_dtype(arr)
@@ -196,7 +237,9 @@ def write_image(img: LoadedImage, path: Path) -> None:
     try:
         if suffix == ".nii.gz":
             nib.openers.Opener.default_compresslevel = 1
-        nib.save(nimg, tmp)
+            nib.save(nimg, tmp)
+        else:
+            _write_nii(nimg, arr, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

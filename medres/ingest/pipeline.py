@@ -160,8 +160,11 @@ def _resolve(ref: str) -> Callable[[Any], Any]:
     return getattr(importlib.import_module(mod), name)
 
 
-def _worker_main(conn: Any, memory_mb: int | None) -> None:  # pragma: no cover - subprocess
-    """Worker loop: receive (function, chunk of (index, item)), send (index, ok, result)."""
+def _worker_main(conn: Any, state: Any, memory_mb: int | None) -> None:  # pragma: no cover
+    """Worker loop: receive (function, chunk of (index, item)), send batches of
+    (index, ok, result). ``state`` (shared memory) holds the index of the item being worked
+    on and its start time, so that the supervisor can blame the right item for a crash or a
+    hang without a message per item."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor handles Ctrl-C
     if memory_mb:
         with contextlib.suppress(Exception):
@@ -170,7 +173,7 @@ def _worker_main(conn: Any, memory_mb: int | None) -> None:  # pragma: no cover 
             lim = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     fns: dict[str, Callable[[Any], Any]] = {}
-    conn.send(("ready",))
+    conn.send(("ready", []))
     while True:
         try:
             msg = conn.recv()
@@ -179,33 +182,66 @@ def _worker_main(conn: Any, memory_mb: int | None) -> None:  # pragma: no cover 
         if msg is None:
             return
         fn_ref, chunk = msg
-        if fn_ref not in fns:
-            fns[fn_ref] = _resolve(fn_ref)
+        try:
+            if fn_ref not in fns:
+                fns[fn_ref] = _resolve(fn_ref)
+        except Exception as exc:  # import failure: every item of the chunk fails
+            conn.send(("res", [(idx, False, _describe(exc)) for idx, _ in chunk]))
+            continue
         fn = fns[fn_ref]
+        batch: list[tuple[Any, ...]] = []
+        flushed = time.monotonic()
         for idx, item in chunk:
+            state[1] = time.monotonic()
+            state[0] = idx
             try:
                 out: tuple[Any, ...] = (idx, True, fn(item))
             except KeyboardInterrupt:
                 return
             except BaseException as exc:  # decoder panics are BaseException
                 out = (idx, False, _describe(exc))
+            batch.append(out)
+            if len(batch) >= _BATCH or time.monotonic() - flushed > _FLUSH_S:
+                _send_batch(conn, batch)
+                batch, flushed = [], time.monotonic()
+        state[0] = -1
+        _send_batch(conn, batch)
+
+
+_BATCH = 64
+_FLUSH_S = 0.05
+
+
+def _send_batch(conn: Any, batch: list[tuple[Any, ...]]) -> None:
+    try:
+        conn.send(("res", batch))
+    except Exception:  # an unpicklable result: send them one by one
+        for idx, ok, val in batch:
             try:
-                conn.send(out)
-            except Exception as exc:  # unpicklable result
-                conn.send((idx, False, _describe(exc)))
+                conn.send(("res", [(idx, ok, val)]))
+            except Exception as exc:
+                conn.send(("res", [(idx, False, _describe(exc))]))
 
 
 class _Worker:
     def __init__(self, ctx: Any, memory_mb: int | None) -> None:
         parent, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_mb), daemon=True)
+        self.state = ctx.RawArray("d", [-1.0, 0.0])  # current item index, its start time
+        self.proc = ctx.Process(
+            target=_worker_main, args=(child, self.state, memory_mb), daemon=True
+        )
         self.proc.start()
         child.close()
         self.conn = parent
         self.ready = False
         self.started = time.monotonic()
-        self.chunk: deque[tuple[int, Any]] = deque()
-        self.last = time.monotonic()
+        self.chunk: dict[int, Any] = {}  # sent, not yet answered (insertion = chunk order)
+        self.sent = time.monotonic()
+
+    def current(self) -> int | None:
+        """Index of the item the worker is on, when it belongs to its open chunk."""
+        idx = int(self.state[0])
+        return idx if idx in self.chunk else None
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -223,16 +259,28 @@ class _Worker:
             self.conn.close()
 
 
+def _context() -> Any:
+    """``forkserver`` where available (a clean server process, forked cheaply, with the
+    DICOM stack preloaded), else ``spawn``; never plain ``fork`` (see the module docstring)."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["medres.ingest.pipeline", "medres.ingest.dicom"])
+        return ctx
+    return mp.get_context("spawn")  # pragma: no cover - macOS/Windows
+
+
 class IsolatedPool:
     """Supervised worker processes that survive crashing and hanging items.
 
     ``map(fn, items)`` returns ``[(True, fn(item)) | (False, Failure)]`` in item order.
     ``fn`` must be a module-level function (workers import it by name). Up to ``workers``
-    ``spawn``-ed processes take chunks of items; one that dies or spends more than
-    ``timeout_s`` on one item is killed, that item fails (``decode_failed`` / ``timeout``)
-    and the rest of its chunk is re-queued to a fresh worker. Workers live until
-    :meth:`close` so that several stages pay the start-up cost once. With ``isolate=False``
-    items run in this process (exceptions still become failures; a crash does not).
+    ``spawn``-ed processes take chunks of items and answer in batches; each publishes the
+    index and start time of its current item in shared memory. A worker that dies, or
+    spends more than ``timeout_s`` on one item, is killed: that item fails
+    (``decode_failed`` / ``timeout``) and the unanswered rest of its chunk is re-queued to a
+    fresh worker. Workers live until :meth:`close`, so several stages pay the start-up cost
+    once. With ``isolate=False`` items run in this process (exceptions still become
+    failures; a crash does not).
     """
 
     def __init__(
@@ -249,7 +297,7 @@ class IsolatedPool:
         self.isolate = isolate
         self.memory_mb = memory_mb
         self.startup_timeout_s = startup_timeout_s
-        self._ctx = mp.get_context("spawn")
+        self._ctx = _context()
         self._pool: list[_Worker] = []
 
     def __enter__(self) -> IsolatedPool:
@@ -293,42 +341,42 @@ class IsolatedPool:
                 if on_result:
                     on_result(i)
 
-        def fail_current(w: _Worker, failure: Failure) -> None:
+        def abandon(w: _Worker, failure: Failure) -> None:
+            """Fail the worker's current item; re-queue the unanswered others."""
+            cur = w.current()
+            if cur is not None:
+                finish(cur, (False, failure))
+                w.chunk.pop(cur)
             if w.chunk:
-                idx, _ = w.chunk.popleft()
-                finish(idx, (False, failure))
-            if w.chunk:
-                pending.appendleft(list(w.chunk))
-                w.chunk.clear()
+                pending.appendleft(list(w.chunk.items()))
+            w.chunk = {}
 
         while done < n:
             while len(pool) < n_workers:
                 pool.append(_Worker(self._ctx, self.memory_mb))
             for w in pool:
-                if w.ready and not w.chunk and pending:
-                    w.chunk = deque(pending.popleft())
-                    w.last = time.monotonic()
-                    w.conn.send((fn_ref, list(w.chunk)))
+                # keep up to two chunks queued per worker so that it never waits for the next
+                while w.ready and pending and len(w.chunk) < 2 * chunk_size:
+                    chunk = pending.popleft()
+                    w.chunk.update(chunk)
+                    w.sent = time.monotonic()
+                    w.conn.send((fn_ref, chunk))
             mp_wait([w.conn for w in pool] + [w.proc.sentinel for w in pool], timeout=0.5)
             now = time.monotonic()
             for w in list(pool):
                 dead = False
                 try:
                     while w.conn.poll():
-                        msg = w.conn.recv()
-                        if msg[0] == "ready":
-                            w.ready = True
-                            continue
-                        idx, ok, val = msg
-                        if w.chunk and w.chunk[0][0] == idx:
-                            w.chunk.popleft()
-                        finish(idx, (ok, val))
-                        w.last = now
+                        _kind, batch = w.conn.recv()
+                        w.ready = True
+                        for idx, ok, val in batch:
+                            w.chunk.pop(idx, None)
+                            finish(idx, (ok, val))
                 except (EOFError, OSError):
                     dead = True
                 if dead or not w.proc.is_alive():
                     code = w.proc.exitcode
-                    fail_current(
+                    abandon(
                         w,
                         Failure(
                             Code.DECODE_FAILED.value,
@@ -337,23 +385,27 @@ class IsolatedPool:
                     )
                     w.stop(kill=True)
                     pool.remove(w)
-                elif not w.ready and now - w.started > self.startup_timeout_s:
-                    raise MedresError(
-                        "ingest worker processes did not start; retry with --workers 1 or "
-                        "check that medres imports cleanly (`python -c 'import medres'`)"
-                    )
-                elif w.chunk and now - w.last > self.timeout_s:
+                    continue
+                cur = w.current()
+                if cur is not None and now - w.state[1] > self.timeout_s:
                     log.warning(
                         "an input exceeded the %.0f s limit; its worker was stopped", self.timeout_s
                     )
                     w.stop(kill=True)
                     pool.remove(w)
-                    fail_current(
+                    abandon(
                         w,
                         Failure(
                             Code.TIMEOUT.value,
                             f"reading it took longer than the {self.timeout_s:g} s per-file limit",
                         ),
+                    )
+                elif (not w.ready and now - w.started > self.startup_timeout_s) or (
+                    w.chunk and cur is None and now - w.sent > self.startup_timeout_s + self.timeout_s
+                ):
+                    raise MedresError(
+                        "ingest worker processes did not start or load their task; retry with "
+                        "--workers 1 or check that medres imports cleanly (`python -c 'import medres'`)"
                     )
         return results  # type: ignore[return-value]
 
@@ -628,7 +680,7 @@ def run_ingest(config: IngestConfig) -> IngestReport:
         manifest_path=manifest_path,
         errors_path=errors_path,
         n_images=len(rows),
-        images_by_modality=dict(sorted(Counter(r["modality"] or "?" for r in rows).items())),
+        images_by_modality=dict(sorted(Counter(r["modality"] or "unknown" for r in rows).items())),
         rejections_by_code=dict(sorted(Counter(e["code"] for e in ledger.error_rows()).items())),
         files=files,
         splits=dict(Counter(splits)),

@@ -162,6 +162,8 @@ def adapt_state_dict(
         s = state.get(key)
         if s is None:
             continue
+        if s.is_floating_point() and s.shape != t.shape:
+            s = s.to(torch.float64)  # adapt in double, round once to the model's dtype
         if key == "conv1.weight":
             s, how = _adapt_stem(s, t, inflate, label)
             if how:

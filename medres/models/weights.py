@@ -196,7 +196,7 @@ def get_weight_spec(source: str, arch: str) -> WeightSpec:
         )
     spec = WEIGHTS.get((arch, src))
     if spec is None:
-        have = sorted(a for (a, s) in WEIGHTS if s == src)
+        have = [a for a in list_archs() if (a, src) in WEIGHTS]
         raise WeightsError(
             f"no {src} weights for {arch}: they exist for {', '.join(have)}; "
             "use --weights imagenet or another --arch"

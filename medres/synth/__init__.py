@@ -41,6 +41,8 @@ from medres.synth.spec import (
     KINDS,
     SynthSpec,
     available_compressions,
+    parse_names,
+    parse_tuple,
 )
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
     "generate",
     "ground_truth",
     "load_result",
+    "parse_names",
+    "parse_tuple",
     "plan_series",
     "render",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -31,18 +32,50 @@ PHI_CANARY_MARKER = "PHICANARY"
 PHI_CANARY_BIRTH_DATE = "19010101"
 
 MANUFACTURERS = {
-    "ct": [("SIEMENS", "SOMATOM Definition AS"), ("GE MEDICAL SYSTEMS", "Revolution CT"),
-           ("Philips", "iCT 256"), ("Canon Medical Systems", "Aquilion ONE")],
-    "mr": [("SIEMENS", "Avanto"), ("GE MEDICAL SYSTEMS", "SIGNA Artist"), ("Philips Medical Systems", "Ingenia")],
-    "xray": [("Carestream Health", "DRX-Evolution"), ("FUJIFILM Corporation", "FCR"), ("AGFA", "DX-D 400")],
+    "ct": [
+        ("SIEMENS", "SOMATOM Definition AS"),
+        ("GE MEDICAL SYSTEMS", "Revolution CT"),
+        ("Philips", "iCT 256"),
+        ("Canon Medical Systems", "Aquilion ONE"),
+    ],
+    "mr": [
+        ("SIEMENS", "Avanto"),
+        ("GE MEDICAL SYSTEMS", "SIGNA Artist"),
+        ("Philips Medical Systems", "Ingenia"),
+    ],
+    "xray": [
+        ("Carestream Health", "DRX-Evolution"),
+        ("FUJIFILM Corporation", "FCR"),
+        ("AGFA", "DX-D 400"),
+    ],
     "us": [("GE Healthcare", "LOGIQ E10"), ("Philips", "EPIQ 7"), ("SIEMENS", "ACUSON Sequoia")],
     "sc": [("medres-synth", "PACS screenshot")],
 }
 TRUTH_FIELDS = [
-    "patient_id", "study_uid", "series_uid", "label", "kind", "modality", "defect",
-    "defect_detail", "n_lesions", "lesion_x", "lesion_y", "lesion_z", "lesion_radius_mm",
-    "lesion_value", "lesions", "shape", "spacing", "oblique", "photometric", "manufacturer",
-    "accession", "series_index", "n_files", "paths",
+    "patient_id",
+    "study_uid",
+    "series_uid",
+    "label",
+    "kind",
+    "modality",
+    "defect",
+    "defect_detail",
+    "n_lesions",
+    "lesion_x",
+    "lesion_y",
+    "lesion_z",
+    "lesion_radius_mm",
+    "lesion_value",
+    "lesions",
+    "shape",
+    "spacing",
+    "oblique",
+    "photometric",
+    "manufacturer",
+    "accession",
+    "series_index",
+    "n_files",
+    "paths",
 ]
 
 
@@ -127,12 +160,30 @@ class TruthRow:
             return "" if v is None else f"{v:.4f}"
 
         return {
-            **{k: str(getattr(self, k)) for k in ("patient_id", "study_uid", "series_uid", "label", "kind",
-                                                  "modality", "defect", "defect_detail", "n_lesions",
-                                                  "photometric", "manufacturer", "accession",
-                                                  "series_index", "n_files")},
-            "lesion_x": f(self.lesion_x), "lesion_y": f(self.lesion_y), "lesion_z": f(self.lesion_z),
-            "lesion_radius_mm": f(self.lesion_radius_mm), "lesion_value": f(self.lesion_value),
+            **{
+                k: str(getattr(self, k))
+                for k in (
+                    "patient_id",
+                    "study_uid",
+                    "series_uid",
+                    "label",
+                    "kind",
+                    "modality",
+                    "defect",
+                    "defect_detail",
+                    "n_lesions",
+                    "photometric",
+                    "manufacturer",
+                    "accession",
+                    "series_index",
+                    "n_files",
+                )
+            },
+            "lesion_x": f(self.lesion_x),
+            "lesion_y": f(self.lesion_y),
+            "lesion_z": f(self.lesion_z),
+            "lesion_radius_mm": f(self.lesion_radius_mm),
+            "lesion_value": f(self.lesion_value),
             "lesions": ";".join(" ".join(f"{v:.4f}" for v in les) for les in self.lesions),
             "shape": "x".join(str(v) for v in self.shape),
             "spacing": "x".join(f"{v:g}" for v in self.spacing),
@@ -146,16 +197,29 @@ class TruthRow:
             return None if v == "" else float(v)
 
         return cls(
-            patient_id=d["patient_id"], study_uid=d["study_uid"], series_uid=d["series_uid"],
-            label=int(d["label"]), kind=d["kind"], modality=d["modality"], defect=d["defect"],
-            defect_detail=d["defect_detail"], n_lesions=int(d["n_lesions"]),
-            lesion_x=f(d["lesion_x"]), lesion_y=f(d["lesion_y"]), lesion_z=f(d["lesion_z"]),
-            lesion_radius_mm=f(d["lesion_radius_mm"]), lesion_value=f(d["lesion_value"]),
+            patient_id=d["patient_id"],
+            study_uid=d["study_uid"],
+            series_uid=d["series_uid"],
+            label=int(d["label"]),
+            kind=d["kind"],
+            modality=d["modality"],
+            defect=d["defect"],
+            defect_detail=d["defect_detail"],
+            n_lesions=int(d["n_lesions"]),
+            lesion_x=f(d["lesion_x"]),
+            lesion_y=f(d["lesion_y"]),
+            lesion_z=f(d["lesion_z"]),
+            lesion_radius_mm=f(d["lesion_radius_mm"]),
+            lesion_value=f(d["lesion_value"]),
             lesions=tuple(tuple(float(v) for v in s.split()) for s in d["lesions"].split(";") if s),  # type: ignore[misc]
             shape=tuple(int(v) for v in d["shape"].split("x")),
             spacing=tuple(float(v) for v in d["spacing"].split("x")),
-            oblique=d["oblique"] == "1", photometric=d["photometric"], manufacturer=d["manufacturer"],
-            accession=d["accession"], series_index=int(d["series_index"]), n_files=int(d["n_files"]),
+            oblique=d["oblique"] == "1",
+            photometric=d["photometric"],
+            manufacturer=d["manufacturer"],
+            accession=d["accession"],
+            series_index=int(d["series_index"]),
+            n_files=int(d["n_files"]),
             paths=tuple(p for p in d["paths"].split(";") if p),
         )
 
@@ -179,7 +243,9 @@ class SynthResult:
         for r in self.truth:
             if r.series_uid == series_uid:
                 return r
-        raise ManifestError(f"series {series_uid[-8:]}… is not in {self.truth_csv}; pick a series_uid from truth.csv")
+        raise ManifestError(
+            f"series {series_uid[-8:]}… is not in {self.truth_csv}; pick a series_uid from truth.csv"
+        )
 
     def files(self, series_uid: str) -> list[Path]:
         return [self.out_dir / p for p in self.row(series_uid).paths]
@@ -228,8 +294,14 @@ def _uid(*parts: object) -> str:
     return W._uid(*parts)
 
 
-def _place(rng: np.random.Generator, kind: str, g: P.Geometry, an: P.Anatomy, r: float,
-           taken: list[P.Lesion]) -> tuple[float, float, float]:
+def _place(
+    rng: np.random.Generator,
+    kind: str,
+    g: P.Geometry,
+    an: P.Anatomy,
+    r: float,
+    taken: list[P.Lesion],
+) -> tuple[float, float, float]:
     fx, fy, fz = g.fov()
     for _ in range(500):
         z = 0.0
@@ -240,14 +312,19 @@ def _place(rng: np.random.Generator, kind: str, g: P.Geometry, an: P.Anatomy, r:
                 break
             x = an.cx + side * 0.2 * fx + rng.uniform(-ex, ex)
             y = an.cy - 0.05 * fy + rng.uniform(-ey, ey)
-            ok = ((x - an.cx - side * 0.2 * fx) / ex) ** 2 + ((y - an.cy + 0.05 * fy) / ey) ** 2 <= 1
+            ok = ((x - an.cx - side * 0.2 * fx) / ex) ** 2 + (
+                (y - an.cy + 0.05 * fy) / ey
+            ) ** 2 <= 1
         elif kind == "us":
             depth = rng.uniform(0.3, 0.75) * fy
             ang = np.radians(rng.uniform(-25, 25))
             x = depth * np.sin(ang)
             y = -fy / 2 + 0.02 * fy + depth * np.cos(ang)
-            ok = (depth - r > 0.15 * fy and depth + r < 0.85 * fy
-                  and abs(np.degrees(ang)) + np.degrees(r / depth) < 32)
+            ok = (
+                depth - r > 0.15 * fy
+                and depth + r < 0.85 * fy
+                and abs(np.degrees(ang)) + np.degrees(r / depth) < 32
+            )
         else:
             ea, eb = 0.88 * an.a - r, 0.88 * an.b - r
             if ea <= 0 or eb <= 0:
@@ -259,7 +336,9 @@ def _place(rng: np.random.Generator, kind: str, g: P.Geometry, an: P.Anatomy, r:
             if g.slices > 1:
                 half = fz / 2 - r - g.slice_sp
                 z = rng.uniform(-half, half) if half > 0 else 0.0
-        if ok and all(np.hypot(np.hypot(x - t.x, y - t.y), z - t.z) > r + t.radius + 2.0 for t in taken):
+        if ok and all(
+            np.hypot(np.hypot(x - t.x, y - t.y), z - t.z) > r + t.radius + 2.0 for t in taken
+        ):
             return float(x), float(y), float(z)
     raise ConfigError(
         f"synth could not place a {r:.1f} mm lesion inside the {kind} phantom; "
@@ -275,7 +354,7 @@ def _anatomy(spec: SynthSpec, g: P.Geometry, rng: np.random.Generator) -> P.Anat
     kind = "ct" if spec.kind in ("nifti", "sc") else spec.kind
     noise = P.NOMINAL_NOISE[kind] * (0.5 + 2 * d)
     if kind == "xray":
-        a, b, tex, gain = 0.42 * fx, 0.45 * fy, 50 + 200 * d, rng.uniform(0.9, 1.1)
+        a, b, tex, gain = 0.42 * fx, 0.45 * fy, 30 + 120 * d, rng.uniform(0.9, 1.1)
     elif kind == "us":
         a, b, tex, gain = 0.3 * fx, 0.2 * fy, 10 + 30 * d, rng.uniform(0.85, 1.15)
         noise = min(1.0, noise)
@@ -284,24 +363,40 @@ def _anatomy(spec: SynthSpec, g: P.Geometry, rng: np.random.Generator) -> P.Anat
         tex = (5 + 25 * d) if kind == "ct" else (20 + 80 * d)
         gain = 1 + 0.2 * u() if kind == "mr" else 1.0
     return P.Anatomy(
-        a=float(a * (1 + jit * u())), b=float(b * (1 + jit * u())),
-        cx=float(0.03 * fx * u()), cy=float(0.03 * fy * u()),
+        a=float(a * (1 + jit * u())),
+        b=float(b * (1 + jit * u())),
+        cx=float(0.03 * fx * u()),
+        cy=float(0.03 * fy * u()),
         shift=tuple(float((5 + 15 * d) * u()) for _ in range(6)),
-        texture=float(tex), noise=float(noise), gain=float(gain),
+        texture=float(tex),
+        noise=float(noise),
+        gain=float(gain),
     )
 
 
 def _geometry(spec: SynthSpec, oblique: bool, rng: np.random.Generator) -> P.Geometry:
     shape, sp = spec.resolved_shape(), spec.resolved_spacing()
     if spec.dims == 2:
-        return P.Geometry(shape[0], shape[1], 1, sp[0], sp[1], 1.0, (1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 0.0, 0.0))
+        return P.Geometry(
+            shape[0],
+            shape[1],
+            1,
+            sp[0],
+            sp[1],
+            1.0,
+            (1.0, 0.0, 0.0),
+            (0.0, 0.0, -1.0),
+            (0.0, 0.0, 0.0),
+        )
     rows, cols, slices = shape
     row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     if oblique:
         axis = rng.standard_normal(3)
         rot = P.rotation(axis, rng.uniform(10, 25))
         row_dir, col_dir = rot @ row_dir, rot @ col_dir
-    g0 = P.Geometry(rows, cols, slices, sp[0], sp[1], sp[2], tuple(row_dir), tuple(col_dir), (0.0, 0.0, 0.0))
+    g0 = P.Geometry(
+        rows, cols, slices, sp[0], sp[1], sp[2], tuple(row_dir), tuple(col_dir), (0.0, 0.0, 0.0)
+    )
     centre = np.array([rng.uniform(-10, 10), rng.uniform(-10, 10), rng.uniform(-300, 100)])
     mid = g0.affine_lps()[:3, :3] @ np.array([(slices - 1) / 2, (rows - 1) / 2, (cols - 1) / 2])
     origin = np.round(centre - mid, 4)
@@ -314,21 +409,29 @@ def _identity(spec: SynthSpec, p: int, s: int, rng: np.random.Generator) -> dict
     year = int(rng.integers(2012, 2025))
     date = f"{year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
     return {
-        "patient_id": f"{PHI_CANARY_MARKER}{p + 1:05d}" if canary else f"SYN{spec.seed % 10000:04d}{p + 1:05d}",
-        "patient_name": f"{PHI_CANARY_MARKER}^ZELDA^{p + 1}" if canary else f"SYNTH^PATIENT{p + 1:05d}",
+        "patient_id": f"{PHI_CANARY_MARKER}{p + 1:05d}"
+        if canary
+        else f"SYN{spec.seed % 10000:04d}{p + 1:05d}",
+        "patient_name": f"{PHI_CANARY_MARKER}^ZELDA^{p + 1}"
+        if canary
+        else f"SYNTH^PATIENT{p + 1:05d}",
         "birth_date": PHI_CANARY_BIRTH_DATE if canary else f"{year - age}0101",
         "sex": "MF"[int(rng.integers(0, 2))],
         "age": f"{age:03d}Y",
         "other_ids": f"{PHI_CANARY_MARKER}-OTHER-{p + 1:05d}" if canary else "",
         "study_date": date,
         "study_time": f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
-        "accession": f"{PHI_CANARY_MARKER}{p + 1:05d}{s}" if canary else f"A{spec.seed % 1000:03d}{p + 1:05d}{s}",
+        "accession": f"{PHI_CANARY_MARKER}{p + 1:05d}{s}"
+        if canary
+        else f"A{spec.seed % 1000:03d}{p + 1:05d}{s}",
         "institution": f"{PHI_CANARY_MARKER} GENERAL HOSPITAL" if canary else "SYNTHETIC HOSPITAL",
         "referring": f"{PHI_CANARY_MARKER}^DOCTOR" if canary else "",
     }
 
 
-def _lesions(spec: SynthSpec, g: P.Geometry, an: P.Anatomy, n: int, rng: np.random.Generator) -> tuple[list[P.Lesion], list[P.Lesion]]:
+def _lesions(
+    spec: SynthSpec, g: P.Geometry, an: P.Anatomy, n: int, rng: np.random.Generator
+) -> tuple[list[P.Lesion], list[P.Lesion]]:
     kind = "ct" if spec.kind in ("nifti", "sc") else spec.kind
     d = spec.difficulty
     lo, hi = spec.resolved_radius()
@@ -361,8 +464,12 @@ def _lesions(spec: SynthSpec, g: P.Geometry, an: P.Anatomy, n: int, rng: np.rand
 
 
 def plan_series(spec: SynthSpec) -> list[SeriesPlan]:
-    """Draw every series of the set from ``spec.seed`` (cheap; no pixels)."""
-    spec = spec.validated()
+    """Draw every series of the set from ``spec.seed`` (cheap; no pixels; memoised per spec)."""
+    return list(_plan_series_cached(spec.validated()))
+
+
+@functools.lru_cache(maxsize=8)
+def _plan_series_cached(spec: SynthSpec) -> tuple[SeriesPlan, ...]:
     master = np.random.default_rng([spec.seed, 0])
     labels = _labels(spec, master)
     n_series = spec.n_patients * spec.studies_per_patient
@@ -371,7 +478,9 @@ def plan_series(spec: SynthSpec) -> list[SeriesPlan]:
     n_m1 = round(spec.monochrome1_fraction * n_series) if spec.kind == "xray" else 0
     mono1 = set(master.permutation(n_series)[:n_m1].tolist())
     planted = [m for m in spec.messy if m not in S.GLOBAL_DEFECTS]
-    defect_of = dict(zip(master.permutation(n_series)[: len(planted)].tolist(), planted, strict=True))
+    defect_of = dict(
+        zip(master.permutation(n_series)[: len(planted)].tolist(), planted, strict=True)
+    )
     kind_key = "ct" if spec.kind == "nifti" else spec.kind
     plans: list[SeriesPlan] = []
     for p in range(spec.n_patients):
@@ -385,7 +494,12 @@ def plan_series(spec: SynthSpec) -> list[SeriesPlan]:
             maker, model = MANUFACTURERS[kind_key][int(rng.integers(len(MANUFACTURERS[kind_key])))]
             intercept, slope, has_rescale = 0.0, 1.0, False
             if spec.kind in ("ct", "nifti"):
-                intercept, has_rescale = float(rng.choice([-1024.0, -1024.0, -1024.0, -1000.0, 0.0])), True
+                intercept, has_rescale = (
+                    float(rng.choice([-1024.0, -1024.0, -1024.0, -1000.0, 0.0])),
+                    True,
+                )
+                if spec.kind == "nifti":
+                    intercept = 0.0  # NIfTI stores HU directly (scl_slope 1, scl_inter 0)
             elif spec.kind == "mr" and rng.random() < 0.35:
                 slope, has_rescale = float(np.round(rng.uniform(0.5, 3.0), 4)), True
             modality = spec.info.modality
@@ -407,38 +521,76 @@ def plan_series(spec: SynthSpec) -> list[SeriesPlan]:
                 "no_preamble": "written without preamble and file meta, implicit VR",
                 "two_series": "shares its folder with a second series of the same study",
             }.get(defect, "")
-            plans.append(SeriesPlan(
-                index=i, kind=spec.kind, **ident,
-                study_uid=study_uid, study_id=f"{s + 1}",
-                study_description={"ct": "CT CHEST ABDOMEN", "nifti": "CT CHEST ABDOMEN",
-                                   "mr": "MR ABDOMEN", "xray": "XR CHEST PA",
-                                   "us": "US ABDOMEN", "sc": "CT KEY IMAGES"}[spec.kind],
-                series_uid=series_uid, series_number=2 if spec.dims == 3 else 1,
-                series_description={"ct": "Abdomen 3.0 B30f", "nifti": "Abdomen", "mr": "T1 AX",
-                                    "xray": "PA", "us": "Liver", "sc": "Screenshot"}[spec.kind],
-                frame_uid=_uid(spec.seed, "for", p, s), label=int(labels[p]), modality=modality,
-                manufacturer=maker, model_name=model,
-                body_part={"xray": "CHEST", "us": "ABDOMEN"}.get(spec.kind, "CHEST"),
-                kernel=str(rng.choice(["B30f", "STANDARD", "FC08", "B"])),
-                geometry=g, anatomy=an, lesions=tuple(lesions), distractors=tuple(distractors),
-                intercept=intercept, slope=slope, has_rescale=has_rescale, photometric=photometric,
-                ascending=bool(rng.random() < 0.5), oblique=i in oblique,
-                folder=f"{ident['patient_id']}/ST{s + 1:03d}/SE{2 if spec.dims == 3 else 1:03d}",
-                defect=defect, defect_detail=detail, defect_slice=dslice, noise_key=i,
-            ))
+            plans.append(
+                SeriesPlan(
+                    index=i,
+                    kind=spec.kind,
+                    **ident,
+                    study_uid=study_uid,
+                    study_id=f"{s + 1}",
+                    study_description={
+                        "ct": "CT CHEST ABDOMEN",
+                        "nifti": "CT CHEST ABDOMEN",
+                        "mr": "MR ABDOMEN",
+                        "xray": "XR CHEST PA",
+                        "us": "US ABDOMEN",
+                        "sc": "CT KEY IMAGES",
+                    }[spec.kind],
+                    series_uid=series_uid,
+                    series_number=2 if spec.dims == 3 else 1,
+                    series_description={
+                        "ct": "Abdomen 3.0 B30f",
+                        "nifti": "Abdomen",
+                        "mr": "T1 AX",
+                        "xray": "PA",
+                        "us": "Liver",
+                        "sc": "Screenshot",
+                    }[spec.kind],
+                    frame_uid=_uid(spec.seed, "for", p, s),
+                    label=int(labels[p]),
+                    modality=modality,
+                    manufacturer=maker,
+                    model_name=model,
+                    body_part={"xray": "CHEST", "us": "ABDOMEN"}.get(spec.kind, "CHEST"),
+                    kernel=str(rng.choice(["B30f", "STANDARD", "FC08", "B"])),
+                    geometry=g,
+                    anatomy=an,
+                    lesions=tuple(lesions),
+                    distractors=tuple(distractors),
+                    intercept=intercept,
+                    slope=slope,
+                    has_rescale=has_rescale,
+                    photometric=photometric,
+                    ascending=bool(rng.random() < 0.5),
+                    oblique=i in oblique,
+                    folder=f"{ident['patient_id']}/ST{s + 1:03d}/SE{2 if spec.dims == 3 else 1:03d}",
+                    defect=defect,
+                    defect_detail=detail,
+                    defect_slice=dslice,
+                    noise_key=i,
+                )
+            )
     # two_series: a second series of the same study written into the same folder
     for i, pl in enumerate(plans[:n_series]):
         if pl.defect == "two_series":
-            plans.append(dataclasses.replace(
-                pl, index=len(plans), series_uid=_uid(pl.series_uid, "second"), series_number=pl.series_number + 1,
-                series_description=pl.series_description + " (2)", noise_key=n_series + i,
-                ascending=not pl.ascending,
-            ))
-    return plans
+            plans.append(
+                dataclasses.replace(
+                    pl,
+                    index=len(plans),
+                    series_uid=_uid(pl.series_uid, "second"),
+                    series_number=pl.series_number + 1,
+                    series_description=pl.series_description + " (2)",
+                    noise_key=n_series + i,
+                    ascending=not pl.ascending,
+                )
+            )
+    return tuple(plans)
 
 
 # ---------------------------------------------------------------------------- rendering
-def render(spec: SynthSpec, plan: SeriesPlan, *, with_lesions: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    spec: SynthSpec, plan: SeriesPlan, *, with_lesions: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(stored array as written, values after the modality LUT/inversion) of one series.
 
     Stored arrays: CT/NIfTI int16 (HU - intercept), MR uint16 (value / slope), X-ray uint16
@@ -460,7 +612,9 @@ def render(spec: SynthSpec, plan: SeriesPlan, *, with_lesions: bool = True) -> t
             P.sc_overlay(rgb)
             return rgb, rgb.copy()
         stored = (hu - plan.intercept).astype(np.int16)
-        return stored, stored.astype(np.float32) * np.float32(plan.slope) + np.float32(plan.intercept)
+        return stored, stored.astype(np.float32) * np.float32(plan.slope) + np.float32(
+            plan.intercept
+        )
     if spec.kind == "xray":
         val = np.round(P.render_xray(g, plan.anatomy, lesions, rng)[0]).astype(np.uint16)
         stored = (4095 - val).astype(np.uint16) if plan.photometric == "MONOCHROME1" else val
@@ -471,7 +625,9 @@ def render(spec: SynthSpec, plan: SeriesPlan, *, with_lesions: bool = True) -> t
     return rgb, rgb.copy()
 
 
-def ground_truth(result: SynthResult | str | os.PathLike[str], series_uid: str, *, with_lesions: bool = True) -> GroundTruth:
+def ground_truth(
+    result: SynthResult | str | os.PathLike[str], series_uid: str, *, with_lesions: bool = True
+) -> GroundTruth:
     """The intended image of ``series_uid``, recomputed from the seed (nothing is cached).
 
     ``with_lesions=False`` renders the same series (same noise) without its true lesions, so
@@ -507,7 +663,9 @@ def _write_one(spec: SynthSpec, plan: SeriesPlan, root: Path, shuffle: bool) -> 
     stored, _ = render(spec, plan)
     namer = _Namer(root, plan, spec, shuffle)
     if spec.kind == "nifti":
-        paths = W.write_nifti(plan, stored, root / plan.patient_id / f"{plan.patient_id}_study{plan.study_id}.nii.gz")
+        paths = W.write_nifti(
+            plan, stored, root / plan.patient_id / f"{plan.patient_id}_study{plan.study_id}.nii.gz"
+        )
     elif spec.dims == 3 and spec.multiframe:
         paths = W.write_multiframe(plan, stored, namer, spec.compression)
     elif spec.dims == 3:
@@ -524,7 +682,9 @@ def _write_one(spec: SynthSpec, plan: SeriesPlan, root: Path, shuffle: bool) -> 
 
 def _write_junk(spec: SynthSpec, root: Path, plans: list[SeriesPlan], shuffle: bool) -> list[Path]:
     rng = np.random.default_rng([spec.seed, 4])
-    folder = root / (plans[0].folder if not shuffle and spec.kind != "nifti" else "") if plans else root
+    folder = (
+        root / (plans[0].folder if not shuffle and spec.kind != "nifti" else "") if plans else root
+    )
     if spec.kind == "nifti":
         folder = root / plans[0].patient_id
     items = {
@@ -549,7 +709,9 @@ def _archive(data_dir: Path, out_dir: Path, kind: str) -> Path:
         path = out_dir / f"{base}.zip"
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for f in files:
-                info = zipfile.ZipInfo(f"{base}/{f.relative_to(data_dir).as_posix()}", date_time=(2020, 1, 1, 0, 0, 0))
+                info = zipfile.ZipInfo(
+                    f"{base}/{f.relative_to(data_dir).as_posix()}", date_time=(2020, 1, 1, 0, 0, 0)
+                )
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, f.read_bytes())
         return path
@@ -557,7 +719,11 @@ def _archive(data_dir: Path, out_dir: Path, kind: str) -> Path:
     buf = open(path, "wb")  # noqa: SIM115 - wrapped by gzip below when needed
     import gzip
 
-    fh = gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=1) if kind == "tar.gz" else buf
+    fh = (
+        gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=1)
+        if kind == "tar.gz"
+        else buf
+    )
     try:
         with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tf:
             for f in files:
@@ -574,27 +740,47 @@ def _archive(data_dir: Path, out_dir: Path, kind: str) -> Path:
 
 def _truth_row(spec: SynthSpec, plan: SeriesPlan, paths: list[Path], out_dir: Path) -> TruthRow:
     g = plan.geometry
-    world = [(*plan.geometry.local_to_world(np.array([le.x, le.y, le.z])).tolist(), le.radius) for le in plan.lesions]
+    world = [
+        (*plan.geometry.local_to_world(np.array([le.x, le.y, le.z])).tolist(), le.radius)
+        for le in plan.lesions
+    ]
     first = plan.lesions[0] if plan.lesions else None
     return TruthRow(
-        patient_id=plan.patient_id, study_uid=plan.study_uid, series_uid=plan.series_uid,
-        label=plan.label, kind=spec.kind, modality=plan.modality, defect=plan.defect,
-        defect_detail=plan.defect_detail, n_lesions=len(plan.lesions),
-        lesion_x=world[0][0] if world else None, lesion_y=world[0][1] if world else None,
-        lesion_z=world[0][2] if world else None, lesion_radius_mm=first.radius if first else None,
+        patient_id=plan.patient_id,
+        study_uid=plan.study_uid,
+        series_uid=plan.series_uid,
+        label=plan.label,
+        kind=spec.kind,
+        modality=plan.modality,
+        defect=plan.defect,
+        defect_detail=plan.defect_detail,
+        n_lesions=len(plan.lesions),
+        lesion_x=world[0][0] if world else None,
+        lesion_y=world[0][1] if world else None,
+        lesion_z=world[0][2] if world else None,
+        lesion_radius_mm=first.radius if first else None,
         lesion_value=first.value if first else None,
         lesions=tuple(tuple(round(v, 4) for v in w) for w in world),  # type: ignore[misc]
         shape=(g.rows, g.cols, g.slices) if spec.dims == 3 else (g.rows, g.cols),
         spacing=(g.row_sp, g.col_sp, g.slice_sp) if spec.dims == 3 else (g.row_sp, g.col_sp),
-        oblique=plan.oblique, photometric=plan.photometric, manufacturer=plan.manufacturer,
-        accession=plan.accession, series_index=plan.index, n_files=len(paths),
+        oblique=plan.oblique,
+        photometric=plan.photometric,
+        manufacturer=plan.manufacturer,
+        accession=plan.accession,
+        series_index=plan.index,
+        n_files=len(paths),
         paths=tuple(p.relative_to(out_dir).as_posix() for p in paths),
     )
 
 
 def _prepare_out(out_dir: Path, root: Path, overwrite: bool) -> None:
-    produced = [root, out_dir / "labels.csv", out_dir / "truth.csv", out_dir / "synth.json",
-                *(out_dir / f"{root.name}.{ext}" for ext in S.ARCHIVES)]
+    produced = [
+        root,
+        out_dir / "labels.csv",
+        out_dir / "truth.csv",
+        out_dir / "synth.json",
+        *(out_dir / f"{root.name}.{ext}" for ext in S.ARCHIVES),
+    ]
     existing = [p for p in produced if p.exists()]
     if existing and not overwrite:
         raise ConfigError(
@@ -605,7 +791,9 @@ def _prepare_out(out_dir: Path, root: Path, overwrite: bool) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def generate(spec: SynthSpec, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> SynthResult:
+def generate(
+    spec: SynthSpec, out_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> SynthResult:
     """Write a synthetic study set to ``out_dir`` and return what was written.
 
     Layout: ``out_dir/dicom/<PatientID>/STnnn/SEnnn/IMnnnnn.dcm`` (``nifti/<PatientID>/*.nii.gz``
@@ -631,7 +819,9 @@ def generate(spec: SynthSpec, out_dir: str | os.PathLike[str], *, overwrite: boo
     labels: dict[str, int] = {}
     for pl in plans:
         labels.setdefault(pl.patient_id, pl.label)
-    atomic_write_text(out / "labels.csv", "patient_id,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    atomic_write_text(
+        out / "labels.csv", "patient_id,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items())
+    )
     buf = io.StringIO()
     wr = csv.DictWriter(buf, fieldnames=TRUTH_FIELDS, lineterminator="\n")
     wr.writeheader()
@@ -640,15 +830,32 @@ def generate(spec: SynthSpec, out_dir: str | os.PathLike[str], *, overwrite: boo
     atomic_write_text(out / "truth.csv", buf.getvalue())
     archive = _archive(root, out, spec.archive) if spec.archive else None
     seconds = time.perf_counter() - t0
-    atomic_write_json(out / "synth.json", {
-        "format": "medres-synth/1", "spec": spec.to_dict(), "n_series": len(rows), "n_files": n_files,
-        "n_patients": len(labels), "junk": [p.relative_to(out).as_posix() for p in junk],
-        "archive": archive.relative_to(out).as_posix() if archive else None,
-        "data_dir": root.relative_to(out).as_posix(),
-    })
+    atomic_write_json(
+        out / "synth.json",
+        {
+            "format": "medres-synth/1",
+            "spec": spec.to_dict(),
+            "n_series": len(rows),
+            "n_files": n_files,
+            "n_patients": len(labels),
+            "junk": [p.relative_to(out).as_posix() for p in junk],
+            "archive": archive.relative_to(out).as_posix() if archive else None,
+            "data_dir": root.relative_to(out).as_posix(),
+        },
+    )
     log.info("synth: %d series, %d files in %.1f s -> %s", len(rows), n_files, seconds, root)
-    return SynthResult(spec, out, root, out / "labels.csv", out / "truth.csv", tuple(rows), archive,
-                       tuple(junk), n_files, seconds)
+    return SynthResult(
+        spec,
+        out,
+        root,
+        out / "labels.csv",
+        out / "truth.csv",
+        tuple(rows),
+        archive,
+        tuple(junk),
+        n_files,
+        seconds,
+    )
 
 
 def load_result(out_dir: str | os.PathLike[str]) -> SynthResult:
@@ -661,6 +868,15 @@ def load_result(out_dir: str | os.PathLike[str]) -> SynthResult:
     spec = SynthSpec.from_dict(meta["spec"])
     with open(out / "truth.csv", newline="") as fh:
         rows = tuple(TruthRow.from_csv(r) for r in csv.DictReader(fh))
-    return SynthResult(spec, out, out / meta["data_dir"], out / "labels.csv", out / "truth.csv", rows,
-                       out / meta["archive"] if meta.get("archive") else None,
-                       tuple(out / p for p in meta.get("junk", [])), int(meta["n_files"]), 0.0)
+    return SynthResult(
+        spec,
+        out,
+        out / meta["data_dir"],
+        out / "labels.csv",
+        out / "truth.csv",
+        rows,
+        out / meta["archive"] if meta.get("archive") else None,
+        tuple(out / p for p in meta.get("junk", [])),
+        int(meta["n_files"]),
+        0.0,
+    )

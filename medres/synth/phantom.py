@@ -20,7 +20,7 @@ AIR, FAT, SOFT, LUNG, LIVER, CORTEX, MARROW, VESSEL, KIDNEY, CYST = range(10)
 CT_VALUES = np.array([-1000, -100, 40, -850, 60, 900, 250, 45, 35, 5], dtype=np.float32)
 MR_VALUES = np.array([0, 1100, 450, 30, 600, 40, 900, 150, 500, 120], dtype=np.float32)
 SOFT_VALUE = {"ct": 40.0, "nifti": 40.0, "sc": 40.0, "mr": 450.0, "xray": 0.0, "us": 110.0}
-NOMINAL_CONTRAST = {"ct": 60.0, "nifti": 60.0, "sc": 60.0, "mr": 300.0, "xray": 500.0, "us": -60.0}
+NOMINAL_CONTRAST = {"ct": 100.0, "nifti": 100.0, "sc": 100.0, "mr": 400.0, "xray": 900.0, "us": -70.0}
 NOMINAL_NOISE = {"ct": 12.0, "nifti": 12.0, "sc": 12.0, "mr": 25.0, "xray": 40.0, "us": 0.35}
 
 
@@ -158,24 +158,52 @@ def body_labels(g: Geometry, an: Anatomy) -> np.ndarray:
     inside = (SOFT,)
     # lungs (upper half), liver and kidneys (lower half)
     for side in (-1, 1):
-        _paint_ellipsoid(lab, x, y, z, (cx + side * 0.45 * a + s[0], cy - 0.05 * b, 0.45 * fz + s[1]),
-                         (0.33 * a, 0.6 * b, 0.55 * fz), LUNG, where=inside)
-        _paint_ellipsoid(lab, x, y, z, (cx + side * 0.45 * a, cy + 0.5 * b + s[2], -0.3 * fz),
-                         (0.13 * a, 0.2 * b, 0.2 * fz), KIDNEY, where=inside)
-    _paint_ellipsoid(lab, x, y, z, (cx - 0.4 * a + s[3], cy, -0.2 * fz + s[4]),
-                     (0.4 * a, 0.55 * b, 0.35 * fz), LIVER, where=inside)
+        _paint_ellipsoid(
+            lab,
+            x,
+            y,
+            z,
+            (cx + side * 0.45 * a + s[0], cy - 0.05 * b, 0.45 * fz + s[1]),
+            (0.33 * a, 0.6 * b, 0.55 * fz),
+            LUNG,
+            where=inside,
+        )
+        _paint_ellipsoid(
+            lab,
+            x,
+            y,
+            z,
+            (cx + side * 0.45 * a, cy + 0.5 * b + s[2], -0.3 * fz),
+            (0.13 * a, 0.2 * b, 0.2 * fz),
+            KIDNEY,
+            where=inside,
+        )
+    _paint_ellipsoid(
+        lab,
+        x,
+        y,
+        z,
+        (cx - 0.4 * a + s[3], cy, -0.2 * fz + s[4]),
+        (0.4 * a, 0.55 * b, 0.35 * fz),
+        LIVER,
+        where=inside,
+    )
     return lab
 
 
 def lowfreq_texture(shape: tuple[int, ...], rng: np.random.Generator, cell: int = 8) -> np.ndarray:
-    """Smooth noise in [-1, 1]-ish: coarse normal noise, linearly upsampled (cheap)."""
-    from scipy.ndimage import zoom
-
-    coarse_shape = tuple(max(2, n // cell + 2) for n in shape)
-    coarse = rng.standard_normal(coarse_shape).astype(np.float32)
-    factors = [n / c for n, c in zip(shape, coarse_shape, strict=True)]
-    out = zoom(coarse, factors, order=1, grid_mode=True, mode="nearest")
-    return out[tuple(slice(0, n) for n in shape)]
+    """Smooth noise (unit-ish sd): coarse normal noise, linearly upsampled axis by axis (cheap)."""
+    out = rng.standard_normal(tuple(max(2, n // cell + 2) for n in shape)).astype(np.float32)
+    for axis, n in enumerate(shape):
+        m = out.shape[axis]
+        pos = (np.arange(n, dtype=np.float32) + 0.5) * (m - 1) / n
+        i0 = np.minimum(pos.astype(np.int64), m - 2)
+        w = (pos - i0).astype(np.float32)
+        wshape = [1] * out.ndim
+        wshape[axis] = n
+        w = w.reshape(wshape)
+        out = np.take(out, i0, axis=axis) * (1 - w) + np.take(out, i0 + 1, axis=axis) * w
+    return out
 
 
 def paint_lesion(vol: np.ndarray, g: Geometry, les: Lesion, additive: bool = False) -> None:
@@ -187,8 +215,16 @@ def paint_lesion(vol: np.ndarray, g: Geometry, les: Lesion, additive: bool = Fal
     """
     cs, cr, cc = g.local_to_voxel(np.array([les.x, les.y, les.z]))
     r = les.radius
-    lo = [int(np.floor(cs - r / g.slice_sp)), int(np.floor(cr - r / g.row_sp)), int(np.floor(cc - r / g.col_sp))]
-    hi = [int(np.ceil(cs + r / g.slice_sp)) + 1, int(np.ceil(cr + r / g.row_sp)) + 1, int(np.ceil(cc + r / g.col_sp)) + 1]
+    lo = [
+        int(np.floor(cs - r / g.slice_sp)),
+        int(np.floor(cr - r / g.row_sp)),
+        int(np.floor(cc - r / g.col_sp)),
+    ]
+    hi = [
+        int(np.ceil(cs + r / g.slice_sp)) + 1,
+        int(np.ceil(cr + r / g.row_sp)) + 1,
+        int(np.ceil(cc + r / g.col_sp)) + 1,
+    ]
     if g.slices == 1:
         lo[0], hi[0] = 0, 1
     lo = [max(0, v) for v in lo]
@@ -209,7 +245,9 @@ def paint_lesion(vol: np.ndarray, g: Geometry, les: Lesion, additive: bool = Fal
         box[...] = box * (1 - p) + les.value * p
 
 
-def render_torso(g: Geometry, an: Anatomy, lesions: list[Lesion], kind: str, rng: np.random.Generator) -> np.ndarray:
+def render_torso(
+    g: Geometry, an: Anatomy, lesions: list[Lesion], kind: str, rng: np.random.Generator
+) -> np.ndarray:
     """CT (HU) or MR (arbitrary units) float32 volume (slices, rows, cols) before quantisation."""
     lab = body_labels(g, an)
     lut = MR_VALUES if kind == "mr" else CT_VALUES
@@ -232,7 +270,9 @@ def render_torso(g: Geometry, an: Anatomy, lesions: list[Lesion], kind: str, rng
     return vol
 
 
-def render_xray(g: Geometry, an: Anatomy, lesions: list[Lesion], rng: np.random.Generator) -> np.ndarray:
+def render_xray(
+    g: Geometry, an: Anatomy, lesions: list[Lesion], rng: np.random.Generator
+) -> np.ndarray:
     """Chest-PA-like radiograph (1, rows, cols), values 0..4095, higher = more attenuation."""
     x, y, _ = _grids(g)
     fx, fy, _ = g.fov()
@@ -275,7 +315,9 @@ def us_sector(g: Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mask, depth, ang
 
 
-def render_us(g: Geometry, an: Anatomy, lesions: list[Lesion], rng: np.random.Generator) -> np.ndarray:
+def render_us(
+    g: Geometry, an: Anatomy, lesions: list[Lesion], rng: np.random.Generator
+) -> np.ndarray:
     """Grey ultrasound image (1, rows, cols) in 0..255 with speckle, before RGB conversion."""
     x, y, _ = _grids(g)
     fx, fy, _ = g.fov()
@@ -291,7 +333,10 @@ def render_us(g: Geometry, an: Anatomy, lesions: list[Lesion], rng: np.random.Ge
     for les in lesions:
         paint_lesion(img, g, les)
     # speckle: multiplicative Rayleigh-like noise with unit mean
-    sp = np.abs(rng.standard_normal(img.shape, dtype=np.float32) + 1j * rng.standard_normal(img.shape, dtype=np.float32))
+    sp = np.abs(
+        rng.standard_normal(img.shape, dtype=np.float32)
+        + 1j * rng.standard_normal(img.shape, dtype=np.float32)
+    )
     sp = 1.0 + an.noise * (sp / np.float32(np.sqrt(np.pi / 2)) - 1.0)
     img = img * sp.astype(np.float32) * an.gain * (1.0 - 0.35 * depth / fy)[None]
     img[:, ~mask] = 0
@@ -303,7 +348,7 @@ def us_overlay(rgb: np.ndarray) -> None:
     rows, cols, _ = rgb.shape
     h, w = max(2, rows // 16), max(4, cols // 5)
     rgb[1 : 1 + h, 1 : 1 + w] = (230, 200, 40)
-    rgb[1 + h // 3 : 1 + 2 * h // 3, 2 : w, :] = (40, 40, 40)  # "text" line
+    rgb[1 + h // 3 : 1 + 2 * h // 3, 2:w, :] = (40, 40, 40)  # "text" line
     for k in range(1, 9):
         r = min(rows - 1, k * rows // 9)
         rgb[r, cols - 4 : cols - 1] = 255

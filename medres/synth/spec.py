@@ -35,12 +35,52 @@ SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 KINDS: dict[str, KindInfo] = {
     k.name: k
     for k in (
-        KindInfo("ct", 3, "CT", CT_IMAGE, "3D CT series, int16 + rescale to HU", (128, 128, 64), (350.0, 350.0, 160.0)),
-        KindInfo("mr", 3, "MR", MR_IMAGE, "3D MR-like series, uint16, some with rescale", (128, 128, 48), (300.0, 300.0, 192.0)),
-        KindInfo("xray", 2, "DX", DX_IMAGE, "2D radiographs (DX/CR), 12-bit, MONOCHROME1/2", (128, 128), (400.0, 400.0)),
+        KindInfo(
+            "ct",
+            3,
+            "CT",
+            CT_IMAGE,
+            "3D CT series, int16 + rescale to HU",
+            (128, 128, 64),
+            (350.0, 350.0, 160.0),
+        ),
+        KindInfo(
+            "mr",
+            3,
+            "MR",
+            MR_IMAGE,
+            "3D MR-like series, uint16, some with rescale",
+            (128, 128, 48),
+            (300.0, 300.0, 192.0),
+        ),
+        KindInfo(
+            "xray",
+            2,
+            "DX",
+            DX_IMAGE,
+            "2D radiographs (DX/CR), 12-bit, MONOCHROME1/2",
+            (128, 128),
+            (400.0, 400.0),
+        ),
         KindInfo("us", 2, "US", US_IMAGE, "2D ultrasound, RGB", (128, 128), (160.0, 160.0)),
-        KindInfo("sc", 2, "OT", SC_IMAGE, "2D secondary capture (rendered CT slice), RGB", (128, 128), (350.0, 350.0)),
-        KindInfo("nifti", 3, "CT", "", "3D CT-like NIfTI volumes (.nii.gz), RAS affine", (128, 128, 64), (350.0, 350.0, 160.0)),
+        KindInfo(
+            "sc",
+            2,
+            "OT",
+            SC_IMAGE,
+            "2D secondary capture (rendered CT slice), RGB",
+            (128, 128),
+            (350.0, 350.0),
+        ),
+        KindInfo(
+            "nifti",
+            3,
+            "CT",
+            "",
+            "3D CT-like NIfTI volumes (.nii.gz), RAS affine",
+            (128, 128, 64),
+            (350.0, 350.0, 160.0),
+        ),
     )
 }
 
@@ -181,7 +221,7 @@ class SynthSpec:
                 d[key] = tuple(d[key])
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}})
 
-    def validated(self) -> SynthSpec:  # noqa: C901 - a flat list of checks reads best
+    def validated(self) -> SynthSpec:
         """Return ``self`` after checking every field; raise :class:`ConfigError` otherwise."""
         if self.kind not in KINDS:
             raise ConfigError(f"synth kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
@@ -205,7 +245,9 @@ class SynthSpec:
                 f"synth shape {shape} has {len(shape)} values; kind {self.kind!r} needs {want}"
             )
         if min(shape[:2]) < 8 or (self.dims == 3 and shape[2] < 4):
-            raise ConfigError(f"synth shape {shape} is too small; use >= 8 pixels in-plane and >= 4 slices")
+            raise ConfigError(
+                f"synth shape {shape} is too small; use >= 8 pixels in-plane and >= 4 slices"
+            )
         if max(shape) > 2048:
             raise ConfigError(f"synth shape {shape} is too large; use <= 2048 per axis")
         spacing = self.resolved_spacing()
@@ -230,6 +272,11 @@ class SynthSpec:
                     f"synth compression {self.compression!r} has no installed encoder; "
                     f"available here: {', '.join(available_compressions()) or 'none'}"
                 )
+            if self.compression == "jpeg2000" and min(shape[:2]) < 64:
+                raise ConfigError(
+                    f"synth compression 'jpeg2000' needs rows and cols >= 64 (OpenJPEG's default "
+                    f"6 resolution levels), got shape {shape}; enlarge --shape or use rle"
+                )
         if self.multiframe and self.kind not in ("ct", "mr"):
             raise ConfigError(f"synth multiframe applies to 'ct' and 'mr', not {self.kind!r}")
         for name in self.messy:
@@ -243,7 +290,12 @@ class SynthSpec:
                     f"synth messy defect {name!r} does not apply to kind {self.kind!r}; "
                     f"it applies to {', '.join(sorted(kinds))}"
                 )
-            if self.multiframe and name in ("missing_slice", "duplicate_slice", "localizer", "uneven_spacing"):
+            if self.multiframe and name in (
+                "missing_slice",
+                "duplicate_slice",
+                "localizer",
+                "uneven_spacing",
+            ):
                 raise ConfigError(
                     f"synth messy defect {name!r} needs one file per slice; drop --multiframe"
                 )
@@ -257,5 +309,27 @@ class SynthSpec:
                 "raise n_patients or drop defects"
             )
         if self.archive is not None and self.archive not in ARCHIVES:
-            raise ConfigError(f"synth archive {self.archive!r} is unknown; use one of {', '.join(ARCHIVES)}")
+            raise ConfigError(
+                f"synth archive {self.archive!r} is unknown; use one of {', '.join(ARCHIVES)}"
+            )
         return self
+
+
+def parse_tuple(text: str | None, kind: type, option: str) -> tuple | None:
+    """Parse ``"128,128,64"`` (CLI style) into a tuple of ``kind``; empty/None gives None."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return tuple(kind(v.strip()) for v in str(text).replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{option} {text!r} is not a comma-separated list of {kind.__name__} values; "
+            f"write it like {'128,128,64' if kind is int else '0.8,0.8,2.5'}"
+        ) from None
+
+
+def parse_names(text: str | None) -> tuple[str, ...]:
+    """Parse ``"missing_slice, junk"`` into ``("missing_slice", "junk")``."""
+    if not text:
+        return ()
+    return tuple(v.strip() for v in text.split(",") if v.strip())

@@ -76,7 +76,15 @@ def base_dataset(plan: SeriesPlan, sop_class: str) -> Dataset:
     return ds
 
 
-def _pixel_module(ds: Dataset, rows: int, cols: int, dtype: np.dtype, samples: int, photometric: str, bits_stored: int | None = None) -> None:
+def _pixel_module(
+    ds: Dataset,
+    rows: int,
+    cols: int,
+    dtype: np.dtype,
+    samples: int,
+    photometric: str,
+    bits_stored: int | None = None,
+) -> None:
     ds.SamplesPerPixel = samples
     ds.PhotometricInterpretation = photometric
     if samples > 1:
@@ -89,12 +97,16 @@ def _pixel_module(ds: Dataset, rows: int, cols: int, dtype: np.dtype, samples: i
     ds.PixelRepresentation = 1 if np.dtype(dtype).kind == "i" else 0
 
 
-def _finish(ds: Dataset, arr: np.ndarray, path: Path, compression: str | None, *, preamble: bool = True) -> None:
+def _finish(
+    ds: Dataset, arr: np.ndarray, path: Path, compression: str | None, *, preamble: bool = True
+) -> None:
     """Set PixelData (compressing if asked) and write ``ds`` to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     if compression is not None and preamble:
-        ds.compress(S.COMPRESSIONS[compression], np.ascontiguousarray(arr), generate_instance_uid=False)
+        ds.compress(
+            S.COMPRESSIONS[compression], np.ascontiguousarray(arr), generate_instance_uid=False
+        )
     else:
         ds.PixelData = np.ascontiguousarray(arr).tobytes()
         if "NumberOfFrames" not in ds and ds.get("SamplesPerPixel", 1) == 1:
@@ -106,6 +118,90 @@ def _finish(ds: Dataset, arr: np.ndarray, path: Path, compression: str | None, *
         raw = Dataset()
         raw.update(ds)
         dcmwrite(path, raw, implicit_vr=True, little_endian=True)
+
+
+class FastSliceWriter:
+    """Write many single-frame files that differ only in a few tags, without re-encoding.
+
+    Every static element of the template is encoded once (explicit VR little endian); per
+    file only the file meta and the dynamic elements (SOPInstanceUID, InstanceNumber,
+    ImagePositionPatient, SliceLocation, PixelData) are encoded and the byte strings joined
+    in tag order. The output is byte-identical to ``dcmwrite(..., enforce_file_format=True)``
+    of the same dataset (a test checks this); it is ~10x faster for 64-slice series.
+    """
+
+    DYNAMIC = (0x00080018, 0x00200013, 0x00200032, 0x00201041, 0x7FE00010)
+
+    def __init__(self, template: Dataset, compression: str | None) -> None:
+        from pydicom.filebase import DicomBytesIO
+        from pydicom.filewriter import write_data_element
+
+        self._write_elem = write_data_element
+        self._bio = DicomBytesIO
+        self.compression = compression
+        self.ts = S.COMPRESSIONS[compression] if compression else ExplicitVRLittleEndian
+        self.template = template
+        self.file_meta = FileMetaDataset(template.file_meta)
+        self.file_meta.TransferSyntaxUID = self.ts
+        self.static: dict[int, bytes] = {}
+        for elem in template:
+            if int(elem.tag) in self.DYNAMIC:
+                continue
+            self.static[int(elem.tag)] = self._encode(elem)
+        self._encoder = None
+        if compression is not None:
+            from pydicom.pixels import get_encoder
+
+            self._encoder = get_encoder(self.ts)
+            self._enc_kw = {
+                "rows": int(template.Rows),
+                "columns": int(template.Columns),
+                "samples_per_pixel": int(template.SamplesPerPixel),
+                "bits_allocated": int(template.BitsAllocated),
+                "bits_stored": int(template.BitsStored),
+                "pixel_representation": int(template.PixelRepresentation),
+                "photometric_interpretation": str(template.PhotometricInterpretation),
+                "number_of_frames": 1,
+                "planar_configuration": int(template.get("PlanarConfiguration", 0)),
+            }
+
+    def _encode(self, elem: object) -> bytes:
+        fp = self._bio()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        self._write_elem(fp, elem)
+        return fp.getvalue()
+
+    def write(
+        self, path: Path, sop_uid: str, dynamic: dict[str, object], pixels: np.ndarray
+    ) -> None:
+        from pydicom.dataelem import DataElement
+        from pydicom.encaps import encapsulate
+        from pydicom.filewriter import write_file_meta_info
+
+        tmp = Dataset()
+        tmp.SOPInstanceUID = sop_uid
+        for k, v in dynamic.items():
+            setattr(tmp, k, v)
+        arr = np.ascontiguousarray(pixels)
+        if self._encoder is None:
+            vr = "OW" if arr.dtype.itemsize > 1 else "OB"
+            tmp.add(DataElement(0x7FE00010, vr, arr.tobytes()))
+        else:
+            frame = self._encoder.encode(arr, **self._enc_kw)
+            tmp.add(DataElement(0x7FE00010, "OB", encapsulate([frame]), is_undefined_length=True))
+        parts = dict(self.static)
+        for elem in tmp:
+            parts[int(elem.tag)] = self._encode(elem)
+        fm = self.file_meta
+        fm.MediaStorageSOPInstanceUID = sop_uid
+        fp = self._bio()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_file_meta_info(fp, fm, enforce_standard=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * 128 + b"DICM")
+            fh.write(fp.getvalue())
+            fh.write(b"".join(parts[t] for t in sorted(parts)))
 
 
 def _image_plane(ds: Dataset, plan: SeriesPlan) -> None:
@@ -135,18 +231,25 @@ def _modality_tags(ds: Dataset, plan: SeriesPlan) -> None:
             ds.RescaleType = "US"
 
 
-def write_volume(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None) -> list[Path]:
+def write_volume(
+    plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None
+) -> list[Path]:
     """One file per slice (legacy CT/MR Image Storage), defects included. Returns the paths."""
     g = plan.geometry
     ds = base_dataset(plan, S.CT_IMAGE if plan.kind == "ct" else S.MR_IMAGE)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] if not plan.oblique else ["ORIGINAL", "PRIMARY", "OBLIQUE"]
+    ds.ImageType = (
+        ["ORIGINAL", "PRIMARY", "AXIAL"] if not plan.oblique else ["ORIGINAL", "PRIMARY", "OBLIQUE"]
+    )
     _image_plane(ds, plan)
     ds.SpacingBetweenSlices = ds_str(g.slice_sp)
-    _pixel_module(ds, g.rows, g.cols, stored.dtype, 1, "MONOCHROME2", 12 if plan.kind == "mr" else 16)
+    _pixel_module(
+        ds, g.rows, g.cols, stored.dtype, 1, "MONOCHROME2", 12 if plan.kind == "mr" else 16
+    )
     _modality_tags(ds, plan)
     ds.AcquisitionNumber = 1
     n = g.slices
     order = list(range(n)) if plan.ascending else list(range(n - 1, -1, -1))
+    fast = FastSliceWriter(ds, compression) if plan.defect != "no_preamble" else None
     paths: list[Path] = []
     for inst, s in enumerate(order, start=1):
         if plan.defect == "missing_slice" and s == plan.defect_slice:
@@ -155,13 +258,20 @@ def write_volume(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression
         if plan.defect == "uneven_spacing" and s > plan.defect_slice:
             pos = pos + 0.5 * g.slice_sp * g.normal
         sop = _uid(plan.series_uid, "sop", inst)
-        ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.InstanceNumber = inst
-        ds.ImagePositionPatient = [ds_str(v) for v in pos]
-        ds.SliceLocation = ds_str(float(pos @ g.normal))
+        dynamic = {
+            "InstanceNumber": inst,
+            "ImagePositionPatient": [ds_str(v) for v in pos],
+            "SliceLocation": ds_str(float(pos @ g.normal)),
+        }
         path = namer(inst, "")
-        _finish(ds, stored[s], path, compression, preamble=plan.defect != "no_preamble")
+        if fast is not None:
+            fast.write(path, sop, dynamic, stored[s])
+        else:
+            ds.SOPInstanceUID = sop
+            ds.file_meta.MediaStorageSOPInstanceUID = sop
+            for k, v in dynamic.items():
+                setattr(ds, k, v)
+            _finish(ds, stored[s], path, compression, preamble=False)
         paths.append(path)
         if plan.defect == "duplicate_slice" and s == plan.defect_slice:
             dup = namer(inst, "-copy")
@@ -173,7 +283,9 @@ def write_volume(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression
     return paths
 
 
-def _write_localizer(plan: SeriesPlan, ds: Dataset, stored: np.ndarray, namer: Namer, compression: str | None) -> Path:
+def _write_localizer(
+    plan: SeriesPlan, ds: Dataset, stored: np.ndarray, namer: Namer, compression: str | None
+) -> Path:
     """A coronal scout (mean projection) sharing the series UID: the classic mixed-in localizer."""
     g = plan.geometry
     proj = stored.astype(np.float32).mean(axis=1)[::-1]  # (slices, cols), rows run head -> feet
@@ -194,13 +306,17 @@ def _write_localizer(plan: SeriesPlan, ds: Dataset, stored: np.ndarray, namer: N
     return path
 
 
-def write_multiframe(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None) -> list[Path]:
+def write_multiframe(
+    plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None
+) -> list[Path]:
     """One Enhanced CT/MR Image Storage file with shared and per-frame functional groups."""
     g = plan.geometry
     sop_class = S.ENHANCED_CT_IMAGE if plan.kind == "ct" else S.ENHANCED_MR_IMAGE
     ds = base_dataset(plan, sop_class)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if not plan.oblique else "OBLIQUE", "NONE"]
-    _pixel_module(ds, g.rows, g.cols, stored.dtype, 1, "MONOCHROME2", 12 if plan.kind == "mr" else 16)
+    _pixel_module(
+        ds, g.rows, g.cols, stored.dtype, 1, "MONOCHROME2", 12 if plan.kind == "mr" else 16
+    )
     order = list(range(g.slices)) if plan.ascending else list(range(g.slices - 1, -1, -1))
     ds.NumberOfFrames = g.slices
     ds.InstanceNumber = 1
@@ -254,13 +370,19 @@ def write_multiframe(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compres
     return [path]
 
 
-def write_2d(plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None, inst: int = 1) -> list[Path]:
+def write_2d(
+    plan: SeriesPlan, stored: np.ndarray, namer: Namer, compression: str | None, inst: int = 1
+) -> list[Path]:
     """One radiograph (DX/CR), ultrasound or secondary-capture image."""
     g = plan.geometry
-    sop_class = {"DX": S.DX_IMAGE, "CR": S.CR_IMAGE, "US": S.US_IMAGE, "OT": S.SC_IMAGE}[plan.modality]
+    sop_class = {"DX": S.DX_IMAGE, "CR": S.CR_IMAGE, "US": S.US_IMAGE, "OT": S.SC_IMAGE}[
+        plan.modality
+    ]
     ds = base_dataset(plan, sop_class)
     rgb = stored.ndim == 3
-    _pixel_module(ds, g.rows, g.cols, stored.dtype, 3 if rgb else 1, plan.photometric, None if rgb else 12)
+    _pixel_module(
+        ds, g.rows, g.cols, stored.dtype, 3 if rgb else 1, plan.photometric, None if rgb else 12
+    )
     if plan.modality == "DX":
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
         ds.PresentationIntentType = "FOR PRESENTATION"

@@ -258,6 +258,16 @@ def test_bad_input_is_one_line_error(tmp_path, rows, args, needle):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
+def test_identifier_like_subgroup_column_is_refused(three_scores_csv, tmp_path):
+    path, _ = three_scores_csv
+    res = _invoke(
+        "evaluate", str(path), "--label", "dx", "--positive", "disease", "--score", "cnn",
+        "--by", "case", "--out", str(tmp_path / "o"),
+    )  # fmt: skip
+    assert res.exit_code == 1
+    assert "looks like an identifier" in res.output and "case0" not in res.output
+
+
 def test_drop_missing_drops_rows(tmp_path):
     rows = [["1", "0.9"], ["0", ""], ["0", "0.1"], ["", "0.5"], ["1", "0.6"], ["0", "0.7"]]
     path = _write_csv(tmp_path / "p.csv", ["y", "p"], rows)
@@ -302,3 +312,26 @@ def test_single_case_class_gives_null_not_nan(tmp_path):
     assert m["models"]["p"]["auc"] == pytest.approx(2 / 3)
     assert m["models"]["p"]["auc_ci"] is None and m["models"]["p"]["auc_se"] is None
     assert not math.isnan(m["models"]["p"]["brier"])
+
+
+def test_run_dir_uses_label_columns_recorded_by_training(tmp_path):
+    """Multi-label runs whose manifest columns are not label_<class> (data.classes renamed)."""
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    meta = {"task": "multilabel", "classes": ["x", "y"], "label_columns": ["find_a", "find_b"]}
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(4)
+    lab = rng.random((80, 2)) < 0.5
+    prob = np.clip(0.4 * lab + 0.6 * rng.random((80, 2)), 0, 1)
+    rows = [[f"img-{i}", "test", *lab[i].astype(int), *prob[i], ""] for i in range(80)]
+    _write_csv(
+        run / "predictions_test.csv",
+        ["image_id", "split", "find_a", "find_b", "prob_x", "prob_y", "pred"],
+        rows,
+    )
+    out = tmp_path / "o"
+    res = _invoke("evaluate", str(run), "--n-boot", "50", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    m = _strict_json(out / "metrics.json")
+    assert m["labels"] == ["x", "y"]
+    assert m["per_label"]["y"]["auc"] == pytest.approx(roc_auc_score(lab[:, 1], prob[:, 1]))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -30,11 +32,19 @@ runner = CliRunner()
 SIZES = {2: [16, 16], 3: [8, 8, 8]}
 
 
-def _make_run(run: Path, dims: int, in_channels: int = 1, num_classes: int = 2) -> Path:
-    """A run dir in the documented model-dir format (safetensors + model.json)."""
-    from safetensors.torch import save_file
+def _preprocessing(dims: int, in_channels: int) -> dict:
+    """A resolved medres TransformSpec, as training saves it in model.json."""
+    from medres.config import TransformSpec
 
-    from medres.models.resnet import build_model
+    spec = TransformSpec(
+        dims=dims, in_channels=in_channels, image_size=tuple(SIZES[dims]), intensity="range"
+    )
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def _make_run(run: Path, dims: int, in_channels: int = 1, num_classes: int = 2) -> Path:
+    """A run dir written with the models stage's own save_model_dir."""
+    from medres.models import build_model, save_model_dir
 
     torch.manual_seed(dims)
     model = build_model("resnet18", dims, in_channels, num_classes, image_size=SIZES[dims])
@@ -43,38 +53,58 @@ def _make_run(run: Path, dims: int, in_channels: int = 1, num_classes: int = 2) 
         if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 1.5)
-    (run / "model").mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run / "model" / "weights.safetensors"))
     classes = [f"c{i}" for i in range(num_classes)]
     meta = {
-        "format": "medres-model/1",
-        "medres_version": "0",
-        "arch": "resnet18",
-        "dims": dims,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
         "task": "binary" if num_classes == 2 else "multiclass",
         "classes": classes,
         "positive_class": classes[-1],
-        "stem": model.config.stem,
         "weights_source": "none",
-        "preprocessing": {"spatial": {"image_size": SIZES[dims]}, "modality": "CT"},
+        "preprocessing": _preprocessing(dims, in_channels),
     }
-    (run / "model" / "model.json").write_text(json.dumps(meta))
+    save_model_dir(run / "model", model, meta)
     return run
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    return {2: _make_run(root / "run2d", 2), 3: _make_run(root / "run3d", 3, 2, 3)}
+def run2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _make_run(tmp_path_factory.mktemp("runs") / "run2d", 2)
+
+
+def _tiny(dims: int, in_channels: int, num_classes: int) -> tuple[torch.nn.Module, dict]:
+    """A narrow MONAI ResNet (widths 4..32): the exporters take any module, and this one
+    exports in milliseconds; the resnet18 run dir above covers the full path."""
+    from monai.networks.nets import ResNet
+
+    torch.manual_seed(10 + dims)
+    model = ResNet(
+        "basic",
+        [1, 1, 1, 1],
+        [4, 8, 16, 32],
+        spatial_dims=dims,
+        n_input_channels=in_channels,
+        num_classes=num_classes,
+        conv1_t_stride=2,
+        bias_downsample=False,
+    )
+    for mod in model.modules():
+        if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+    meta = {
+        "arch": "resnet18",
+        "dims": dims,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "task": "multilabel" if num_classes == 3 else "binary",
+        "classes": [f"c{i}" for i in range(num_classes)],
+        "preprocessing": _preprocessing(dims, in_channels),
+    }
+    return model.eval(), meta
 
 
 @pytest.fixture(scope="module")
-def loaded(runs) -> dict[int, tuple]:
-    """(model, meta) per run, loaded once: building a 3D ResNet is the slow part."""
-    return {d: load_run_model(r) for d, r in runs.items()}
+def loaded() -> dict[int, tuple]:
+    return {2: _tiny(2, 1, 2), 3: _tiny(3, 2, 3)}
 
 
 def _batch(meta: dict, n: int = 3, seed: int = 7) -> torch.Tensor:
@@ -125,22 +155,28 @@ def test_onnx_matches_pytorch_with_dynamic_batch(loaded, tmp_path: Path, dims: i
         np.testing.assert_allclose(got, _torch_out(model, x), atol=ATOL, rtol=0)
 
 
-def test_monai_bundle_loads_and_matches(runs, loaded, tmp_path: Path):
+@pytest.mark.parametrize("dims", [2, 3])
+def test_monai_bundle_loads_and_matches(loaded, tmp_path: Path, dims: int):
     from monai.bundle import ConfigParser, load, verify_net_in_out
 
+    model, meta0 = loaded[dims]
     bundle = tmp_path / "tiny_bundle"
-    res = export_model(runs[2], "monai-bundle", bundle)
+    res = export_monai_bundle(model, meta0, bundle, input_shape(meta0))
     for rel in ("configs/metadata.json", "configs/inference.json", "models/model.pt"):
         assert (bundle / rel).is_file()
     parser = ConfigParser()
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.read_config(str(bundle / "configs" / "inference.json"))
-    assert parser["_meta_#network_data_format#inputs#image#spatial_shape"] == SIZES[2]
-    assert parser["_meta_#network_data_format#outputs#pred#channel_def"] == {"0": "c0", "1": "c1"}
+    classes = meta0["classes"]
+    assert parser["_meta_#network_data_format#inputs#image#spatial_shape"] == SIZES[dims]
+    assert parser["_meta_#network_data_format#inputs#image#num_channels"] == meta0["in_channels"]
+    channel_def = {str(i): c for i, c in enumerate(classes)}
+    assert parser["_meta_#network_data_format#outputs#pred#channel_def"] == channel_def
     assert parser["network_def#_target_"] == "monai.networks.nets.ResNet"  # MONAI only
+    assert parser["network_def#block_inplanes"] == [4, 8, 16, 32]
     meta = parser["_meta_#medres"]
     x = _batch(meta)
-    ref = _torch_out(loaded[2][0], x)
+    ref = _torch_out(model, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # state dict into the config's network_def
@@ -157,7 +193,7 @@ def test_monai_bundle_loads_and_matches(runs, loaded, tmp_path: Path):
         ts, ts_meta, _ = load(
             name=bundle.name, bundle_dir=str(tmp_path), load_ts_module=True, device="cpu"
         )
-    assert ts_meta["medres"]["classes"] == ["c0", "c1"]
+    assert ts_meta["medres"]["classes"] == classes
     with torch.no_grad():
         for m in (net.eval(), net_cfg.eval(), ts):
             np.testing.assert_allclose(m(x).numpy(), ref, atol=ATOL, rtol=0)
@@ -167,8 +203,32 @@ def test_monai_bundle_loads_and_matches(runs, loaded, tmp_path: Path):
         config_file=str(bundle / "configs" / "inference.json"),
         device="cpu",
     )
+    # the bundle's preprocessing replays medres's transforms on NIfTI files
+    from medres.transforms import build_transforms
+
+    rng = np.random.default_rng(dims)
+    img_shape = (20, 24) if dims == 2 else (10, 12, 9)
+    img_shape = (*img_shape, meta0["in_channels"]) if meta0["in_channels"] > 1 else img_shape
+    for i in range(2):
+        arr = rng.normal(size=img_shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"scan{i}.nii.gz"))
+    parser["dataset_dir"] = str(tmp_path)
+    dataset = parser.get_parsed_content("dataset")
+    assert len(dataset) == 2
+    item = dataset[0]
+    expected = build_transforms(meta0["preprocessing"], train=False)(
+        {"image": str(tmp_path / "scan0.nii.gz"), "channels": meta0["in_channels"]}
+    )
+    assert tuple(item["image"].shape) == (meta0["in_channels"], *SIZES[dims])
+    assert item["image_path"] == str(tmp_path / "scan0.nii.gz")  # for ClassificationSaver
+    np.testing.assert_array_equal(np.asarray(item["image"]), np.asarray(expected["image"]))
     inf = json.loads((bundle / "configs" / "inference.json").read_text())
-    assert inf["postprocessing"]["transforms"][0]["softmax"] is True
+    act = "sigmoid" if meta0["task"] == "multilabel" else "softmax"
+    assert inf["postprocessing"]["transforms"][0] == {
+        "_target_": "Activationsd",
+        "keys": "pred",
+        act: True,
+    }
     assert res.max_abs_diff <= ATOL
 
 
@@ -188,7 +248,9 @@ def test_resnet_args_and_non_resnet_fallback(loaded, tmp_path: Path):
     args = monai_resnet_args(model)
     assert args is not None
     assert args["spatial_dims"] == 3 and args["n_input_channels"] == 2
-    assert args["num_classes"] == 3 and args["layers"] == [2, 2, 2, 2]
+    assert args["num_classes"] == 3 and args["layers"] == [1, 1, 1, 1]
+    assert args["block_inplanes"] == [4, 8, 16, 32] and args["block"] == "basic"
+    assert args["conv1_t_stride"] == [2, 2, 2] and args["no_max_pool"] is False
     assert monai_resnet_args(torch.nn.Linear(2, 2)) is None
     with pytest.raises(ModelError, match="cannot describe"):
         export_monai_bundle(
@@ -209,18 +271,31 @@ def test_input_shape_rules():
         input_shape({"dims": 2, "in_channels": 1, "preprocessing": {}})
 
 
-def test_errors_name_the_path(runs, tmp_path: Path):
+def test_export_model_from_run_dir(run2d, tmp_path: Path):
+    """The full path: run dir -> medres model loader -> ONNX, checked with onnxruntime."""
+    import onnxruntime as ort
+
+    res = export_model(run2d, "onnx", tmp_path / "run.onnx")
+    model, meta = load_run_model(run2d)
+    assert not model.training
+    x = _batch(meta, n=2)
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, _torch_out(model, x), atol=ATOL, rtol=0)
+
+
+def test_errors_name_the_path(run2d, tmp_path: Path):
     with pytest.raises(ModelError, match=r"no model/model\.json") as exc:
         export_model(tmp_path / "empty_run", "onnx", tmp_path / "x.onnx")
     assert "empty_run" in str(exc.value)
     with pytest.raises(ConfigError, match="torchscript, onnx, monai-bundle"):
-        export_model(runs[2], "tflite", tmp_path / "x")
+        export_model(run2d, "tflite", tmp_path / "x")
 
 
-def test_cli_export_model(runs, tmp_path: Path):
+def test_cli_export_model(run2d, tmp_path: Path):
     out = tmp_path / "cli.ts"
     r = runner.invoke(
-        app, ["export-model", str(runs[2]), "--format", "torchscript", "--out", str(out)]
+        app, ["export-model", str(run2d), "--format", "torchscript", "--out", str(out)]
     )
     assert r.exit_code == 0, r.output
     assert out.is_file() and "max |diff|" in r.output
@@ -228,6 +303,6 @@ def test_cli_export_model(runs, tmp_path: Path):
     assert r.exit_code == 1
     assert "no model/model.json" in r.output and "Traceback" not in r.output
     r = runner.invoke(
-        app, ["export-model", str(runs[2]), "-f", "onnx", "-o", str(out), "--input-size", "a,b"]
+        app, ["export-model", str(run2d), "-f", "onnx", "-o", str(out), "--input-size", "a,b"]
     )
     assert r.exit_code == 1 and "--input-size" in r.output

@@ -9,6 +9,7 @@ downloaded from the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -30,13 +31,15 @@ _TV_LAYERS = {
 }
 
 
+@functools.cache
 def tv_state_dict(
     depth: int, num_classes: int = 1000, seed: int = 0, in_ch: int = 3, nbt: bool = False
 ):
     """Key names/shapes of torchvision's resnet<depth> (v1.5), seeded random values.
 
     BN statistics are random but sane so that activations stay O(1) through the net.
-    ``nbt`` adds ``num_batches_tracked`` (torchvision's V1 files predate it).
+    ``nbt`` adds ``num_batches_tracked`` (torchvision's V1 files predate it). Cached:
+    callers must not modify the returned tensors.
     """
     block, layers = _TV_LAYERS[depth]
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +157,7 @@ def test_state_dict_keys_and_shapes_are_torchvisions(depth):
 
 
 def test_file_url_download_verifies_and_loads_strictly(monkeypatch, tmp_path, caplog):
-    sd = tv_state_dict(18, seed=1)
+    sd = tv_state_dict(18)
     _serve(monkeypatch, tmp_path, sd)
     model = build_model("resnet18", 2, 3, 1000, stem="standard")
     with caplog.at_level(logging.INFO, logger="medres"):
@@ -175,7 +178,7 @@ def test_file_url_download_verifies_and_loads_strictly(monkeypatch, tmp_path, ca
 
 
 def test_hash_check_rejects_corrupted_download(monkeypatch, tmp_path):
-    path = _serve(monkeypatch, tmp_path, tv_state_dict(18, seed=2))
+    path = _serve(monkeypatch, tmp_path, tv_state_dict(18))
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # flip one byte after the sha256 was pinned
     path.write_bytes(bytes(data))
@@ -190,7 +193,7 @@ def test_published_hash_prefix_rejects_other_file_via_mirror(monkeypatch, tmp_pa
     """Without overrides the expected hash is the one in torchvision's file name."""
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    torch.save(tv_state_dict(18, seed=3), mirror / "resnet18-f37072fd.pth")
+    torch.save(tv_state_dict(18), mirror / "resnet18-f37072fd.pth")
     monkeypatch.setenv("MEDRES_WEIGHTS_MIRROR", mirror.as_uri())
     with pytest.raises(WeightsError, match="expected f37072fd"):
         load_pretrained(build_model("resnet18", 2, 3, 1000), "imagenet")
@@ -200,7 +203,7 @@ def test_published_hash_prefix_rejects_other_file_via_mirror(monkeypatch, tmp_pa
 def test_corrupted_cached_file_is_refused(monkeypatch, tmp_path):
     dest = cache_dir() / "resnet34-b627a593.pth"
     dest.parent.mkdir(parents=True)
-    torch.save(tv_state_dict(34, seed=4), dest)
+    torch.save(tv_state_dict(34), dest)
     with pytest.raises(WeightsError, match="delete it"):
         load_pretrained(build_model("resnet34", 2, 3, 2), "imagenet")
 
@@ -229,7 +232,7 @@ def test_unknown_source_and_2d_medicalnet_are_errors():
         load_pretrained(build_model("resnet18", 2, 3, 2), "imagenet21k")
     with pytest.raises(WeightsError, match="3D only"):
         load_pretrained(build_model("resnet18", 2, 1, 2), "medicalnet")
-    with pytest.raises(WeightsError, match="resnet50, resnet101, resnet152"):
+    with pytest.raises(WeightsError, match="exist for resnet50, resnet101, resnet152"):
         load_pretrained(build_model("resnet18", 2, 3, 2), "imagenet-v2")
 
 
@@ -249,7 +252,7 @@ def test_wrong_architecture_file_is_refused(tmp_path):
 
 @pytest.mark.parametrize("depth", [18, 50])
 def test_forward_equals_functional_reference(tmp_path, depth):
-    sd = tv_state_dict(depth, seed=5)
+    sd = tv_state_dict(depth)
     path = tmp_path / "w.pth"
     torch.save(sd, path)
     model = build_model(f"resnet{depth}", 2, 3, 1000, stem="standard").eval()
@@ -274,7 +277,7 @@ def test_safetensors_and_model_dir_sources(tmp_path):
 
     from medres.models import save_model_dir
 
-    sd = tv_state_dict(18, seed=6)
+    sd = tv_state_dict(18)
     save_file(sd, tmp_path / "w.safetensors")
     m = build_model("resnet18", 2, 3, 1000, stem="standard")
     assert load_pretrained(m, str(tmp_path / "w.safetensors")).missing == ()
@@ -324,7 +327,7 @@ def test_channel_mixing_columns_sum_to_one_and_meta_follows():
 
 def test_model_with_other_channel_count_gives_same_logits(tmp_path):
     path = tmp_path / "w.pth"
-    torch.save(tv_state_dict(18, seed=7), path)
+    torch.save(tv_state_dict(18), path)
     m3 = build_model("resnet18", 2, 3, 1000, stem="standard").eval()
     m4 = build_model("resnet18", 2, 4, 1000, stem="standard").eval()
     load_pretrained(m3, str(path))
@@ -364,33 +367,36 @@ def _replicate_depth_padding(model: nn.Module) -> None:
 @pytest.mark.parametrize("depth", [18, 50])
 def test_inflated_3d_net_on_depth_constant_volume_equals_2d(tmp_path, depth):
     path = tmp_path / "w.pth"
-    torch.save(tv_state_dict(depth, seed=8), path)
-    m2 = build_model(f"resnet{depth}", 2, 3, 1000, stem="standard").double().eval()
-    m3 = build_model(f"resnet{depth}", 3, 3, 1000, stem="standard").double().eval()
+    torch.save(tv_state_dict(depth), path)
+    m2 = build_model(f"resnet{depth}", 2, 3, 1000, stem="standard").eval()
+    m3 = build_model(f"resnet{depth}", 3, 3, 1000, stem="standard").eval()
     load_pretrained(m2, str(path))
     load_pretrained(m3, str(path), inflate="i3d")
     _replicate_depth_padding(m3)
-    x2 = torch.randn(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    x3 = x2.unsqueeze(2).expand(-1, -1, 8, -1, -1).contiguous()  # (N, C, D, H, W)
+    x2 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x3 = x2.unsqueeze(2).expand(-1, -1, 4, -1, -1).contiguous()  # (N, C, D, H, W)
     with torch.no_grad():
         f2, f3 = m2.forward_features(x2), m3.forward_features(x3)
-        torch.testing.assert_close(f3, f2, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(m3(x3), m2(x2), rtol=1e-9, atol=1e-9)
+        logits2, logits3 = m2.fc(f2), m3.fc(f3)
+    # float32 tolerance: the 3D convs sum 3x more terms, in another order
+    torch.testing.assert_close(f3, f2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits3, logits2, rtol=1e-4, atol=1e-4)
+    assert f2.abs().max() > 1e-2
 
 
 def test_center_inflation_is_exact_even_with_zero_padding(tmp_path):
     """'center' uses only the middle depth tap, so zero padding in depth never matters."""
     path = tmp_path / "w.pth"
-    torch.save(tv_state_dict(18, seed=9), path)
-    m2 = build_model("resnet18", 2, 3, 1000, stem="standard").double().eval()
-    m3 = build_model("resnet18", 3, 3, 1000, stem="standard").double().eval()
+    torch.save(tv_state_dict(18), path)
+    m2 = build_model("resnet18", 2, 3, 1000, stem="standard").eval()
+    m3 = build_model("resnet18", 3, 3, 1000, stem="standard").eval()
     load_pretrained(m2, str(path))
     load_pretrained(m3, str(path), inflate="center")
-    x2 = torch.randn(1, 3, 64, 64, dtype=torch.float64)
-    x3 = x2.unsqueeze(2).expand(-1, -1, 5, -1, -1).contiguous()
+    x2 = torch.randn(1, 3, 32, 32)
+    x3 = x2.unsqueeze(2).expand(-1, -1, 3, -1, -1).contiguous()
     with torch.no_grad():
         torch.testing.assert_close(
-            m3.forward_features(x3), m2.forward_features(x2), rtol=1e-9, atol=1e-9
+            m3.forward_features(x3), m2.forward_features(x2), rtol=1e-5, atol=1e-6
         )
 
 
@@ -398,13 +404,13 @@ def test_i3d_interior_positions_match_without_patching(tmp_path):
     """Unpatched zero padding: after the stem and layer1 (depth receptive field 43), output
     positions whose receptive field lies inside the volume equal the 2D activations."""
     path = tmp_path / "w.pth"
-    sd = tv_state_dict(18, seed=10)
+    sd = tv_state_dict(18)
     torch.save(sd, path)
-    m2 = build_model("resnet18", 2, 3, 1000, stem="standard").double().eval()
-    m3 = build_model("resnet18", 3, 3, 1000, stem="standard").double().eval()
+    m2 = build_model("resnet18", 2, 3, 1000, stem="standard").eval()
+    m3 = build_model("resnet18", 3, 3, 1000, stem="standard").eval()
     load_pretrained(m2, str(path))
     load_pretrained(m3, str(path))
-    x2 = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    x2 = torch.randn(1, 3, 16, 16)
     x3 = x2.unsqueeze(2).expand(-1, -1, 64, -1, -1).contiguous()
     with torch.no_grad():
         a2 = m2.layer1(m2.maxpool(m2.act(m2.bn1(m2.conv1(x2)))))
@@ -412,8 +418,8 @@ def test_i3d_interior_positions_match_without_patching(tmp_path):
     assert a3.shape[2] == 16
     # output index i covers input slices [4i - 21, 4i + 21]: inside [0, 63] for i in 6..10
     for i in range(6, 11):
-        torch.testing.assert_close(a3[:, :, i], a2, rtol=1e-9, atol=1e-9)
-    assert not torch.allclose(a3[:, :, 0], a2, atol=1e-6)  # the border does differ
+        torch.testing.assert_close(a3[:, :, i], a2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a3[:, :, 0], a2, rtol=1e-3, atol=1e-3)  # the border does differ
 
 
 # --- small stem -----------------------------------------------------------------------------
@@ -421,7 +427,7 @@ def test_i3d_interior_positions_match_without_patching(tmp_path):
 
 def test_small_stem_loads_pretrained_with_resized_kernel(tmp_path, caplog):
     path = tmp_path / "w.pth"
-    torch.save(tv_state_dict(18, seed=11), path)
+    torch.save(tv_state_dict(18), path)
     model = build_model("resnet18", 2, 1, 2, image_size=28)
     assert model.config.stem == "small" and model.no_max_pool
     assert tuple(model.conv1.weight.shape) == (64, 1, 3, 3) and model.conv1.stride == (1, 1)
@@ -438,6 +444,7 @@ def test_small_stem_loads_pretrained_with_resized_kernel(tmp_path, caplog):
 # --- MedicalNet -------------------------------------------------------------------------------
 
 
+@functools.cache
 def medicalnet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """MedicalNet resnet18 layout: 3D, 1 channel, type-A shortcuts, conv_seg, module. prefix."""
     sd2 = tv_state_dict(18, seed=seed, nbt=True)
@@ -486,20 +493,19 @@ def test_medicalnet_type_a_checkpoint_maps_exactly(monkeypatch, tmp_path):
     # MedicalNet files: {"state_dict": ...} in torch's legacy (non-zip) format
     _serve(monkeypatch, tmp_path, {"state_dict": sd}, source="medicalnet", legacy=True)
     monkeypatch.delenv("MEDRES_WEIGHTS_SHA256_RESNET18_MEDICALNET")  # none is published
-    model = build_model("resnet18", 3, 1, 2, stem="standard").double().eval()
+    model = build_model("resnet18", 3, 1, 2, stem="standard").eval()
     report = load_pretrained(model, "medicalnet", arch="resnet18", dims=3)
     assert sum("type-A shortcut" in a for a in report.adapted) == 3
-    assert (
-        report.unexpected == ("module.conv_seg.0.weight",)
-        or "conv_seg.0.weight" in report.unexpected
-    )
+    assert report.unexpected == ("conv_seg.0.weight",)  # the segmentation head is dropped
     assert report.notes and "dilation" in report.notes[0]
     pin = cache_dir() / "resnet_18_23dataset.pth.sha256"
     assert pin.read_text().strip() == _sha(cache_dir() / "resnet_18_23dataset.pth")
-    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
-    ref = _medicalnet_reference({k: v.double() for k, v in sd.items()}, x)
+    x = torch.randn(1, 1, 16, 16, 16)
+    ref = _medicalnet_reference(sd, x)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), ref, rtol=1e-6, atol=1e-6)
+        feats = model.forward_features(x)
+    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-5)
+    assert ref.abs().max() > 1e-2
     # a later corruption of the cached file is caught by the pinned digest
     cached = cache_dir() / "resnet_18_23dataset.pth"
     cached.write_bytes(cached.read_bytes()[:-10] + b"0123456789")

@@ -46,14 +46,19 @@ def _reference(path: Path) -> np.ndarray | None:
         if pvt and all(pvt) and nf > 1:
             frames = arr.reshape(nf, -1)
             arr = np.stack(
-                [f * float(p[0].RescaleSlope) + float(p[0].RescaleIntercept) for f, p in zip(frames, pvt, strict=True)]
+                [
+                    f * float(p[0].RescaleSlope) + float(p[0].RescaleIntercept)
+                    for f, p in zip(frames, pvt, strict=True)
+                ]
             )
         else:
             arr = apply_modality_lut(arr, ds)
         if pi == "MONOCHROME1":
             bits = int(ds.BitsStored)
             signed = int(ds.PixelRepresentation) == 1
-            lo_hi = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+            lo_hi = np.array(
+                [-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1]
+            )
             lo, hi = apply_modality_lut(lo_hi, ds).astype(float)
             arr = (lo + hi) - arr.astype(float)
     rows, cols = int(ds.Rows), int(ds.Columns)
@@ -95,7 +100,9 @@ def test_pydicom_testfile(path: Path) -> None:
         else:
             expected = ref.transpose((2, 1, 0, 3) if color else (2, 1, 0))
         assert img.array.shape == expected.shape
-        np.testing.assert_allclose(img.array.astype(np.float64), expected.astype(np.float64), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            img.array.astype(np.float64), expected.astype(np.float64), rtol=1e-6, atol=1e-6
+        )
         return
     # a volume from one enhanced multi-frame file: check voxels through the affine
     h = stack.first
