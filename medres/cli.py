@@ -142,12 +142,12 @@ def synth_cmd(
     lesion_contrast: Annotated[
         float,
         typer.Option(
-            help="Multiplier of the nominal lesion contrast (CT 60 HU); negative = darker."
+            help="Multiplier of the nominal lesion contrast (CT 100 HU); negative = darker."
         ),
     ] = 1.0,
     lesion_radius: Annotated[
         str | None,
-        typer.Option(help="min,max lesion radius in mm [default: 3.5-7% of the field of view]."),
+        typer.Option(help="min,max lesion radius in mm [default: 5-9% of the field of view]."),
     ] = None,
     classes: Annotated[
         int, typer.Option(help="2 = binary (lesion present); k>2: class c carries c lesions.")
@@ -261,6 +261,10 @@ def ingest_cmd(
     file_timeout: Annotated[
         float, typer.Option("--file-timeout", help="Seconds allowed per file/stack.")
     ] = 120.0,
+    worker_memory_mb: Annotated[
+        int | None,
+        typer.Option("--worker-memory-mb", help="Address-space limit per worker (MiB)."),
+    ] = None,
     incremental: Annotated[
         bool,
         typer.Option(
@@ -294,6 +298,7 @@ def ingest_cmd(
         min_slices=min_slices,
         compress=compress,
         file_timeout_s=file_timeout,
+        worker_memory_mb=worker_memory_mb,
         incremental=incremental,
         limits=ArchiveLimits(
             max_members=max_archive_members,

@@ -14,8 +14,11 @@ Choices: a label equals ``--positive`` when the strings match after trimming or 
 parse as the same number (``1`` == ``1.0``); every other non-empty label is negative.
 Without ``--positive``, labels that are exactly {0, 1} or {false, true} use 1/true.
 Empty or NaN labels and scores are errors unless ``drop_missing`` is set, in which case
-the rows are dropped (counted in ``data.n_dropped``). Subgroup columns (``--by``) that
-are numeric with more than 8 distinct values (age) are cut into quartile bins. The
+the rows are dropped (counted in ``data.n_dropped``). Subgroup columns (``--by``) come
+from the predictions file; for a run dir, a column training did not pass through is
+joined from the manifest named in ``pipeline.yaml`` on ``image_id``. Numeric subgroup
+columns with more than 8 distinct values (age) are cut into quartile bins, and columns
+that look like identifiers (mostly distinct values) are refused. The
 output never contains image or patient identifiers, only aggregate numbers, class names
 and subgroup values.
 """
@@ -119,7 +122,14 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         page = render_report(metrics)  # render before writing: no half-finished output pair
         step.advance()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise EvaluationError(f"--out {out}: is a file; pass a folder for the outputs") from None
+    except OSError as exc:
+        raise EvaluationError(
+            f"--out {out}: cannot be created ({exc.strerror}); pick a writable folder"
+        ) from None
     metrics_path = out / "metrics.json"
     report_path = out / "report.html"
     atomic_write_text(metrics_path, text)
@@ -899,7 +909,7 @@ def _evaluate_multiclass(p: Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
     correct = int(np.sum(pred == p.y))
     for k, name in enumerate(p.names):
         n_k = int(cm[k].sum())
-        per[name]["recall"] = M._prop(int(cm[k, k]), n_k)
+        per[name]["recall"] = M.proportion(int(cm[k, k]), n_k)
         per[name]["recall_ci"] = M.wilson(int(cm[k, k]), n_k, cfg.ci_level)
     out = _header(p, cfg)
     out.update(

@@ -19,8 +19,8 @@ Two formats, chosen by name from :data:`DATASET_EXPORTERS`:
     multi-label manifests (``label_<name>`` columns) give a list of 0/1 ints in the order
     of ``label_names``. Test entries carry no label, as in the Decathlon convention;
     labelled training/validation rows without a label are skipped with a warning.
-    Class order: integer-looking labels sort numerically, others alphabetically, unless
-    ``classes`` is given (pass the model's ``classes`` to match a trained model).
+    Class order: numeric labels sort numerically, others alphabetically (as ``medres
+    train`` orders them), unless ``classes`` is given (pass a model's ``classes``).
 
 ``nnunet``
     An nnU-Net v2 raw-dataset folder: ``dataset.json`` (``channel_names``, ``labels``,
@@ -124,11 +124,13 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
 
 # --- labels ------------------------------------------------------------------------------
 def class_order(labels: Sequence[str]) -> tuple[str, ...]:
-    """Distinct non-empty labels in a stable order: numeric if all look like ints, else sorted."""
+    """Distinct non-empty labels in training's order: numeric when all parse as numbers,
+    else alphabetical (the rule ``medres train`` uses, so indices match a trained model)."""
     distinct = {lab for lab in labels if lab != ""}
-    if all(re.fullmatch(r"[+-]?\d+", lab) for lab in distinct):
-        return tuple(sorted(distinct, key=int))
-    return tuple(sorted(distinct))
+    try:
+        return tuple(sorted(distinct, key=float))
+    except ValueError:
+        return tuple(sorted(distinct))
 
 
 def _label_names(label_columns: Sequence[str]) -> tuple[str, ...]:

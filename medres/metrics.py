@@ -12,7 +12,8 @@ against the references:
   an order-dependent staircase.
 * **DeLong variance** uses the fast midrank algorithm of Sun & Xu (2014, IEEE Signal
   Processing Letters 21:1389), O(k n log n) for k score columns: the placement values
-  (structural components) come from midranks within positives, within negatives and
+  (structural components) come from midranks (:func:`midranks`, equal to
+  ``scipy.stats.rankdata(method="average")``) within positives, within negatives and
   overall, so ties get the Mann-Whitney 1/2. Covariances use ``ddof=1`` as in DeLong et
   al. (1988) and pROC.
 * **DeLong CI** default: on the AUC scale, ``AUC +/- z sqrt(V)`` clipped to [0, 1], which is
@@ -46,7 +47,6 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,25 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     return float(delong(score, y).aucs[0])
 
 
+def midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank, along the last axis (O(n log n)).
+
+    Same result as ``scipy.stats.rankdata(x, method="average", axis=-1)``; written here
+    (Sun & Xu's ``compute_midrank``, vectorised) to keep ``scipy.stats``, slow to import,
+    out of the CLI start-up.
+    """
+    a = np.asarray(x, dtype=float)
+    flat = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+    out = np.empty(flat.shape)
+    for i, row in enumerate(flat):
+        order = np.argsort(row, kind="mergesort")
+        s = row[order]
+        starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
+        ends = np.r_[starts[1:], s.size]
+        out[i, order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return out.reshape(a.shape)
+
+
 def delong(scores: np.ndarray, y: np.ndarray) -> DeLong:
     """Fast DeLong (Sun & Xu 2014): AUCs and covariance for ``scores`` of shape (k, n) or (n,).
 
@@ -101,9 +120,9 @@ def delong(scores: np.ndarray, y: np.ndarray) -> DeLong:
     m, n = x_pos.shape[1], x_neg.shape[1]
     if m == 0 or n == 0:
         raise ValueError("AUC needs at least one positive and one negative case")
-    tx = rankdata(x_pos, axis=1)
-    ty = rankdata(x_neg, axis=1)
-    tz = rankdata(np.concatenate([x_pos, x_neg], axis=1), axis=1)
+    tx = midranks(x_pos)
+    ty = midranks(x_neg)
+    tz = midranks(np.concatenate([x_pos, x_neg], axis=1))
     aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
     # structural components: share of negatives below each positive (ties 1/2) and
     # share of positives above each negative (ties 1/2)
@@ -274,7 +293,8 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float] | None:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def _prop(k: int, n: int) -> float | None:
+def proportion(k: int, n: int) -> float | None:
+    """``k / n``, or ``None`` when ``n == 0`` (never NaN)."""
     return k / n if n > 0 else None
 
 
@@ -288,7 +308,7 @@ def rates(tp: int, fp: int, tn: int, fn: int, level: float = 0.95) -> dict[str, 
         ("npv", tn, tn + fn),
         ("accuracy", tp + tn, tp + tn + fp + fn),
     ):
-        out[name] = _prop(k, n)
+        out[name] = proportion(k, n)
         out[f"{name}_ci"] = wilson(k, n, level)
     return out
 

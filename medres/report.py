@@ -88,7 +88,7 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
 def _png(fig: Figure, alt: str, caption: str) -> str:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100)  # layout="constrained": one draw, no bbox pass
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return (
         f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
@@ -97,7 +97,7 @@ def _png(fig: Figure, alt: str, caption: str) -> str:
 
 
 def _fig(w: float = 5.2, h: float = 4.4) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(w, h))
+    fig = Figure(figsize=(w, h), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.grid(True, alpha=0.3)
     return fig, ax
@@ -205,12 +205,13 @@ def _confusion_fig(matrix: list[list[int]], labels: list[str], title: str) -> st
 
 def _forest_fig(col: str, rows: list[dict[str, Any]], names: list[str]) -> str:
     n = len(rows)
-    fig, ax = _fig(5.6, max(2.2, 0.42 * n * max(len(names), 1) + 1.2))
+    step = len(names) + 1 if len(names) > 1 else 1  # a blank line between subgroups
+    fig, ax = _fig(5.6, max(2.0, 0.4 * n * step + 1.2))
     ticks, labels = [], []
     for r_i, row in enumerate(rows):
         for m_i, name in enumerate(names):
             res = row["models"].get(name) or {}
-            y = -(r_i * (len(names) + 1) + m_i)
+            y = -(r_i * step + m_i)
             if res.get("auc") is not None:
                 ci = res.get("auc_ci") or [res["auc"], res["auc"]]
                 color = _COLORS[m_i % len(_COLORS)]
@@ -223,9 +224,10 @@ def _forest_fig(col: str, rows: list[dict[str, Any]], names: list[str]) -> str:
                     capsize=3,
                     label=name if r_i == 0 else None,
                 )
-        ticks.append(-(r_i * (len(names) + 1)))
+        ticks.append(-(r_i * step))
         labels.append(f"{row['value']} (n={row['n']})")
     ax.set_yticks(ticks, labels, fontsize=8)
+    ax.margins(y=0.25)
     ax.axvline(0.5, ls="--", color="#888", lw=1)
     ax.set(xlim=(0, 1), xlabel="AUC (DeLong CI)")
     ax.set_title(f"AUC by {col}")

@@ -101,6 +101,11 @@ _NON_IMAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation-ish
     "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
 )
+# modalities whose images are 2D by nature (never stacked into volumes)
+_PROJECTION_MODALITIES = frozenset(
+    {"CR", "DX", "MG", "IO", "PX", "XA", "RF", "US", "ES", "XC", "OP", "SM", "GM", "DG"}
+)
+_SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture (incl. multi-frame SC)
 # first two bytes of a preamble-less dataset: group 0002 or 0008, little or big endian
 _FIRST_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 _NO_CATCH = (KeyboardInterrupt, SystemExit, GeneratorExit)
@@ -212,6 +217,18 @@ class DicomHeader:
         """True when patient position/orientation exist (classic or per-frame)."""
         return self.image_orientation is not None and (
             self.image_position is not None or bool(self.frame_positions)
+        )
+
+    @property
+    def is_slice(self) -> bool:
+        """One frame of a volume: single-frame, with position and orientation, and not a
+        projection/2D modality (radiography, ultrasound, secondary capture...), which are
+        always images of their own even when they carry patient geometry."""
+        return (
+            self.has_geometry
+            and self.number_of_frames == 1
+            and self.modality not in _PROJECTION_MODALITIES
+            and not self.sop_class_uid.startswith(_SC_PREFIX)
         )
 
     @property
@@ -844,8 +861,8 @@ def _group_series(
             seen[h.sop_instance_uid] = h
         unique.append(h)
 
-    singles = [h for h in unique if not h.has_geometry or h.number_of_frames > 1]
-    slices = [h for h in unique if h.has_geometry and h.number_of_frames == 1]
+    singles = [h for h in unique if not h.is_slice]
+    slices = [h for h in unique if h.is_slice]
     stacks: list[Stack] = []
 
     # volume candidates: cluster by orientation, localizer flag
@@ -1218,6 +1235,44 @@ def _decode(h: DicomHeader) -> tuple[np.ndarray, Any]:
     return arr, ds
 
 
+def _decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
+    """Decode compressed frames straight from the bytes located by the header scan (no second
+    header parse): (frames, rows, cols[, 3]), or None when this shortcut does not apply or
+    fails (the caller then decodes through the full dataset, which also classifies errors)."""
+    if h.pixel_offset < 0 or h.pixel_length != -1 or h.photometric.startswith("PALETTE"):
+        return None
+    if h.has_modality_lut_sequence:
+        return None
+    try:
+        from pydicom.pixels import get_decoder
+
+        decoder = get_decoder(h.transfer_syntax)
+        with open(h.path, "rb") as fh:
+            fh.seek(h.pixel_offset)
+            buf = fh.read()
+        kw: dict[str, Any] = {
+            "rows": h.rows,
+            "columns": h.cols,
+            "samples_per_pixel": h.samples_per_pixel,
+            "number_of_frames": h.number_of_frames,
+            "bits_allocated": h.bits_allocated,
+            "bits_stored": h.bits_stored,
+            "pixel_representation": h.pixel_representation,
+            "photometric_interpretation": h.photometric,
+            "pixel_keyword": "PixelData",
+        }
+        if h.samples_per_pixel > 1:
+            kw["planar_configuration"] = h.planar_configuration
+        arr, _ = decoder.as_array(buf, **kw)
+    except _NO_CATCH:
+        raise
+    except BaseException:
+        return None
+    nf = h.number_of_frames
+    color = arr.ndim == (4 if nf > 1 else 3)
+    return arr.reshape((nf, h.rows, h.cols, arr.shape[-1]) if color else (nf, h.rows, h.cols))
+
+
 def _lut_sequence(ds: Any) -> Callable[[np.ndarray], np.ndarray] | None:
     if ds is None or not ds.get("ModalityLUTSequence"):
         return None
@@ -1422,16 +1477,24 @@ def _decode_all(stack: Stack, all_slices: list[_Slice], workers: int) -> dict[in
             out[-1] = _decode(stack.first)[1]
         return out
     for i in need:
-        arr, ds = _decode(stack.headers[i])
+        h = stack.headers[i]
+        fast = _decode_encapsulated(h)
+        if fast is not None:
+            out[i] = fast
+            continue
+        arr, ds = _decode(h)
         out[i] = arr
         out.setdefault(-1, ds)
+    if stack.first.has_modality_lut_sequence and -1 not in out:
+        out[-1] = _decode(stack.first)[1]
     return out
 
 
 def _decode_array(h: DicomHeader) -> np.ndarray | IngestError:
     """Process-pool worker: the decoded frames, or the coded error (exceptions pickle)."""
     try:
-        return _run_guarded(lambda: _decode(h)[0], h.source)
+        fast = _decode_encapsulated(h)
+        return fast if fast is not None else _run_guarded(lambda: _decode(h)[0], h.source)
     except IngestError as exc:
         return exc
 

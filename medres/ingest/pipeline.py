@@ -47,7 +47,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -75,6 +75,7 @@ INGEST_JSON = "ingest.json"
 CACHE_NAME = ".medres_cache.json"
 IMAGES_DIR = "images"
 SCRATCH_DIR = ".medres_scratch"
+LOCK_NAME = ".medres_lock"
 SKIP_CODES = frozenset({Code.NOT_IMAGE.value, Code.DUPLICATE_INPUT.value, Code.EXTRA_STACK.value})
 _CACHE_VERSION = 1
 
@@ -341,14 +342,24 @@ class IsolatedPool:
                 if on_result:
                     on_result(i)
 
+        requeued: Counter[int] = Counter()
+
         def abandon(w: _Worker, failure: Failure) -> None:
-            """Fail the worker's current item; re-queue the unanswered others."""
+            """Fail the worker's current item; re-queue the unanswered others (an item
+            re-queued three times fails too, so a crash between items cannot loop)."""
             cur = w.current()
             if cur is not None:
                 finish(cur, (False, failure))
                 w.chunk.pop(cur)
-            if w.chunk:
-                pending.appendleft(list(w.chunk.items()))
+            again = []
+            for idx, item in w.chunk.items():
+                requeued[idx] += 1
+                if requeued[idx] >= 3:
+                    finish(idx, (False, failure))
+                else:
+                    again.append((idx, item))
+            if again:
+                pending.appendleft(again)
             w.chunk = {}
 
         while done < n:
@@ -401,7 +412,9 @@ class IsolatedPool:
                         ),
                     )
                 elif (not w.ready and now - w.started > self.startup_timeout_s) or (
-                    w.chunk and cur is None and now - w.sent > self.startup_timeout_s + self.timeout_s
+                    w.chunk
+                    and cur is None
+                    and now - w.sent > self.startup_timeout_s + self.timeout_s
                 ):
                     raise MedresError(
                         "ingest worker processes did not start or load their task; retry with "
@@ -494,10 +507,11 @@ def decode_task(job: DecodeJob) -> dict[str, Any]:
         img = nifti.load_nifti(Path(path), source)
     else:
         img = dicom.load_stack(job.payload)
-    if img.dims == 3 and img.n_slices < job.min_slices:
+    # DICOM stacks are checked by group_stacks' GeometryPolicy(min_slices); NIfTI here
+    if job.kind == "nifti" and img.dims == 3 and img.n_slices < job.min_slices:
         raise IngestError(
-            f"{job.sources[0]}: 3D stack with {img.n_slices} slice(s), fewer than --min-slices "
-            f"{job.min_slices}; lower --min-slices to keep it",
+            f"{job.sources[0]}: 3D volume with {img.n_slices} slice(s), fewer than "
+            f"--min-slices {job.min_slices}; lower --min-slices to keep it",
             code=Code.TOO_FEW_SLICES.value,
         )
     nifti.write_image(img, job.out_path)  # atomic (temp file + os.replace)
@@ -601,6 +615,45 @@ def run_ingest(config: IngestConfig) -> IngestReport:
     _check_config(config)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    with _out_dir_lock(out):
+        return _run(config, t0, timing)
+
+
+@contextlib.contextmanager
+def _out_dir_lock(out: Path) -> Iterator[None]:
+    """One ingest at a time per output folder (``.medres_lock`` holds the owner's pid)."""
+    lock = out / LOCK_NAME
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or "0")
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its owner is gone
+                continue
+            except PermissionError:
+                pass
+            raise ConfigError(
+                f"another `medres ingest` (pid {pid}) is writing to --out {out.name!r}; wait for "
+                f"it to finish, or delete {LOCK_NAME} there if it is gone"
+            ) from None
+    else:  # pragma: no cover - lost the race twice
+        raise ConfigError(f"cannot lock --out {out.name!r}; retry")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestReport:
+    out = config.out_dir
     key = load_or_create_key(out)
     table = read_labels(config.labels, key, config.label_key) if config.labels else None
     workers = config.workers or default_workers()
@@ -632,6 +685,9 @@ def run_ingest(config: IngestConfig) -> IngestReport:
         t = time.monotonic()
         records, cached_files = _decode(jobs, config, pool, ledger)
         timing["decode_s"] = time.monotonic() - t
+    except BaseException:
+        pool.close(kill=True)  # Ctrl-C or a bug: do not wait for busy workers
+        raise
     finally:
         pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -665,8 +721,8 @@ def run_ingest(config: IngestConfig) -> IngestReport:
         rows.append(row)
     manifest_path = out / MANIFEST_NAME
     errors_path = out / ERRORS_NAME
-    if rows:
-        write_manifest(manifest_path, rows, label_columns)
+    # always rewritten (header only when empty) so that a stale manifest never survives
+    write_manifest(manifest_path, rows, label_columns)
     _write_errors(errors_path, ledger.error_rows())
     _prune_images(out, {r["image_path"] for r in rows})
     timing["write_s"] = time.monotonic() - t
@@ -709,6 +765,11 @@ def _check_config(config: IngestConfig) -> None:
         raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")
     if config.min_slices < 1:
         raise ConfigError(f"--min-slices {config.min_slices} must be at least 1")
+    if config.worker_memory_mb is not None and config.worker_memory_mb < 256:
+        raise ConfigError(
+            f"--worker-memory-mb {config.worker_memory_mb} is too small; use at least 256 "
+            "(a worker needs ~200 MiB before it reads any file)"
+        )
     if config.file_timeout_s <= 0:
         raise ConfigError("--file-timeout must be positive (seconds)")
     if config.out_dir.exists() and not config.out_dir.is_dir():

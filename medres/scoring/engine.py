@@ -241,20 +241,43 @@ class _Decoders:
         self.max_inflight = max(1, workers * prefetch)
         self.pool: ProcessPoolExecutor | None = None
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            self.workers,
-            mp_context=_mp_context(),
-            initializer=_init_worker,
-            initargs=(self.decoder,),
+    def _new_pool(self, *, safe: bool = False) -> ProcessPoolExecutor:
+        """A pool whose workers are all started before this returns.
+
+        With ``fork`` the workers must be forked while no other thread of ours runs
+        (a lock held by another thread at fork time stays locked in the child), so the
+        first pool is warmed up before discovery starts; a replacement pool, made while
+        discovery runs, uses ``forkserver`` (``safe``).
+        """
+        ctx = _mp_context()
+        if safe and ctx.get_start_method() == "fork":
+            ctx = mp.get_context("forkserver")
+        pool = ProcessPoolExecutor(
+            self.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.decoder,)
         )
+        for f in [pool.submit(os.getpid) for _ in range(self.workers)]:
+            f.result()
+        return pool
+
+    def start(self) -> None:
+        """Start the workers (call before any other thread is started)."""
+        if self.workers > 0 and self.pool is None:
+            self.pool = self._new_pool()
+
+    def _kill(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is None:
+            return
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def run(self, chunks: Iterable[list[ScoreItem]]) -> Iterator[list[Decoded]]:
         if self.workers <= 0:
             for chunk in chunks:
                 yield [decode_one(self.decoder, it) for it in chunk]
             return
-        self.pool = self._new_pool()
+        self.start()
         pending: deque[tuple[list[ScoreItem], Future]] = deque()
         try:
             for chunk in chunks:
@@ -263,16 +286,20 @@ class _Decoders:
                     yield self._result(*pending.popleft(), pending)
             while pending:
                 yield self._result(*pending.popleft(), pending)
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            self._kill()  # never wait for workers on the error path
+            raise
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
     def _submit(self, chunk: list[ScoreItem]) -> Future:
         assert self.pool is not None
         try:
             return self.pool.submit(_decode_chunk, chunk)
         except BrokenProcessPool:
-            self.pool = self._new_pool()
+            self._kill()
+            self.pool = self._new_pool(safe=True)
             return self.pool.submit(_decode_chunk, chunk)
 
     def _result(
@@ -291,9 +318,8 @@ class _Decoders:
     def _isolate(self, chunk: list[ScoreItem]) -> list[Decoded]:
         out = []
         for it in chunk:
-            if self.pool is not None:
-                self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_pool()
+            self._kill()
+            self.pool = self._new_pool(safe=True)
             try:
                 out.extend(self.pool.submit(_decode_chunk, [it]).result())
             except BrokenProcessPool:
@@ -305,8 +331,8 @@ class _Decoders:
                         "(corrupt file?); it was skipped",
                     )
                 )
-        self.pool.shutdown(wait=False, cancel_futures=True) if self.pool else None
-        self.pool = self._new_pool()
+        self._kill()
+        self.pool = self._new_pool(safe=True)
         return out
 
 
@@ -390,6 +416,7 @@ def run_items(
             if on_progress:
                 on_progress(n)
 
+    decoders.start()  # fork the workers before the discovery thread starts
     it_decoded = decoders.run(_chunks(items, chunk_size))
     while True:
         tw = time.perf_counter()

@@ -112,7 +112,7 @@ def dicom_items(files: list, *, key: bytes) -> Iterator[ScoreItem]:
     """
     from medres.errors import IngestError
     from medres.ingest import dicom
-    from medres.ingest.pipeline import _stack_identity, common_source, scan_task
+    from medres.ingest.pipeline import common_source, scan_task
 
     headers = []
     for f in files:
@@ -137,7 +137,7 @@ def dicom_items(files: list, *, key: bytes) -> Iterator[ScoreItem]:
         yield _rejected(rej.source, str(rej.code), rej.message, key)
     taken: set[str] = set()
     for stack in stacks:
-        ident = _stack_identity(stack)
+        ident = f"dicom\x00{stack.key}"  # the identity ingest derives image_id from
         n = 1
         base = ident
         while item_key(ident, key) in taken:  # same rule as ingest: keep ids distinct

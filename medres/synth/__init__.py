@@ -14,7 +14,7 @@ Choices made:
   volumes in memory or on disk: cheap, and exact because rendering is deterministic.
 * The phantom is a torso (fat rim, soft tissue, lungs, liver, kidneys, aorta, spine) in
   CT/MR, a chest PA radiograph, an abdominal ultrasound fan or a rendered CT screenshot.
-  The finding is a soft-edged sphere/disc painted with a known value (CT +60 HU over soft
+  The finding is a soft-edged sphere/disc painted with a known value (CT +100 HU over soft
   tissue at ``lesion_contrast=1``, faded by ``difficulty``) placed inside the body; small
   bright and dark distractors and smooth texture keep it from being trivial.
 * Messy exports (:data:`DEFECTS`) are planted in recorded series (``truth.csv`` ``defect``),

@@ -152,9 +152,9 @@ class SynthSpec:
     * ``spacing`` is (row spacing, column spacing[, slice spacing]) in mm, i.e. DICOM
       PixelSpacing order; ``None`` fits the kind's typical field of view (CT 350 mm
       in-plane, 160 mm along z; radiographs 400 mm).
-    * ``lesion_contrast`` multiplies each modality's nominal lesion contrast (CT +60 HU,
-      MR +300, X-ray +500 of 4095, US hypoechoic -60 grey levels); negative inverts it.
-    * ``lesion_radius_mm`` ``None`` means 3.5-7 % of the smaller in-plane field of view, so
+    * ``lesion_contrast`` multiplies each modality's nominal lesion contrast (CT +100 HU,
+      MR +400, X-ray +900 of 4095, US hypoechoic -70 grey levels); negative inverts it.
+    * ``lesion_radius_mm`` ``None`` means 5-9 % of the smaller in-plane field of view, so
       the finding keeps its relative size (and learnability) whatever the shape.
     * ``difficulty`` (0..1) scales everything that hides the lesion together: effective
       contrast x(1 - 0.6 d), noise x(0.5 + 2 d), anatomy jitter and the number of
@@ -208,7 +208,7 @@ class SynthSpec:
             return float(lo), float(hi)
         shape, sp = self.resolved_shape(), self.resolved_spacing()
         fov = min(shape[0] * sp[0], shape[1] * sp[1])
-        return 0.035 * fov, 0.07 * fov
+        return 0.05 * fov, 0.09 * fov
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

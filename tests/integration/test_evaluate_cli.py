@@ -335,3 +335,59 @@ def test_run_dir_uses_label_columns_recorded_by_training(tmp_path):
     m = _strict_json(out / "metrics.json")
     assert m["labels"] == ["x", "y"]
     assert m["per_label"]["y"]["auc"] == pytest.approx(roc_auc_score(lab[:, 1], prob[:, 1]))
+
+
+def test_run_dir_subgroup_column_joined_from_manifest(tmp_path):
+    """A --by column that training did not pass through comes from the run's manifest."""
+    run = _fake_run_dir(tmp_path, "binary", n=60)
+    with (run / "predictions_test.csv").open() as fh:
+        ids = [r["image_id"] for r in csv.DictReader(fh)]
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    rows = [[iid, f"images/{iid}.nii.gz", "test", ["A", "B"][k % 2]] for k, iid in enumerate(ids)]
+    _write_csv(dataset / "manifest.csv", ["image_id", "image_path", "split", "site"], rows)
+    (run / "pipeline.yaml").write_text(f"data:\n  manifest: {dataset / 'manifest.csv'}\n")
+    out = tmp_path / "o"
+    res = _invoke("evaluate", str(run), "--by", "site", "--n-boot", "0", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    m = _strict_json(out / "metrics.json")
+    assert {r["value"]: r["n"] for r in m["subgroups"]["site"]} == {"A": 30, "B": 30}
+    # a column that exists nowhere is still a one-line error naming it
+    res = _invoke("evaluate", str(run), "--by", "scanner_room", "--out", str(out))
+    assert res.exit_code == 1 and "no column 'scanner_room'" in res.output
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"y,p\n", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe garbage", b"y,p\n1,0.5\x00\n0,0.2\n"],
+)
+def test_hostile_files_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "p.csv"
+    path.write_bytes(content)
+    res = _invoke(
+        "evaluate", str(path), "--label", "y", "--score", "p", "--out", str(tmp_path / "o")
+    )
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and res.output.count("error:") == 1
+
+
+def test_out_that_is_a_file_is_refused(three_scores_csv, tmp_path):
+    path, _ = three_scores_csv
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    res = _invoke(
+        "evaluate",
+        str(path),
+        "--label",
+        "dx",
+        "--positive",
+        "disease",
+        "--score",
+        "cnn",
+        "--n-boot",
+        "0",
+        "--out",
+        str(blocker),
+    )
+    assert res.exit_code == 1 and "is a file" in res.output

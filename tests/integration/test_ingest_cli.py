@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medres.cli import app
+from medres.errors import IngestError
 from medres.ingest.pipeline import IngestConfig, IsolatedPool, run_ingest
 from medres.manifest import MANIFEST_COLUMNS, read_manifest
 
@@ -136,7 +137,12 @@ def test_ingest_end_to_end(dataset, tmp_path):
     by_source = {row["source"]: row for row in rows}
     assert set(by_source) == {"p0/s1", "p0/s2", "p1/s1", "p2/s1", "batch.zip!p3", "loose.nii.gz"}
     ct = by_source["p1/s1"]
-    assert (ct["dims"], ct["shape"], ct["spacing"], ct["n_slices"]) == ("3", "8x8x4", "0.5x0.5x2", "4")
+    assert (ct["dims"], ct["shape"], ct["spacing"], ct["n_slices"]) == (
+        "3",
+        "8x8x4",
+        "0.5x0.5x2",
+        "4",
+    )
     assert (ct["modality"], ct["manufacturer"], ct["sex"], ct["age"]) == ("CT", "ACME", "F", "61")
     assert ct["patient_key"].startswith("pat-") and ct["image_id"].startswith("img-")
     img = nib.load(manifest.resolve(ct))
@@ -252,14 +258,93 @@ def test_library_entry_point_in_process(tmp_path):
     assert report.files == {"seen": 4, "used": 4, "rejected": 0, "skipped": 0, "cached": 0}
     assert report.manifest_path.is_file()
     # --min-slices rejects the 3-slice stack and the 4-slice NIfTI with a stable code
-    report = run_ingest(
-        IngestConfig(sources=(src,), out_dir=tmp_path / "o2", isolate=False, min_slices=5)
-    ) if False else None
-    with pytest.raises(Exception, match="no usable image"):
-        run_ingest(IngestConfig(sources=(src,), out_dir=tmp_path / "o2", isolate=False, min_slices=5))
+    with pytest.raises(IngestError, match="no usable image"):
+        run_ingest(
+            IngestConfig(sources=(src,), out_dir=tmp_path / "o2", isolate=False, min_slices=5)
+        )
     codes = {e["source"]: e["code"] for e in _rows(tmp_path / "o2" / "errors.csv")}
     assert codes == {"a/IM0000": "too_few_slices", "a/IM0001": "too_few_slices",
                      "a/IM0002": "too_few_slices", "b.nii": "too_few_slices"}  # fmt: skip
+
+
+def test_one_ingest_at_a_time_per_output_folder(tmp_path):
+    from medres.errors import ConfigError
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_nifti(src / "a.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".medres_lock").write_text(str(os.getpid()))  # a live owner
+    cfg = IngestConfig(sources=(src,), out_dir=out, isolate=False)
+    with pytest.raises(ConfigError, match="another `medres ingest`"):
+        run_ingest(cfg)
+    (out / ".medres_lock").write_text("999999999")  # a dead owner: the stale lock is taken over
+    assert run_ingest(cfg).n_images == 1
+    assert not (out / ".medres_lock").exists()
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(("archive", "workers"), [(None, "1"), ("tar.gz", "2")])
+def test_synth_messy_defects_are_caught_with_their_codes(tmp_path, archive, workers):
+    """Every defect `medres synth` plants ends in errors.csv with its code (or is repaired),
+    no canary identity leaks, and every file is accounted for."""
+    from medres.ingest.labels import id_keys
+    from medres.phi import load_or_create_key
+    from medres.synth import PHI_CANARY_MARKER, SynthSpec, generate
+
+    messy = (
+        "missing_slice", "duplicate_slice", "localizer", "uneven_spacing", "two_series",
+        "junk", "truncated", "no_preamble", "shuffle_names",
+    )  # fmt: skip
+    spec = SynthSpec(
+        kind="ct", n_patients=8, shape=(16, 16, 8), messy=messy, seed=3, phi_canary=True,
+        archive=archive,
+    )  # fmt: skip
+    res = generate(spec, tmp_path / "syn")
+    src = res.archive or res.data_dir
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app,
+        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers],
+    )
+    assert r.exit_code == 0, r.output
+
+    def source(rel: str) -> str:  # truth paths are relative to the synth folder
+        if res.archive is not None:
+            return f"{res.archive.name}!{rel}"
+        return Path(rel).relative_to(res.data_dir.relative_to(res.out_dir)).as_posix()
+
+    errors = {e["source"]: e["code"] for e in _rows(out / "errors.csv")}
+    key = load_or_create_key(out)
+    series_in_manifest = {row["series_key"] for row in _rows(out / "manifest.csv")}
+    for t in res.truth:
+        codes = [errors.get(source(p)) for p in t.paths]
+        kept = id_keys(key, series_uid=t.series_uid)["series_key"] in series_in_manifest
+        if t.defect == "missing_slice":
+            assert set(codes) == {"missing_slices"} and not kept
+        elif t.defect == "uneven_spacing":
+            assert set(codes) == {"inconsistent_geometry"} and not kept
+        elif t.defect == "localizer":
+            assert sorted(c or "" for c in codes)[-1] == "extra_stack" and kept
+            assert codes.count("extra_stack") == 1
+        elif t.defect == "duplicate_slice":
+            assert codes.count("duplicate_input") == 1 and kept
+        elif t.defect == "truncated":
+            assert sum(c in ("truncated", "no_pixel_data") for c in codes) == 1
+        else:  # clean series, no_preamble, two_series: all files used
+            assert codes == [None] * len(codes) and kept, t.defect
+    for junk in res.junk:
+        rel = junk.relative_to(res.out_dir).as_posix()
+        assert errors[source(rel)] == "not_dicom"
+
+    info = json.loads((out / "ingest.json").read_text())
+    files = info["files"]
+    assert files["seen"] == files["used"] + files["rejected"] + files["skipped"]
+    assert files["seen"] == len(errors) + files["used"]
+    marker = PHI_CANARY_MARKER.encode()
+    for path, data in _all_output_bytes(out):
+        assert marker not in data, f"canary leaked into {path.name}"
 
 
 # ---------------------------------------------------------------------------------------

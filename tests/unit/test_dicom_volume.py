@@ -6,6 +6,7 @@ coordinates are computed independently from the DICOM attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -463,10 +464,12 @@ def test_decoder_panic_is_isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     paths = make_series(tmp_path, _rng_volume((3, 4, 4)), ts=RLELossless)
     stacks, _ = _load(paths)
 
-    def boom(self):
+    def boom(*args, **kwargs):
         raise FakePanic("rust panicked")
 
-    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(boom))
+    from pydicom.pixels.decoders.base import Decoder
+
+    monkeypatch.setattr(Decoder, "as_array", boom)  # every decode path ends here
     with pytest.raises(IngestError) as exc:
         load_stack(stacks[0])
     assert exc.value.code == Code.DECODE_FAILED
@@ -673,7 +676,14 @@ def test_synthetic_series_match_ground_truth(tmp_path: Path, spec_kw: dict) -> N
 def test_synthetic_messy_series_are_rejected_with_codes(tmp_path: Path) -> None:
     from medres.synth import SynthSpec
 
-    defects = ("missing_slice", "duplicate_slice", "localizer", "uneven_spacing", "truncated", "no_preamble")
+    defects = (
+        "missing_slice",
+        "duplicate_slice",
+        "localizer",
+        "uneven_spacing",
+        "truncated",
+        "no_preamble",
+    )
     spec = SynthSpec(kind="ct", n_patients=7, shape=(20, 18, 10), messy=defects, seed=3)
     seen = {}
     for _res, row, stacks, rej in _synth_series(spec, tmp_path):
@@ -690,3 +700,26 @@ def test_synthetic_messy_series_are_rejected_with_codes(tmp_path: Path) -> None:
     assert seen["truncated"][0] & {"truncated", "no_pixel_data"} and seen["truncated"][1] == 0
     assert seen["no_preamble"] == (set(), 1)
     assert seen[""] == (set(), 1)
+
+
+def test_projection_images_with_geometry_stay_separate_images(tmp_path: Path) -> None:
+    """Two radiographs of one series carrying the same IPP/IOP are two 2D images, not a stack."""
+    series = generate_uid()
+    paths = []
+    for k in range(2):
+        arr = np.full((3, 4), 100 * (k + 1))
+        p = _dx(
+            tmp_path,
+            f"dx{k}.dcm",
+            arr,
+            SeriesInstanceUID=series,
+            ImagePositionPatient=["0", "0", "0"],
+            ImageOrientationPatient=list(AXIAL),
+            PixelSpacing=["0.1", "0.1"],
+        )
+        paths.append(p)
+    headers = [scan_header(p) for p in paths]
+    headers = [dataclasses.replace(h, study_uid="1.2.3") for h in headers]
+    stacks, rej = group_stacks(headers)
+    assert rej == [] and len(stacks) == 2 and all(s.kind == "image" for s in stacks)
+    assert {int(load_stack(s).array.max()) for s in stacks} == {100, 200}

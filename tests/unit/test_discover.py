@@ -195,7 +195,9 @@ def test_tar_links_devices_and_escapes_are_rejected(work, suffix):
 
 def test_zip_bomb_ratio_is_rejected_quickly_and_cleaned_up(work):
     before = _tree(work)
-    arc = _zip(work / "in" / "bomb.zip", {"zeros.dcm": bytes(8 << 20)}, compress=zipfile.ZIP_DEFLATED)
+    arc = _zip(
+        work / "in" / "bomb.zip", {"zeros.dcm": bytes(8 << 20)}, compress=zipfile.ZIP_DEFLATED
+    )
     assert arc.stat().st_size < 100_000
     t = time.monotonic()
     found = discover([arc], work / "scratch")

@@ -138,8 +138,32 @@ def test_datalist_multilabel(tmp_path: Path):
     assert json.loads(res.path.read_text())["task"] == "multilabel"
 
 
+def _rewrite(manifest: Path, **changes: dict[str, str]) -> Path:
+    """Rewrite rows of ``manifest``: ``changes[image_id] = {column: value}``."""
+    from medres.manifest import read_manifest
+
+    m = read_manifest(manifest)
+    rows = [{**r, **changes.get(r["image_id"], {})} for r in m.rows]
+    return write_manifest(manifest, rows, label_columns=m.label_columns)
+
+
+def test_datalist_unsplit_rows_go_to_training(manifest: Path, tmp_path: Path, caplog):
+    _rewrite(manifest, **{"img-0000000000000010": {"split": ""}})
+    with caplog.at_level("WARNING", logger="medres.export"):
+        res = export_monai_datalist(manifest, tmp_path / "u.json")
+    assert res.counts == {"training": 4, "validation": 2, "test": 1}
+    assert "1 manifest row(s) have no split" in caplog.text
+
+
+def test_nnunet_rejects_mixed_channel_counts(manifest: Path, tmp_path: Path):
+    _rewrite(manifest, **{"img-000000000000000b": {"channels": "3"}})
+    with pytest.raises(ManifestError, match="different channel counts"):
+        export_nnunet(manifest, tmp_path / "Dataset507_Mixed")
+
+
 def test_class_order():
     assert class_order(["10", "2", "", "1", "2"]) == ("1", "2", "10")
+    assert class_order(["1.5", "0.25", "10"]) == ("0.25", "1.5", "10")
     assert class_order(["b", "a", "10"]) == ("10", "a", "b")
 
 

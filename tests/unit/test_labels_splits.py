@@ -163,7 +163,7 @@ def test_given_splits_are_honoured_for_the_whole_patient():
     given = ["test", "", "", "", "", ""]
     splits = assign_splits(groups, strata, given, val_frac=0.2, test_frac=0.2, seed=0)
     assert splits[0] == splits[1] == "test"
-    with pytest.raises(ManifestError, match="patient a .*'test' and 'train'"):
+    with pytest.raises(ManifestError, match=r"patient a .*'test' and 'train'"):
         assign_splits(groups, strata, ["test", "train", "", "", "", ""])
 
 

@@ -96,7 +96,7 @@ def test_invalid_rows_raise_naming_the_line(tmp_path, change, match):
 
 def test_missing_required_column_and_missing_file(tmp_path):
     _write_raw(tmp_path / "m.csv", ["image_id", "label"], [["a", "1"]])
-    with pytest.raises(ManifestError, match="missing column.*image_path"):
+    with pytest.raises(ManifestError, match=r"missing column.*image_path"):
         read_manifest(tmp_path / "m.csv")
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.csv")
@@ -115,7 +115,7 @@ def test_multilabel_values_must_be_binary(tmp_path):
 def test_check_files_reports_missing_image(tmp_path):
     write_manifest(tmp_path / "manifest.csv", [_row(1)])
     read_manifest(tmp_path / "manifest.csv")  # fine without the check
-    with pytest.raises(ManifestError, match="line 2: image file .* missing"):
+    with pytest.raises(ManifestError, match=r"line 2: image file .* missing"):
         read_manifest(tmp_path / "manifest.csv", check_files=True)
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "img-0000000000000001.nii.gz").write_bytes(b"x")
@@ -129,3 +129,25 @@ def test_hand_made_manifest_with_bom_and_absolute_path(tmp_path):
     m = read_manifest(tmp_path / "m.csv")
     assert m.rows[0]["image_id"] == "A"
     assert m.resolve(m.rows[0]) == img
+
+
+def test_documented_examples_are_valid(tmp_path):
+    """data_manifests/example_*.csv follow the schema that the code enforces."""
+    from pathlib import Path
+
+    from medres.ingest.labels import read_labels
+
+    docs = Path(__file__).resolve().parents[2] / "data_manifests"
+    m = read_manifest(docs / "example_manifest.csv")
+    assert m.columns == MANIFEST_COLUMNS
+    assert {r["split"] for r in m.rows} == {"train", "val", "test"}
+    readme = (docs / "README.md").read_text()
+    for col in MANIFEST_COLUMNS:
+        assert f"| `{col}` |" in readme
+    from medres.ingest.codes import Code
+
+    for code in Code:  # every errors.csv code is documented
+        assert f"| `{code.value}` |" in readme
+    assert read_labels(docs / "example_labels.csv", b"k").label_columns == ("label",)
+    multi = read_labels(docs / "example_labels_multilabel.csv", b"k")
+    assert multi.label_columns == ("label_nodule", "label_effusion")

@@ -8,6 +8,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
 from medres import metrics as M
@@ -56,6 +57,12 @@ def _brute_delong(scores: np.ndarray, y: np.ndarray):
         ]
     )
     return aucs, s10 / m + s01 / n
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 50), (2, 4, 9)])
+def test_midranks_equal_scipy_average_ranks(shape):
+    x = np.round(np.random.default_rng(1).normal(0, 1, shape), 0)  # many ties
+    np.testing.assert_array_equal(M.midranks(x), rankdata(x, method="average", axis=-1))
 
 
 @pytest.mark.parametrize(

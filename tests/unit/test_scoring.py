@@ -110,7 +110,7 @@ def test_mixed_shapes_are_batched_separately(tmp_path) -> None:
             size = 8 if int(item.key.split("-")[1]) % 2 else 12
             return np.ones((1, size, size), np.float32) * int(item.key.split("-")[1])
 
-    stats, recs = _run(tmp_path, _items(10), TwoSizes(), batch_size=3)
+    stats, _ = _run(tmp_path, _items(10), TwoSizes(), batch_size=3)
     assert stats.scored == 10
     assert stats.batches == 4  # 5 of each size -> 2 batches each
 
