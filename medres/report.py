@@ -184,7 +184,9 @@ def _calibration_fig(rel: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
-def _confusion_fig(matrix: list[list[int]], labels: list[str], title: str) -> str:
+def _confusion_fig(
+    matrix: list[list[int]], labels: list[str], title: str, caption: str | None = None
+) -> str:
     k = len(labels)
     size = min(3.2 + 0.45 * k, 9.0)
     fig, ax = _fig(size, size * 0.9)
@@ -200,7 +202,7 @@ def _confusion_fig(matrix: list[list[int]], labels: list[str], title: str) -> st
     ax.set_yticks(range(k), [str(x) for x in labels])
     ax.set(xlabel="predicted", ylabel="true")
     ax.set_title(title, fontsize=10)
-    return _png(fig, "Confusion matrix", title)
+    return _png(fig, "Confusion matrix", caption or title)
 
 
 def _forest_fig(col: str, rows: list[dict[str, Any]], names: list[str]) -> str:
@@ -326,7 +328,8 @@ def _binary_sections(m: dict[str, Any]) -> str:
             _confusion_fig(
                 cm["matrix"],
                 cm["labels"],
-                f"{name}: score >= {cm['threshold']:.4g} ({cm['basis']})",
+                f"{name}: score ≥ {cm['threshold']:.4g}",
+                f"{name}: confusion matrix at score ≥ {cm['threshold']:.4g}, {cm['basis']}.",
             )
         )
     out = "<h2>Curves</h2><div class='figs'>" + "".join(figs) + "</div>"

@@ -17,7 +17,9 @@ Three stages, each usable on its own:
 Choices made (see docs/architecture.md, "Canonical image on disk"):
 
 - Slices are sorted by their position along the slice normal ``cross(row, col)``, never by
-  InstanceNumber.
+  InstanceNumber. Radiography, ultrasound, secondary capture and other projection
+  modalities are always images of their own (never stacked), a one-slice stack of a
+  volumetric modality is a 2D image, and 2..``min_slices``-1 slices are ``too_few_slices``.
 - 3D: voxel (i, j, k) = (column, row, slice). The DICOM affine in LPS is
   ``[row_cos * col_spacing, col_cos * row_spacing, step, first_position]`` where ``step``
   is the mean vector between consecutive slice positions. With gantry tilt ``step`` is not
@@ -38,8 +40,16 @@ Choices made (see docs/architecture.md, "Canonical image on disk"):
   palette) becomes RGB with a trailing channel axis of 3; no modality LUT applies to it.
   Stored dtype is int16 when every value is integral and fits, else float32.
 - Decoding: uncompressed little-endian pixel data is read straight from the file into the
-  preallocated volume at the offset found by the header scan (no second parse); everything
-  else goes through pydicom's decoder plugins (pylibjpeg, openjpeg, libjpeg, RLE, gdcm).
+  preallocated volume at the offset found by the header scan (no second parse), then one
+  pass applies the rescale and the canonical flips/permutation together, writing an
+  F-contiguous array that the ``.nii`` writer dumps without another copy. Compressed
+  (encapsulated) pixel data is read from the same offset and handed to pydicom's decoder
+  plugins (pylibjpeg, openjpeg, libjpeg, RLE, gdcm) with the image description from the
+  header scan, again without re-parsing; only palette colour, Modality LUT Sequences,
+  deflated or big-endian files, and any file the shortcut cannot decode go through a full
+  ``dcmread`` + ``pixel_array`` (which also classifies the error). Compressed stacks are
+  decoded in worker processes when ``workers > 1`` (a crashing C decoder then kills a
+  worker, not the run); uncompressed reads use threads.
   Any decoder failure, including panics that are not ``Exception`` subclasses (pydicom's
   Rust RLE decoder raises ``PanicException``), becomes ``IngestError(code=decode_failed)``.
 """

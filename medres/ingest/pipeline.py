@@ -8,14 +8,15 @@ labels and assign patient-grouped splits -> write the outputs atomically.
 
 Choices made here:
 
-* **Isolation.** Header scans and decodes run in ``spawn``-ed worker processes supervised
-  by :func:`isolated_map`: a worker that crashes (segfault, ``os._exit``, OOM kill) or
-  exceeds the per-file time limit is killed and replaced; the item it was on is rejected
-  (``decode_failed`` / ``timeout``) and the rest of its chunk is re-queued. ``spawn`` rather
-  than ``fork`` because the CLI runs a progress thread and logging locks that a forked
-  child could inherit held.
-* **Chunks.** Header scans go to workers in chunks (up to 64 files) with one small
-  message back per file, so a crash is attributed to one file; decodes go one stack at a
+* **Isolation.** Header scans and decodes run in worker processes supervised by
+  :class:`IsolatedPool`: a worker that crashes (segfault, ``os._exit``, OOM kill) or
+  exceeds the per-file time limit is killed and replaced; the item it was on (published in
+  shared memory) is rejected (``decode_failed`` / ``timeout``) and the rest of its chunk is
+  re-queued. Workers come from a ``forkserver`` (``spawn`` where there is none) with the
+  DICOM stack preloaded, never from a plain ``fork`` of the CLI process, whose progress
+  thread and logging locks a child could inherit held. One pool serves both stages.
+* **Chunks.** Header scans go to workers in chunks (up to 64 files, two queued per worker)
+  and come back in batches, so isolation costs ~nothing per file; decodes go one stack at a
   time.
 * **Incremental.** Each image's inputs give a fingerprint (relative source paths, sizes,
   mtimes; for archive members the archive's size/mtime and the member's size/CRC) plus the
@@ -685,6 +686,10 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
         t = time.monotonic()
         records, cached_files = _decode(jobs, config, pool, ledger)
         timing["decode_s"] = time.monotonic() - t
+        for f in found.files:  # the invariant seen == used + rejected + skipped, whatever happens
+            if f.source not in ledger.status:
+                log.warning("an input was not accounted for by any stage; reported as rejected")
+                ledger.reject(f.source, Code.DECODE_FAILED.value, f"{f.source}: not processed")
     except BaseException:
         pool.close(kill=True)  # Ctrl-C or a bug: do not wait for busy workers
         raise
@@ -924,21 +929,21 @@ def _decode(
     cache = _load_cache(out) if config.incremental else {}
     records: list[dict[str, Any]] = []
     todo: list[tuple[str, DecodeJob]] = []
-    hits = 0
+    new_cache: dict[str, dict[str, Any]] = {}
     for fp, job in jobs:
         rec = cache.get(fp)
         if rec is not None and rec.get("image_id") == job.image_id and job.out_path.is_file():
             records.append(rec)
-            hits += 1
+            new_cache[fp] = rec
         else:
             todo.append((fp, job))
+    hits = len(records)
     cached_files = sum(len(r.get("sources", [])) for r in records)
     log.info("%d image(s) unchanged since the last run, %d to decode", hits, len(todo))
     with progress.task("Decoding images", total=len(todo), unit="images") as bar:
         results = pool.map(
             decode_task, [j for _, j in todo], chunk_size=1, on_result=lambda _i: bar.advance()
         )
-    new_cache = {fp: rec for fp, rec in cache.items() if rec in records}
     for (fp, job), (ok, val) in zip(todo, results, strict=True):
         if ok:
             records.append(val)

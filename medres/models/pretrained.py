@@ -101,7 +101,8 @@ def load_pretrained(
         )
     src = canonical_source(source)
     if src == "none":
-        return LoadReport(source="none", meta=weights_meta("none", config.arch))
+        meta = weights_meta("none", config.arch, in_channels=config.in_channels)
+        return LoadReport(source="none", meta=meta)
     notes: list[str] = []
     if is_named_source(src):
         spec = get_weight_spec(src, config.arch)

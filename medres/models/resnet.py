@@ -186,12 +186,16 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     simply get no gradient.
     """
     core = unwrap(model)
-    for p in backbone_parameters(core):
+    params = list(backbone_parameters(core))
+    changed = any(p.requires_grad != trainable for p in params)
+    for p in params:
         p.requires_grad_(trainable)
     if hasattr(core, "backbone_frozen"):
+        changed = changed or core.backbone_frozen == trainable
         core.backbone_frozen = not trainable
     core.train(core.training)
-    log.info("backbone %s", "trainable" if trainable else "frozen (linear probe)")
+    if changed:  # called every epoch by schedules: log transitions only
+        log.info("backbone %s", "trainable" if trainable else "frozen (linear probe)")
 
 
 def param_groups(

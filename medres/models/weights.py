@@ -268,7 +268,11 @@ def weights_meta(source: str, arch: str, in_channels: int | None = None) -> dict
         return _spec_meta(get_weight_spec(src, arch), in_channels)
     path = Path(source).expanduser()
     base["source"] = str(path)
-    model_json = path / "model.json" if path.is_dir() else None
+    model_json = None
+    if path.is_dir():  # a model dir, or a run dir holding model/
+        model_json = path / "model.json"
+        if not model_json.is_file():
+            model_json = path / "model" / "model.json"
     if model_json is not None and model_json.is_file():
         import json
 
@@ -279,6 +283,10 @@ def weights_meta(source: str, arch: str, in_channels: int | None = None) -> dict
         wmeta = (meta.get("preprocessing") or {}).get("weights")
         if isinstance(wmeta, dict):
             base.update({k: v for k, v in wmeta.items() if k in base and k != "in_channels"})
+            for key in ("mean", "std"):  # the model dir may have had another channel count
+                vals = base[key]
+                if in_channels and isinstance(vals, list) and vals and len(vals) != in_channels:
+                    base[key] = _mix_stats(tuple(float(v) for v in vals), in_channels)
         base["note"] = f"weights of the medres model {path.name}"
         return base
     for spec in WEIGHTS.values():

@@ -117,6 +117,14 @@ class ModelInfo:
     model_hash: str
     classes: tuple[str, ...]
     task: str = ""
+    threshold: float = 0.5
+    positive: str = ""
+
+    def label(self, probs: Sequence[float]) -> str:
+        """The predicted label of one row of probabilities (see :func:`predict_label`)."""
+        return predict_label(
+            probs, self.classes, self.task, threshold=self.threshold, positive=self.positive or None
+        )
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -246,13 +254,30 @@ class Ledger:
                     info.model_hash,
                     json.dumps(list(info.classes)),
                     info.task,
-                    json.dumps(extra or {}, default=str),
+                    json.dumps(
+                        {"threshold": info.threshold, "positive": info.positive, **(extra or {})},
+                        default=str,
+                    ),
                 ),
             )
 
     def models(self) -> list[ModelInfo]:
-        rows = self._con.execute("SELECT model_hash, classes, task FROM models ORDER BY rowid")
-        return [ModelInfo(h, tuple(json.loads(c)), t) for h, c, t in rows]
+        rows = self._con.execute(
+            "SELECT model_hash, classes, task, info FROM models ORDER BY rowid"
+        ).fetchall()
+        out = []
+        for h, c, t, info in rows:
+            extra = json.loads(info or "{}")
+            out.append(
+                ModelInfo(
+                    h,
+                    tuple(json.loads(c)),
+                    t,
+                    float(extra.get("threshold", 0.5)),
+                    str(extra.get("positive", "") or ""),
+                )
+            )
+        return out
 
     def model(self, model_hash: str | None = None) -> ModelInfo:
         """The model ``model_hash`` or, when ``None``, the only model in the ledger."""
@@ -425,7 +450,7 @@ def export_csvs(
                     w.writerow([r.image_id, r.source, r.code, r.message])
         if aggregate:
             paths["scores_study"] = out / "scores_study.csv"
-            _export_study(records, classes, info.task, aggregate, paths["scores_study"])
+            _export_study(records, info, aggregate, paths["scores_study"])
     return paths
 
 
@@ -451,24 +476,37 @@ def aggregate_study(
     return out
 
 
-def _export_study(
-    records: list[Record], classes: list[str], task: str, how: str, path: Path
-) -> None:
+def _export_study(records: list[Record], info: ModelInfo, how: str, path: Path) -> None:
+    classes = list(info.classes)
     agg = aggregate_study(records, len(classes), how)
     with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["study_key", "n_items", *(f"prob_{c}" for c in classes), "pred"])
         for study in sorted(agg):
             probs, n = agg[study]
-            w.writerow([study, n, *(_fmt(p) for p in probs), predict_label(probs, classes, task)])
+            w.writerow([study, n, *(_fmt(p) for p in probs), info.label(probs)])
 
 
-def predict_label(probs: Sequence[float], classes: Sequence[str], task: str = "") -> str:
-    """Predicted label: argmax for binary/multiclass; ``;``-joined classes >= 0.5 for multilabel."""
+def predict_label(
+    probs: Sequence[float],
+    classes: Sequence[str],
+    task: str = "",
+    *,
+    threshold: float = 0.5,
+    positive: str | None = None,
+) -> str:
+    """The predicted label, by the rule training writes ``pred`` with.
+
+    binary: the positive class when its probability >= ``threshold``, else the other;
+    multilabel: ``;``-joined classes >= ``threshold``; otherwise the argmax.
+    """
     if not probs:
         return ""
     if task == "multilabel":
-        return ";".join(c for c, p in zip(classes, probs, strict=True) if p >= 0.5)
+        return ";".join(c for c, p in zip(classes, probs, strict=True) if p >= threshold)
+    if task == "binary" and len(classes) == 2:
+        pos = list(classes).index(positive) if positive in classes else 1
+        return str(classes[pos] if probs[pos] >= threshold else classes[1 - pos])
     best = max(range(len(probs)), key=lambda i: probs[i])
     return str(classes[best])
 

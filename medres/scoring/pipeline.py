@@ -51,7 +51,6 @@ from medres.scoring.ledger import (
     export_csvs,
     merge_ledgers,
     parse_shard,
-    predict_label,
     shard_of,
 )
 from medres.scoring.sources import discover_items, is_manifest_source, manifest_items
@@ -279,10 +278,14 @@ def score(
 
     with Ledger(out / LEDGER_NAME) as ledger:
         ledger.set_meta("key_fingerprint", fingerprint, check=True)
-        ledger.register_model(
-            ModelInfo(mhash, tuple(classes), task),
-            extra={"arch": meta.get("arch"), "precision": predictor.precision},
+        info = ModelInfo(
+            mhash,
+            tuple(classes),
+            task,
+            threshold=float(meta.get("threshold", 0.5) or 0.5),
+            positive=str(meta.get("positive_class", "") or ""),
         )
+        ledger.register_model(info, extra={"arch": meta.get("arch")})
         done = ledger.done_keys(mhash, include_errors=not config.retry_errors)
         log.info(
             "model %s, %d items already in the ledger, shard %d/%d, precision %s, device %s",
@@ -301,7 +304,7 @@ def score(
                     predictor,
                     ledger,
                     mhash,
-                    label_fn=lambda p: predict_label(p, classes, task),
+                    label_fn=info.label,
                     batch_size=config.batch_size,
                     workers=config.workers,
                     prefetch=config.prefetch,

@@ -267,6 +267,25 @@ def test_library_entry_point_in_process(tmp_path):
                      "a/IM0002": "too_few_slices", "b.nii": "too_few_slices"}  # fmt: skip
 
 
+def test_output_inside_source_several_roots_and_path_labels(tmp_path):
+    a, b = tmp_path / "siteA", tmp_path / "siteB"
+    write_ct_series(a / "p1", "A1", n=3, seed=1)
+    b.mkdir()
+    write_nifti(b / "scan.nii.gz")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,split\nsiteA/p1,pos,test\nsiteB/scan.nii.gz,neg,train\n")
+    out = a / "derived"  # inside a source folder: never ingested itself
+    cfg = IngestConfig(sources=(a, b), out_dir=out, labels=labels, isolate=False)
+    for _ in range(2):  # the second run must not pick up the first run's images
+        report = run_ingest(cfg)
+        rows = read_manifest(out).rows
+        assert {(r["source"], r["label"], r["split"]) for r in rows} == {
+            ("siteA/p1", "pos", "test"),
+            ("siteB/scan.nii.gz", "neg", "train"),
+        }
+        assert report.files["seen"] == 4
+
+
 def test_one_ingest_at_a_time_per_output_folder(tmp_path):
     from medres.errors import ConfigError
 

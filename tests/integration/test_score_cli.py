@@ -129,3 +129,35 @@ def test_missing_model_dir_and_source(data: dict[str, Path], tmp_path: Path) -> 
         app, ["score", str(data["model"]), str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     )
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_scoring_the_test_split_reproduces_training_predictions(tmp_path: Path) -> None:
+    """Train 1 epoch, then score the manifest's test split: fp32 scores equal
+    predictions_test.csv to 1e-5 (the file itself is rounded to 8 digits)."""
+    ds = tmp_path / "ds"
+    paths = write_nifti_folder(ds / "images", 24, (16, 16))
+    lines = [
+        "image_id,image_path,source,dims,channels,shape,spacing,modality,patient_key,label,split"
+    ]
+    for i, p in enumerate(paths):
+        split = "train" if i < 12 else "val" if i < 18 else "test"
+        lines.append(f"c{i:02d},images/{p.name},{p.name},2,1,16x16,1x1,DX,pat{i},{i % 2},{split}")
+    (ds / "manifest.csv").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    res = runner.invoke(
+        app,
+        ["-q", "train", "--manifest", str(ds / "manifest.csv"), "--out", str(run), "--epochs", "1",
+         "--weights", "none", "--batch-size", "8", "--image-size", "16", "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "scored"
+    res = _score(str(run), str(ds / "manifest.csv"), "--split", "test", "--out", str(out),
+                 "--precision", "fp32", "--workers", "2")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    want = {r["image_id"]: r for r in _read(run / "predictions_test.csv")}
+    got = {r["image_id"]: r for r in _read(out / "scores.csv")}
+    assert set(got) == set(want) and len(got) == 6
+    for k, w in want.items():
+        for c in ("prob_0", "prob_1"):
+            assert abs(float(got[k][c]) - float(w[c])) <= 1e-5
+        assert got[k]["pred"] == w["pred"]

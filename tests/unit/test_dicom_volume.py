@@ -723,3 +723,37 @@ def test_projection_images_with_geometry_stay_separate_images(tmp_path: Path) ->
     stacks, rej = group_stacks(headers)
     assert rej == [] and len(stacks) == 2 and all(s.kind == "image" for s in stacks)
     assert {int(load_stack(s).array.max()) for s in stacks} == {100, 200}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, RLELossless])
+def test_corrupted_bytes_never_escape_as_other_exceptions(tmp_path: Path, ts: str) -> None:
+    """Random byte damage anywhere in the files: every outcome is an image or a coded error."""
+    clean = make_series(tmp_path / "clean", _rng_volume((4, 8, 8)), ts=ts)
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for trial in range(12):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        paths = []
+        for p in clean:
+            data = bytearray(p.read_bytes())
+            for pos in rng.integers(0, len(data), size=6):
+                data[pos] = int(rng.integers(0, 256))
+            if trial % 3 == 0:
+                data = data[: int(rng.integers(1, len(data)))]
+            q = folder / p.name
+            q.write_bytes(bytes(data))
+            paths.append(q)
+        headers, rejected = scan_headers(paths)
+        outcomes.update(str(r.code) for r in rejected)
+        stacks, rej2 = group_stacks(headers)
+        outcomes.update(str(r.code) for r in rej2)
+        for s in stacks:
+            try:
+                img = load_stack(s)
+                assert img.array.size > 0
+                outcomes.add("ok")
+            except IngestError as exc:
+                outcomes.add(str(Code(exc.code)))
+    assert outcomes - {"ok"}, outcomes  # the damage was noticed at least once

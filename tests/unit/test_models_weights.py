@@ -281,10 +281,14 @@ def test_safetensors_and_model_dir_sources(tmp_path):
     save_file(sd, tmp_path / "w.safetensors")
     m = build_model("resnet18", 2, 3, 1000, stem="standard")
     assert load_pretrained(m, str(tmp_path / "w.safetensors")).missing == ()
-    save_model_dir(tmp_path / "run" / "model", m, {"task": "multiclass"})
+    wmeta = weights_meta("imagenet", "resnet18", in_channels=3)
+    save_model_dir(tmp_path / "run" / "model", m, {"preprocessing": {"weights": wmeta}})
     m3d = build_model("resnet18", 3, 1, 2, stem="standard")
     report = load_pretrained(m3d, str(tmp_path / "run"))  # a run dir resolves to its model/
     assert report.new_head and any("inflated" in a for a in report.adapted)
+    # the preprocessing travels with the weights, adapted to the new channel count
+    assert report.meta["normalization"] == "mean_std" and report.meta["value_range"] == [0.0, 1.0]
+    assert report.meta["mean"] == weights_meta("imagenet", "resnet18", in_channels=1)["mean"]
     w = sd["layer1.0.conv1.weight"]
     torch.testing.assert_close(m3d.state_dict()["layer1.0.conv1.weight"], inflate_kernel(w, 3))
 

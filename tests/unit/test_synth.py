@@ -534,3 +534,43 @@ def test_cli_bad_input_is_one_line_exit_1(tmp_path):
     r = runner.invoke(app, ["synth", "--out", str(tmp_path), "--shape", "16,abc"])
     assert r.exit_code == 1
     assert "--shape" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------ learnability
+@pytest.mark.slow
+def test_default_difficulty_is_learnable_by_a_small_resnet(tmp_path):
+    """ResNet-18 from scratch, 300 train / 100 val radiographs at 64 px, 12 epochs on CPU.
+
+    Measured here: val AUC 0.96 at difficulty 0.5 (0.61 at 0.9), about 4 minutes on 1 thread.
+    """
+    import torch
+    from monai.networks.nets import resnet18
+    from sklearn.metrics import roc_auc_score
+
+    res = generate(SynthSpec(kind="xray", n_patients=400, shape=(64, 64), seed=123), tmp_path)
+    xs, ys = [], []
+    for row in res.truth:
+        a = ground_truth(res, row.series_uid).array[0].astype(np.float32)
+        xs.append((a - a.mean()) / (a.std() + 1e-6))
+        ys.append(row.label)
+    x, y = torch.tensor(np.stack(xs))[:, None], torch.tensor(ys, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = resnet18(spatial_dims=2, n_input_channels=1, num_classes=1, conv1_t_stride=2)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    aucs = []
+    for _ in range(12):
+        model.train()
+        perm = torch.randperm(300, generator=gen)
+        for i in range(0, 300, 32):
+            idx = perm[i : i + 32]
+            xb = x[idx].flip(-1) if torch.rand(1, generator=gen) < 0.5 else x[idx]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xb)[:, 0], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            p = torch.sigmoid(model(x[300:])[:, 0]).numpy()
+        aucs.append(roc_auc_score(y[300:].numpy(), p))
+    assert max(aucs[-3:]) >= 0.9, aucs

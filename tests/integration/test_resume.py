@@ -1,0 +1,63 @@
+"""Exact resume: SIGKILL right after epoch k's checkpoint, resume, compare with an uninterrupted run."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_data import make_dataset
+
+TIMING = {"epoch_time_s", "data_wait_frac"}  # wall-clock columns differ between any two runs
+
+
+def _train(manifest, out, *extra, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [
+        sys.executable, "-m", "medres", "-q", "train", "--manifest", str(manifest), "--out", str(out),
+        "--epochs", "3", "--batch-size", "4", "--image-size", "16", "--seed", "7", "--device", "cpu",
+        "--set", "train.deterministic=true", "--set", "train.threads=1", "--set", "train.warmup_epochs=0.5",
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _history(path):
+    with open(path, newline="") as fh:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(fh)]
+
+
+@pytest.mark.parametrize("cache", ["memory"])
+def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, cache):
+    manifest = make_dataset(tmp_path / "ds", n=15, size=16)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = _train(manifest, full, "--set", f"data.cache={cache}")
+    assert r.returncode == 0, r.stderr
+    r = _train(manifest, cut, "--set", f"data.cache={cache}", env_extra={"MEDRES_TRAIN_KILL_AFTER_EPOCH": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (cut / "model").exists()
+    r = _train(manifest, cut, "--set", f"data.cache={cache}", "--resume")
+    assert r.returncode == 0, r.stderr
+
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k  # bit-identical weights
+    assert _history(full / "history.csv") == _history(cut / "history.csv")
+    assert (full / "predictions_test.csv").read_text() == (cut / "predictions_test.csv").read_text()
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    manifest = make_dataset(tmp_path / "ds", n=10, size=16)
+    out = tmp_path / "run"
+    r = _train(manifest, out, env_extra={"MEDRES_TRAIN_KILL_AFTER_EPOCH": "1"})
+    assert r.returncode == -signal.SIGKILL
+    r = _train(manifest, out, "--resume", "--arch", "resnet34")
+    assert r.returncode == 1
+    assert "different model.arch" in r.stderr and "Traceback" not in r.stderr
