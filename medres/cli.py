@@ -341,8 +341,16 @@ def models_cmd(
     dims: Annotated[
         int | None, typer.Option("--dims", help="Only 2D (2) or 3D (3) models.")
     ] = None,
+    files: Annotated[
+        bool,
+        typer.Option(
+            "--files",
+            help="List the pretrained weight files instead: URL, cache path and the "
+            "MEDRES_WEIGHTS_URL_<KEY> override (for offline/air-gapped sites).",
+        ),
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the table as JSON on stdout.")
+        bool, typer.Option("--json", help="Print the rows as JSON on stdout.")
     ] = False,
 ) -> None:
     """List the model architectures, their sizes, cost and available weights."""
@@ -350,11 +358,22 @@ def models_cmd(
 
     from rich.table import Table
 
-    from medres.models.catalog import model_table
+    from medres.models.catalog import model_table, weight_files_table
 
-    rows = model_table(dims)
+    rows = weight_files_table() if files else model_table(dims)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
+        return
+    if files:
+        from medres.models.weights import cache_dir
+
+        table = Table(title=f"weight files (offline: put them in {cache_dir()})")
+        for col in ("arch", "source", "file", "url", "cached"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            cached = "yes" if r["cached"] else "no"
+            table.add_row(r["arch"], r["source"], r["file"], r["url"], cached)
+        out_console.print(table)
         return
     table = Table(title="medres models (GFLOPs per image: 2D at 3x224^2, 3D at 1x128^3)")
     for col, justify in (
@@ -436,7 +455,7 @@ def train_cmd(
         raise ConfigError("--out is required: the run directory to write (e.g. --out runs/r1)")
     spec = build_spec(pipeline, overrides)
     result = run_train(spec, out, resume=resume)
-    if result.model_dir.exists():
+    if result.rank == 0:
         out_console.print(
             f"run {result.run_dir}: best epoch {result.best_epoch}/{result.epochs_completed}, "
             f"val AUC {result.val_auc:.4f}, test AUC {result.test_auc:.4f}, "
@@ -594,6 +613,10 @@ def score_cmd(
         int | None,
         typer.Option("--cam", help="Grad-CAM PNGs for the top K items by score (0 = all)."),
     ] = None,
+    cam_class: Annotated[
+        str | None,
+        typer.Option("--cam-class", help="Class to rank and explain by (default: positive/top)."),
+    ] = None,
     prefetch: Annotated[
         int, typer.Option("--prefetch", help="Decoded chunks in flight per worker.")
     ] = 2,
@@ -617,6 +640,7 @@ def score_cmd(
             retry_errors=retry_errors,
             aggregate=aggregate,
             cam=cam,
+            cam_class=cam_class,
         )
     )
     i, n = summary.shard

@@ -67,6 +67,8 @@ class TrainResult:
     test_auc: float
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
+    """DDP rank of this process; only rank 0 wrote files and holds the AUCs."""
 
 
 def build_spec(
@@ -588,7 +590,7 @@ def run_train(spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bo
     if result is None:  # non-zero ranks
         result = TrainResult(
             run_dir, run_dir / "model", state.epoch, state.best_epoch, float("nan"), float("nan"),
-            float("nan"), time.perf_counter() - t_start, state.history,
+            float("nan"), time.perf_counter() - t_start, state.history, rank=rt.rank,
         )  # fmt: skip
     return result
 

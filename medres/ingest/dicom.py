@@ -70,6 +70,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
+from pydicom.pixels import get_decoder
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
@@ -773,12 +774,20 @@ def scan_headers(
     return headers, rejections
 
 
+def _as_code(code: object) -> Code:
+    """The stable code of an error (``unreadable`` for an uncoded one)."""
+    try:
+        return Code(str(code))
+    except ValueError:
+        return Code.UNREADABLE
+
+
 def _scan_safe(item: tuple[Path, str]) -> DicomHeader | Rejection:
     path, src = item
     try:
         return scan_header(Path(path), src)
     except IngestError as exc:
-        return Rejection(source=src, code=Code(exc.code), message=str(exc), path=str(path))
+        return Rejection(source=src, code=_as_code(exc.code), message=str(exc), path=str(path))
 
 
 # --------------------------------------------------------------------------- grouping
@@ -832,7 +841,20 @@ def group_stacks(
     stacks: list[Stack] = []
     rejections: list[Rejection] = []
     for (study, series), hs in sorted(by_series.items()):
-        s, r = _group_series(study, series, hs, policy)
+        try:
+            s, r = _group_series(study, series, hs, policy)
+        except Exception as exc:  # one odd series never aborts the others
+            log.debug("grouping failed", exc_info=True)
+            s, r = (
+                [],
+                [
+                    _reject(
+                        hs,
+                        Code.INCONSISTENT_GEOMETRY,
+                        f"series geometry cannot be read ({type(exc).__name__}); re-export the series",
+                    )
+                ],
+            )
         stacks.extend(s)
         rejections.extend(r)
     return stacks, rejections
@@ -905,7 +927,7 @@ def _group_series(
         try:
             stacks.append(_volume_stack(study, series, main, policy))
         except IngestError as exc:
-            rejections.append(_reject(main, Code(exc.code), str(exc)))
+            rejections.append(_reject(main, _as_code(exc.code), str(exc)))
         for h in singles:
             rejections.append(
                 _reject(
@@ -919,7 +941,7 @@ def _group_series(
         try:
             stacks.append(_single_stack(study, series, h, policy))
         except IngestError as exc:
-            rejections.append(_reject([h], Code(exc.code), str(exc)))
+            rejections.append(_reject([h], _as_code(exc.code), str(exc)))
     return stacks, rejections
 
 
@@ -1254,8 +1276,6 @@ def _decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     if h.has_modality_lut_sequence:
         return None
     try:
-        from pydicom.pixels import get_decoder
-
         decoder = get_decoder(h.transfer_syntax)
         with open(h.path, "rb") as fh:
             fh.seek(h.pixel_offset)
@@ -1558,7 +1578,6 @@ def _image(
         n_slices=len(stack.slices),
         warnings=warnings,
         meta={
-            "stack_key": stack.key,
             "transfer_syntax": h.transfer_syntax,
             "photometric": h.photometric,
             "sop_class_uid": h.sop_class_uid,

@@ -21,12 +21,14 @@ Choices made here:
   members with absolute paths, ``..`` components, links (symlinks and hardlinks), devices
   and FIFOs are rejected one by one (``archive_unsafe``) and the rest is used; exceeding the
   member-count, size or compression-ratio limits rejects the whole archive, detected while
-  streaming so a bomb stops early. Nested archives are not opened (they fail as
-  ``not_dicom``).
+  streaming so a bomb stops early. A member that cannot be read (encrypted, unsupported
+  compression, corrupt) is rejected alone (``unreadable``); a tar stream cut short keeps
+  the members before the cut. Nested archives are not opened (they fail as ``not_dicom``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -34,9 +36,11 @@ import shutil
 import stat
 import tarfile
 import zipfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from medres.errors import ArchiveError, ConfigError
 from medres.ingest.codes import Code
@@ -135,11 +139,13 @@ def discover(
     *,
     limits: ArchiveLimits | None = None,
     exclude: list[Path] | None = None,
+    on_input: Callable[[], None] | None = None,
 ) -> Discovery:
     """List every input file under ``sources``, extracting archives safely into ``scratch``.
 
-    ``exclude``: folders never entered (the output folder). Raises :class:`ConfigError`
-    for a SOURCE that does not exist; everything else becomes a rejection, never an abort.
+    ``exclude``: folders never entered (the output folder); ``on_input``: called once per
+    file or archive found (progress). Raises :class:`ConfigError` for a SOURCE that does not
+    exist; everything else becomes a rejection, never an abort.
     """
     limits = limits or ArchiveLimits()
     excluded = {p.resolve() for p in (exclude or [])}
@@ -154,8 +160,12 @@ def discover(
         if src.is_dir():
             for path, rel in _walk(src, excluded):
                 _add_file(result, path, _join(prefix, rel), scratch / f"a{i}", limits)
+                if on_input:
+                    on_input()
         else:
             _add_file(result, src, src.name, scratch / f"a{i}", limits)
+            if on_input:
+                on_input()
     return result
 
 
@@ -348,17 +358,15 @@ def _extract_zip(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
                 reason = "it is not a regular file"
             elif info.file_size > limits.max_member_bytes:
                 raise _limit_error(source, f"a member exceeds {limits.max_member_bytes} bytes")
-            if reason is not None:
-                rejected.append(_unsafe_member(msource, reason))
+            if reason is not None or rel is None:
+                rejected.append(_unsafe_member(msource, reason or "unsafe name"))
                 continue
-            assert rel is not None
-            out = _target(dest, rel, source)
-            if out.exists():
-                rejected.append(_unsafe_member(msource, "it duplicates an earlier member name"))
-                continue
-            with zf.open(info) as fh:
-                size = _copy_limited(fh, out, info.file_size, budget, source)
-            files.append(InputFile(out, msource, size, f"{info.file_size}:{info.CRC:08x}"))
+            got = _extract_member(
+                lambda info=info: zf.open(info),
+                dest, rel, info.file_size, budget, source, msource,
+                f"{info.file_size}:{info.CRC:08x}",
+            )  # fmt: skip
+            (files if isinstance(got, InputFile) else rejected).append(got)  # type: ignore[arg-type]
     return files, rejected
 
 
@@ -368,7 +376,23 @@ def _extract_tar(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
     budget = _Budget(source, limits, archive.stat().st_size)
     count = 0
     with tarfile.open(archive, mode="r:*") as tf:
-        while (member := tf.next()) is not None:
+        while True:
+            try:
+                member = tf.next()
+            except _MEMBER_ERRORS as exc:
+                if count == 0:
+                    raise
+                rejected.append(
+                    Rejected(
+                        source,
+                        Code.UNREADABLE.value,
+                        f"{source}: the archive is cut short or corrupt after {count} members "
+                        f"({type(exc).__name__}); the members before were used, re-copy it",
+                    )
+                )
+                break
+            if member is None:
+                break
             count += 1
             if count > limits.max_members:
                 raise _limit_error(source, f"more than {limits.max_members} members")
@@ -390,22 +414,68 @@ def _extract_tar(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
                     tarfile.data_filter(member, str(dest))
                 except tarfile.FilterError as exc:
                     reason = f"the tar 'data' filter refused it ({type(exc).__name__})"
-            if reason is not None:
-                rejected.append(_unsafe_member(msource, reason))
+            if reason is not None or rel is None:
+                rejected.append(_unsafe_member(msource, reason or "unsafe name"))
                 continue
-            assert rel is not None
-            out = _target(dest, rel, source)
-            if out.exists():
-                rejected.append(_unsafe_member(msource, "it duplicates an earlier member name"))
-                continue
-            fh = tf.extractfile(member)
-            if fh is None:
-                rejected.append(_unsafe_member(msource, "it has no data"))
-                continue
-            with fh:
-                size = _copy_limited(fh, out, member.size, budget, source)
-            files.append(InputFile(out, msource, size, f"{member.size}:{int(member.mtime)}"))
+            got = _extract_member(
+                lambda member=member: tf.extractfile(member),
+                dest, rel, member.size, budget, source, msource,
+                f"{member.size}:{int(member.mtime)}",
+            )  # fmt: skip
+            (files if isinstance(got, InputFile) else rejected).append(got)  # type: ignore[arg-type]
     return files, rejected
+
+
+# per-member failures: encrypted, unsupported compression, corrupt or truncated data, name
+# clashes on disk. They reject the member (and, for a tar stream, the rest of the archive).
+_MEMBER_ERRORS = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    NotImplementedError,
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    zlib.error,
+)
+
+
+def _extract_member(
+    open_member: Callable[[], Any],
+    dest: Path,
+    rel: PurePosixPath,
+    declared: int,
+    budget: _Budget,
+    source: str,
+    msource: str,
+    fingerprint: str,
+) -> InputFile | Rejected:
+    """Stream one member to ``dest/rel``; limits raise, read failures reject the member."""
+    out = None
+    try:
+        out = _target(dest, rel, source)
+        if out.exists():
+            return _unsafe_member(msource, "it duplicates an earlier member name")
+        fh = open_member()
+        if fh is None:
+            return _unsafe_member(msource, "it has no data")
+        with fh:
+            size = _copy_limited(fh, out, declared, budget, source)
+    except ArchiveError:
+        if out is not None:
+            with contextlib.suppress(OSError):
+                out.unlink()
+        raise
+    except _MEMBER_ERRORS as exc:
+        if out is not None and out.is_file():
+            with contextlib.suppress(OSError):
+                out.unlink()
+        return Rejected(
+            msource,
+            Code.UNREADABLE.value,
+            f"{msource}: archive member cannot be read ({type(exc).__name__}: encrypted, "
+            "unsupported compression, corrupt or cut short); re-create the archive",
+        )
+    return InputFile(out, msource, size, fingerprint)
 
 
 def _unsafe_member(msource: str, reason: str) -> Rejected:

@@ -151,11 +151,24 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
         data = data.reshape(spatial[:2] + data.shape[3:])
         spatial = spatial[:2]
     if len(spatial) == 3:
-        from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+        from nibabel.orientations import (
+            OrientationError,
+            apply_orientation,
+            inv_ornt_aff,
+            io_orientation,
+        )
 
-        ornt = io_orientation(affine)
-        data = apply_orientation(data, ornt)
-        affine = affine @ inv_ornt_aff(ornt, spatial)
+        try:
+            ornt = io_orientation(affine)
+            data = apply_orientation(data, ornt)
+            affine = affine @ inv_ornt_aff(ornt, spatial)
+        except (ValueError, OrientationError):
+            # a nearly degenerate affine (two axes almost parallel): no closest RAS+ axis
+            raise IngestError(
+                f"{src}: NIfTI affine has no clear axis orientation (axes nearly parallel); "
+                "fix the header's sform/qform",
+                code=Code.INVALID_NIFTI,
+            ) from None
         dims = 3
     else:
         dims = 2

@@ -19,10 +19,15 @@ Choices made here:
   and come back in batches, so isolation costs ~nothing per file; decodes go one stack at a
   time.
 * **Incremental.** Each image's inputs give a fingerprint (relative source paths, sizes,
-  mtimes; for archive members the archive's size/mtime and the member's size/CRC) plus the
-  settings that change the output. ``.medres_cache.json`` in the output folder maps
-  fingerprints to the manifest record; an unchanged image is not decoded again. Headers are
-  re-scanned on every run (cheap, and no raw identifier is ever cached).
+  mtimes; for archive members the archive's size/mtime and the member's size/CRC).
+  ``.medres_cache.json`` keeps, per DICOM series (and per NIfTI file), the fingerprints of
+  all its files, the rejections inside it and the manifest records it produced, keyed by
+  pseudonyms only. A series whose files are all present and unchanged is trusted whole:
+  its headers are not read and its images are not decoded. Any file that is new or changed
+  is scanned; if its header belongs to a trusted series, that series is read again. Series
+  rejected whole are remembered too, unless a failure may be transient
+  (:data:`_TRANSIENT_CODES`). A change of version, ``--min-slices`` or ``--compress`` voids
+  the cache.
 * **Accounting.** Every discovered file ends in exactly one of ``used`` (behind an image in
   the manifest), ``rejected`` or ``skipped`` (benign: :data:`SKIP_CODES`); ``errors.csv``
   holds one row for every file that is not used, and ``ingest.json`` records the counts.
@@ -78,7 +83,9 @@ IMAGES_DIR = "images"
 SCRATCH_DIR = ".medres_scratch"
 LOCK_NAME = ".medres_lock"
 SKIP_CODES = frozenset({Code.NOT_IMAGE.value, Code.DUPLICATE_INPUT.value, Code.EXTRA_STACK.value})
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+# failures that may not happen again (load, memory, a crashed worker): never cached
+_TRANSIENT_CODES = frozenset({Code.TIMEOUT.value, Code.DECODE_FAILED.value, Code.UNREADABLE.value})
 
 
 def default_workers() -> int:
@@ -497,6 +504,7 @@ class DecodeJob:
     key: bytes
     min_slices: int
     sources: tuple[str, ...]
+    group: str = ""
 
 
 def decode_task(job: DecodeJob) -> dict[str, Any]:
@@ -669,22 +677,37 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
     )
     try:
         t = time.monotonic()
-        found = discover(list(config.sources), scratch, limits=config.limits, exclude=[out])
+        with progress.task("Finding inputs", total=None, unit="files") as bar:
+            found = discover(
+                list(config.sources),
+                scratch,
+                limits=config.limits,
+                exclude=[out],
+                on_input=bar.advance,
+            )
         ledger.seen = found.seen
         for r in found.rejected:
             ledger.reject(r.source, r.code, r.message)
         timing["discover_s"] = time.monotonic() - t
 
         t = time.monotonic()
-        headers, niftis = _scan(found.files, pool, ledger)
+        cache = _load_cache(out, _cache_settings(config)) if config.incremental else _Cache()
+        trusted = _trusted_groups(cache, found.files, out)
+        headers, niftis, scanned = _scan_untrusted(found.files, trusted, cache, key, pool, ledger)
         timing["scan_s"] = time.monotonic() - t
 
         t = time.monotonic()
-        jobs = _plan(headers, niftis, found.files, config, key, ledger)
+        jobs, groups = _plan(headers, niftis, found.files, config, key, ledger)
         timing["group_s"] = time.monotonic() - t
 
         t = time.monotonic()
-        records, cached_files = _decode(jobs, config, pool, ledger)
+        new_cache = _reuse_trusted(trusted, cache, ledger)
+        records = list(new_cache.units.values())
+        cached_files = sum(len(r.get("sources", [])) for r in records)
+        decoded, reused = _decode(jobs, groups, cache, new_cache, config, pool, ledger)
+        records += decoded
+        cached_files += reused
+        _save_cache(out, new_cache, _cache_settings(config))
         timing["decode_s"] = time.monotonic() - t
         for f in found.files:  # the invariant seen == used + rejected + skipped, whatever happens
             if f.source not in ledger.status:
@@ -720,7 +743,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
     )
     rows = []
     for rec, lab, sp in zip(records, labels, splits, strict=True):
-        row = {k: v for k, v in rec.items() if k not in ("sources", "accession_key")}
+        row = {k: v for k, v in rec.items() if k not in ("sources", "accession_key", "group")}
         row.update(lab)
         row["split"] = sp
         rows.append(row)
@@ -736,6 +759,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
 
     files = ledger.counts()
     files["cached"] = cached_files
+    files["scanned"] = scanned
     report = IngestReport(
         out_dir=out,
         manifest_path=manifest_path,
@@ -822,17 +846,27 @@ def _plan(
     config: IngestConfig,
     key: bytes,
     ledger: _Ledger,
-) -> list[tuple[str, DecodeJob]]:
-    """Group headers into stacks and make one decode job (with its fingerprint) per image."""
-    from medres.ingest import dicom
+) -> tuple[list[tuple[str, DecodeJob]], dict[str, dict[str, Any]]]:
+    """Group headers into stacks and make one decode job (with its fingerprint) per image.
 
+    Also returns the cache groups: per DICOM series (and per NIfTI file) the fingerprints of
+    all its files and the rejections inside it, so that a later run can trust the whole
+    series without reading its headers.
+    """
     by_source = {f.source: f for f in files}
+    groups: dict[str, dict[str, Any]] = {}
+    header_group: dict[str, str] = {}
+    for h in headers:
+        gid = _group_id(h, key)
+        header_group[h.source] = gid
+        g = groups.setdefault(gid, {"inputs": {}, "rejections": []})
+        g["inputs"][h.source] = by_source[h.source].fingerprint
     jobs: list[tuple[str, DecodeJob]] = []
     suffix = ".nii.gz" if config.compress else ".nii"
     images = config.out_dir / IMAGES_DIR
     taken: set[str] = set()
 
-    def make(kind: str, payload: Any, identity: str, sources: tuple[str, ...]) -> None:
+    def make(kind: str, payload: Any, identity: str, sources: tuple[str, ...], gid: str) -> None:
         image_id = pseudonym(identity, key, "img-")
         n = 1
         while image_id in taken:  # two stacks of one series kept: keep ids distinct
@@ -853,20 +887,34 @@ def _plan(
                     key,
                     config.min_slices,
                     sources,
+                    gid,
                 ),
             )
         )
 
     if headers:
+        from medres.ingest import dicom  # imported only when there is something to group
+
         policy = dicom.GeometryPolicy(min_slices=config.min_slices)
         stacks, rejections = dicom.group_stacks(headers, policy)
         for src, code, message in _rejected_files(headers, stacks, rejections):
             ledger.reject(src, code, message)
+            gid = header_group.get(src)
+            if gid is not None:
+                groups[gid]["rejections"].append([src, code, message])
         for stack in stacks:
-            make("dicom", stack, f"dicom\x00{stack.key}", tuple(stack.sources))
+            sources = tuple(stack.sources)
+            make("dicom", stack, f"dicom\x00{stack.key}", sources, header_group[sources[0]])
     for f in niftis:
-        make("nifti", (f.path, f.source), f"nifti\x00{f.source}", (f.source,))
-    return jobs
+        gid = f"nifti|{pseudonym(f.source, key)}"
+        groups[gid] = {"inputs": {f.source: f.fingerprint}, "rejections": []}
+        make("nifti", (f.path, f.source), f"nifti\x00{f.source}", (f.source,), gid)
+    return jobs, groups
+
+
+def _group_id(header: Any, key: bytes) -> str:
+    """The PHI-free cache group of a DICOM header: its (study, series) pseudonyms."""
+    return f"dicom|{pseudonym(header.study_uid, key)}|{pseudonym(header.series_uid, key)}"
 
 
 def _rejected_files(
@@ -908,54 +956,162 @@ def _rejected_files(
     return out
 
 
-def _load_cache(out: Path) -> dict[str, dict[str, Any]]:
+@dataclass
+class _Cache:
+    """``.medres_cache.json``: ``units`` maps an image fingerprint to its manifest record
+    (plus ``sources`` and ``group``); ``groups`` maps a cache group (a DICOM series or a NIfTI
+    file, by pseudonyms) to ``{"inputs": {source: file fingerprint}, "rejections": [...]}``."""
+
+    units: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _cache_settings(config: IngestConfig) -> str:
+    """What a cached image depends on besides its inputs (a change voids the cache)."""
+    return f"{__version__}|min_slices={config.min_slices}|compress={config.compress}"
+
+
+def _load_cache(out: Path, settings: str) -> _Cache:
     path = out / CACHE_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return _Cache()
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
-        return {}
-    units = data.get("units", {})
-    return units if isinstance(units, dict) else {}
+        return _Cache()
+    if data.get("settings") != settings:
+        return _Cache()
+    units, groups = data.get("units"), data.get("groups")
+    if not isinstance(units, dict) or not isinstance(groups, dict):
+        return _Cache()
+    return _Cache(units, groups)
+
+
+def _save_cache(out: Path, cache: _Cache, settings: str) -> None:
+    data = {
+        "version": _CACHE_VERSION,
+        "settings": settings,
+        "units": cache.units,
+        "groups": cache.groups,
+    }
+    with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+
+
+def _trusted_groups(
+    cache: _Cache, files: list[InputFile], out: Path
+) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """Cache groups whose every input is present and unchanged and whose images exist:
+    their headers need not be read again (unless a new file joins the series)."""
+    current = {f.source: f.fingerprint for f in files}
+    by_group: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    broken: set[str] = set()
+    for fp, rec in cache.units.items():
+        gid = rec.get("group", "")
+        if not (out / str(rec.get("image_path", ""))).is_file():
+            broken.add(gid)
+        by_group.setdefault(gid, []).append((fp, rec))
+    trusted = {}
+    for gid, g in cache.groups.items():  # groups without images: series rejected whole
+        if gid in broken or not isinstance(g, dict):
+            continue
+        inputs = g.get("inputs") or {}
+        if inputs and all(current.get(src) == fp for src, fp in inputs.items()):
+            trusted[gid] = by_group.get(gid, [])
+    return trusted
+
+
+def _scan_untrusted(
+    files: list[InputFile],
+    trusted: dict[str, list[tuple[str, dict[str, Any]]]],
+    cache: _Cache,
+    key: bytes,
+    pool: IsolatedPool,
+    ledger: _Ledger,
+) -> tuple[list[Any], list[InputFile], int]:
+    """Scan every file outside trusted groups; a group that a newly scanned header belongs
+    to (a file was added to the series) loses its trust and is scanned too."""
+    skip = {src for gid in trusted for src in cache.groups[gid]["inputs"]}
+    todo = [f for f in files if f.source not in skip]
+    headers, niftis = _scan(todo, pool, ledger)
+    touched = {_group_id(h, key) for h in headers} & trusted.keys()
+    if touched:
+        again = {src for gid in touched for src in cache.groups[gid]["inputs"]}
+        for gid in touched:
+            del trusted[gid]
+        more = [f for f in files if f.source in again]
+        h2, n2 = _scan(more, pool, ledger)
+        headers += h2
+        niftis += n2
+        todo += more
+    return headers, niftis, len(todo)
+
+
+def _reuse_trusted(
+    trusted: dict[str, list[tuple[str, dict[str, Any]]]], cache: _Cache, ledger: _Ledger
+) -> _Cache:
+    """Records and rejections of trusted groups, carried over without reading anything."""
+    kept = _Cache()
+    for gid, units in trusted.items():
+        g = cache.groups[gid]
+        kept.groups[gid] = g
+        for fp, rec in units:
+            kept.units[fp] = rec
+            for src in rec.get("sources", []):
+                ledger.use(src)
+        for src, code, message in g.get("rejections", []):
+            ledger.reject(src, code, message)
+    if trusted:
+        log.info("%d series/files unchanged since the last run: headers not re-read", len(trusted))
+    return kept
 
 
 def _decode(
-    jobs: list[tuple[str, DecodeJob]], config: IngestConfig, pool: IsolatedPool, ledger: _Ledger
+    jobs: list[tuple[str, DecodeJob]],
+    groups: dict[str, dict[str, Any]],
+    cache: _Cache,
+    new_cache: _Cache,
+    config: IngestConfig,
+    pool: IsolatedPool,
+    ledger: _Ledger,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Decode the jobs whose fingerprint is not cached; returns records and cached file count."""
+    """Decode the jobs whose fingerprint is not cached; returns the records and the number
+    of files behind reused images. Fills ``new_cache`` with every image kept."""
     out = config.out_dir
     (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    cache = _load_cache(out) if config.incremental else {}
     records: list[dict[str, Any]] = []
     todo: list[tuple[str, DecodeJob]] = []
-    new_cache: dict[str, dict[str, Any]] = {}
     for fp, job in jobs:
-        rec = cache.get(fp)
+        rec = cache.units.get(fp)
         if rec is not None and rec.get("image_id") == job.image_id and job.out_path.is_file():
-            records.append(rec)
-            new_cache[fp] = rec
+            records.append({**rec, "group": job.group})
         else:
             todo.append((fp, job))
-    hits = len(records)
     cached_files = sum(len(r.get("sources", [])) for r in records)
-    log.info("%d image(s) unchanged since the last run, %d to decode", hits, len(todo))
+    log.info("%d image(s) unchanged since the last run, %d to decode", len(records), len(todo))
     with progress.task("Decoding images", total=len(todo), unit="images") as bar:
         results = pool.map(
             decode_task, [j for _, j in todo], chunk_size=1, on_result=lambda _i: bar.advance()
         )
-    for (fp, job), (ok, val) in zip(todo, results, strict=True):
+    retry = set()  # groups with a failure that may be transient are not remembered
+    for (_fp, job), (ok, val) in zip(todo, results, strict=True):
         if ok:
-            records.append(val)
-            new_cache[fp] = val
-        else:
-            for src in job.sources:
-                ledger.reject(src, val.code, val.message)
+            records.append({**val, "group": job.group})
+            continue
+        for src in job.sources:
+            ledger.reject(src, val.code, val.message)
+            if job.group in groups:
+                groups[job.group]["rejections"].append([src, val.code, val.message])
+        if val.code in _TRANSIENT_CODES:
+            retry.add(job.group)
+    job_fp = {job.image_id: fp for fp, job in jobs}
     for rec in records:
         for src in rec.get("sources", []):
             ledger.use(src)
-    with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
-        json.dump({"version": _CACHE_VERSION, "units": new_cache}, fh)
+        new_cache.units[job_fp[rec["image_id"]]] = rec
+    for gid, g in groups.items():
+        if gid not in retry:
+            new_cache.groups[gid] = g
     return records, cached_files
 
 

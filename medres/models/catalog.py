@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from medres.models.registry import REFERENCE_COST, REFERENCE_INPUT, check_dims, list_archs
-from medres.models.weights import WEIGHTS, available_weights
+from medres.models.weights import (
+    WEIGHTS,
+    available_weights,
+    cache_dir,
+    resolve_url,
+    weights_table,
+)
 
 
 def model_table(dims: int | None = None) -> list[dict[str, Any]]:
@@ -41,4 +47,27 @@ def model_table(dims: int | None = None) -> list[dict[str, Any]]:
                     "weights": ["none", *labels],
                 }
             )
+    return rows
+
+
+def weight_files_table() -> list[dict[str, Any]]:
+    """One row per published checkpoint with its effective URL and cache path.
+
+    The URL honours ``MEDRES_WEIGHTS_MIRROR``/``MEDRES_WEIGHTS_URL_<KEY>``; ``cached`` says
+    whether the file is already in ``$TORCH_HOME/hub/checkpoints/``.
+    """
+    folder = cache_dir()
+    rows = []
+    for row in weights_table():
+        spec = WEIGHTS[(row["arch"], row["source"])]
+        path = folder / spec.filename
+        rows.append(
+            {
+                **row,
+                "url": resolve_url(spec),
+                "cache_path": str(path),
+                "cached": path.is_file(),
+                "env_key": f"MEDRES_WEIGHTS_URL_{spec.env_key}",
+            }
+        )
     return rows

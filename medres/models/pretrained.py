@@ -4,7 +4,8 @@ The loader builds an adapted state dict key by key against the model's own state
 (timm's ``load_pretrained`` approach): the first conv is adapted to the input channels,
 the stem size and 2D/3D (:mod:`medres.models.adapt`); 2D kernels are inflated for 3D
 models; a classifier with another number of classes is left at its initialisation (a new
-head); MedicalNet's type-A shortcuts are written as identity projections. Everything it
+head); MedicalNet's type-A shortcuts are written as identity projections; a shortcut
+conv bias (MONAI's ``bias_downsample=True``) is folded into the BatchNorm after it. Everything it
 adapted, left out or ignored is in the returned :class:`LoadReport` and in the log.
 
 It refuses (``WeightsError``) what would silently build a different network: a backbone
@@ -123,14 +124,14 @@ def load_pretrained(
                 "nor an existing .pth/.safetensors file or medres model dir; fix the name or path"
             )
     state = read_state_dict(path)
-    adapted, changes, new_head = adapt_state_dict(
+    adapted, changes, new_head, folded = adapt_state_dict(
         state, unwrap(model), inflate=inflate, label=label
     )
     target = unwrap(model).state_dict()
     with torch.no_grad():
         result = unwrap(model).load_state_dict(adapted, strict=False)
     missing = tuple(k for k in result.missing_keys if not k.endswith("num_batches_tracked"))
-    unexpected = tuple(sorted(k for k in state if k not in target))
+    unexpected = tuple(sorted(k for k in state if k not in target and k not in folded))
     report = LoadReport(
         source=label,
         file=str(path),
@@ -152,8 +153,8 @@ def adapt_state_dict(
     *,
     inflate: str = "i3d",
     label: str = "weights",
-) -> tuple[dict[str, torch.Tensor], list[str], bool]:
-    """(tensors to load, descriptions of what was adapted, whether the head is new)."""
+) -> tuple[dict[str, torch.Tensor], list[str], bool, set[str]]:
+    """(tensors to load, what was adapted, whether the head is new, source keys folded away)."""
     target = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     changes: list[str] = []
@@ -185,6 +186,12 @@ def adapt_state_dict(
     if inflated:
         changes.append(f"{inflated} kernels inflated to 3D ({inflate})")
     changes.extend(_fill_type_a_shortcuts(state, target, out))
+    folded = _fold_shortcut_bias(state, target, out)
+    if folded:
+        changes.append(
+            f"{len(folded)} shortcut conv biases folded into the following BatchNorm "
+            "(running_mean -= bias: the same function in train and eval mode)"
+        )
     if any(k.startswith("fc.") for k in target) and not any(k.startswith("fc.") for k in out):
         new_head = True
     lacking = [
@@ -197,14 +204,16 @@ def adapt_state_dict(
             f"{label} lacks {len(lacking)} backbone tensors of the model (e.g. {lacking[0]}); "
             "the weights are for another architecture: pick the matching --arch"
         )
-    extra = [k for k in state if k not in target and not _IGNORED_EXTRA.match(k)]
+    extra = [
+        k for k in state if k not in target and k not in folded and not _IGNORED_EXTRA.match(k)
+    ]
     extra_backbone = [k for k in extra if _BACKBONE_KEY.match(k)]
     if extra_backbone:
         raise WeightsError(
             f"{label} has {len(extra_backbone)} backbone tensors the model lacks (e.g. "
             f"{extra_backbone[0]}); the weights are for a deeper network: pick the matching --arch"
         )
-    return out, changes, new_head
+    return out, changes, new_head, folded
 
 
 def _adapt_stem(
@@ -255,6 +264,29 @@ def _fill_type_a_shortcuts(
             "as an identity projection"
         )
     return changes
+
+
+def _fold_shortcut_bias(
+    state: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+) -> set[str]:
+    """Fold ``downsample.0.bias`` (MONAI's ``bias_downsample=True`` files) into the BN after it.
+
+    BN(conv(x) + b) with running mean m equals BN(conv(x)) with running mean m - b, and in
+    train mode the batch mean absorbs b; so the bias-free projection computes the same.
+    """
+    folded: set[str] = set()
+    for key, bias in state.items():
+        if not key.endswith("downsample.0.bias") or key in target:
+            continue
+        mean_key = key.removesuffix("0.bias") + "1.running_mean"
+        if mean_key in out and out[mean_key].shape == bias.shape:
+            out[mean_key] = (out[mean_key].to(torch.float64) - bias.to(torch.float64)).to(
+                out[mean_key].dtype
+            )
+            folded.add(key)
+    return folded
 
 
 def _log_report(report: LoadReport) -> None:

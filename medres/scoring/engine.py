@@ -86,7 +86,11 @@ class LoopStats:
     decode_wait_s: float = 0.0
     model_s: float = 0.0
     commit_s: float = 0.0
-    scored_items: list[tuple[ScoreItem, np.ndarray]] = field(default_factory=list)
+    kept: list[tuple[float, int, ScoreItem, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def top(self) -> list[tuple[ScoreItem, np.ndarray, np.ndarray]]:
+        """Kept ``(item, input, probs)``, highest rank first."""
+        return [(it, x, p) for _, _, it, x, p in sorted(self.kept, key=lambda t: (-t[0], t[1]))]
 
     @property
     def items_per_s(self) -> float:
@@ -368,14 +372,18 @@ def run_items(
     prefetch: int = 2,
     chunk_size: int | None = None,
     keep_ids: bool = False,
-    keep_inputs: bool = False,
+    keep_top: int | None = None,
+    rank_fn: Callable[[np.ndarray], float] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> LoopStats:
     """Decode, predict and commit every item; returns counts and timings.
 
-    ``label_fn`` maps one row of probabilities to the predicted label. ``keep_inputs``
-    keeps ``(item, input array)`` of scored items in the stats (for Grad-CAM).
+    ``label_fn`` maps one row of probabilities to the predicted label. ``keep_top``
+    keeps the inputs of the ``keep_top`` items ranked highest by ``rank_fn(probs)`` (0 =
+    all) in ``stats.kept`` (for Grad-CAM), with a bounded heap.
     """
+    import heapq
+
     stats = LoopStats()
     t0 = time.perf_counter()
     chunk_size = chunk_size or max(1, min(batch_size, 16))
@@ -398,8 +406,19 @@ def run_items(
         tc = time.perf_counter()
         ledger.commit(model_hash, recs)
         stats.commit_s += time.perf_counter() - tc
-        if keep_inputs:
-            stats.scored_items.extend((g.item, g.array) for g in group)
+        if keep_top is not None:
+            for g, p in zip(group, probs, strict=True):
+                entry = (
+                    float(rank_fn(p) if rank_fn else p.max()),
+                    len(stats.kept),
+                    g.item,
+                    g.array,
+                    p,
+                )
+                if keep_top == 0 or len(stats.kept) < keep_top:
+                    heapq.heappush(stats.kept, entry)
+                elif entry[0] > stats.kept[0][0]:
+                    heapq.heapreplace(stats.kept, entry)
         stats.scored += len(group)
         stats.errors += len(errors)
         stats.batches += 1

@@ -309,7 +309,8 @@ def score(
                     workers=config.workers,
                     prefetch=config.prefetch,
                     keep_ids=config.keep_ids,
-                    keep_inputs=config.cam is not None,
+                    keep_top=config.cam,
+                    rank_fn=_rank_fn(meta, config.cam_class),
                     on_progress=bar.advance,
                 )
         finally:
@@ -319,13 +320,12 @@ def score(
         )
         counts = ledger.counts(mhash)
     _fill(summary, stats, counts)
-    if config.cam is not None and stats.scored_items:
+    if config.cam is not None and stats.kept:
         from medres.scoring.cam import write_cams
 
         summary.outputs["cam"] = write_cams(
-            model, stats.scored_items, out / "cam", meta=meta, top_k=config.cam,
-            class_name=config.cam_class, device=device,
-        )  # fmt: skip
+            model, stats.top(), out / "cam", meta=meta, class_name=config.cam_class, device=device
+        )
     log.info(
         "scored %d, rejected %d in %.1f s (%.1f img/s); ledger: %d ok, %d errors",
         summary.scored, summary.errors, summary.seconds, summary.items_per_s,
@@ -383,6 +383,16 @@ def probs_for_task(task: str) -> Any:
         return torch.sigmoid(logits)
 
     return sigmoid
+
+
+def _rank_fn(meta: dict[str, Any], class_name: str | None) -> Any:
+    """Items are ranked for ``--cam`` by the positive (or chosen) class, else their top class."""
+    from medres.scoring.cam import rank_class
+
+    idx = rank_class(meta, class_name)
+    if idx is None:
+        return lambda p: float(np.max(p))
+    return lambda p: float(p[idx])
 
 
 def _clean_stale_scratch(out: Path) -> None:

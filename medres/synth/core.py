@@ -244,7 +244,7 @@ class SynthResult:
             if r.series_uid == series_uid:
                 return r
         raise ManifestError(
-            f"series {series_uid[-8:]}… is not in {self.truth_csv}; pick a series_uid from truth.csv"
+            f"the requested series is not in {self.truth_csv}; pick a series_uid from that file"
         )
 
     def files(self, series_uid: str) -> list[Path]:
@@ -774,6 +774,8 @@ def _truth_row(spec: SynthSpec, plan: SeriesPlan, paths: list[Path], out_dir: Pa
 
 
 def _prepare_out(out_dir: Path, root: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"synth output {out_dir} is not a folder; pass a folder path to --out")
     produced = [
         root,
         out_dir / "labels.csv",
@@ -802,9 +804,18 @@ def generate(
     ``dicom.zip``/``.tar``/``.tar.gz`` when ``spec.archive`` is set. Same spec and seed give
     byte-identical files.
     """
-    t0 = time.perf_counter()
-    spec = spec.validated()
     out = Path(out_dir)
+    try:
+        return _generate(spec.validated(), out, overwrite)
+    except OSError as exc:
+        raise ConfigError(
+            f"synth could not write under {out}: {exc.strerror or exc}; "
+            "check free disk space and permissions"
+        ) from exc
+
+
+def _generate(spec: SynthSpec, out: Path, overwrite: bool) -> SynthResult:
+    t0 = time.perf_counter()
     root = out / ("nifti" if spec.kind == "nifti" else "dicom")
     _prepare_out(out, root, overwrite)
     plans = plan_series(spec)

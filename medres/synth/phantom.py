@@ -20,7 +20,14 @@ AIR, FAT, SOFT, LUNG, LIVER, CORTEX, MARROW, VESSEL, KIDNEY, CYST = range(10)
 CT_VALUES = np.array([-1000, -100, 40, -850, 60, 900, 250, 45, 35, 5], dtype=np.float32)
 MR_VALUES = np.array([0, 1100, 450, 30, 600, 40, 900, 150, 500, 120], dtype=np.float32)
 SOFT_VALUE = {"ct": 40.0, "nifti": 40.0, "sc": 40.0, "mr": 450.0, "xray": 0.0, "us": 110.0}
-NOMINAL_CONTRAST = {"ct": 100.0, "nifti": 100.0, "sc": 100.0, "mr": 400.0, "xray": 900.0, "us": -70.0}
+NOMINAL_CONTRAST = {
+    "ct": 100.0,
+    "nifti": 100.0,
+    "sc": 100.0,
+    "mr": 400.0,
+    "xray": 900.0,
+    "us": -70.0,
+}
 NOMINAL_NOISE = {"ct": 12.0, "nifti": 12.0, "sc": 12.0, "mr": 25.0, "xray": 40.0, "us": 0.35}
 
 

@@ -194,6 +194,9 @@ def test_rerun_is_incremental_and_identical(dataset):
     assert (out / "manifest.csv").read_bytes() == first
     info = json.loads((out / "ingest.json").read_text())
     assert info["files"]["cached"] == info["files"]["used"] == 21
+    # unchanged series are trusted whole: only the two junk files are read again
+    assert info["files"]["scanned"] == 2
+    assert info["files"]["skipped"] == 1  # the duplicate copy, remembered with its series
     assert {p.name: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == images
 
     # change one series: only that image is decoded again; a removed input disappears
@@ -205,9 +208,21 @@ def test_rerun_is_incremental_and_identical(dataset):
     info = json.loads((out / "ingest.json").read_text())
     assert info["files"]["used"] == 20
     assert info["files"]["cached"] == 16
+    assert info["files"]["scanned"] == 4 + 2  # the changed series and the junk
     rows = read_manifest(out / "manifest.csv", check_files=True).rows
     assert len(rows) == 5
     assert len(list((out / "images").iterdir())) == 5  # the NIfTI's image was pruned
+
+    # a file added to a trusted series makes the series be read and decoded again
+    write_ct_series(dataset["src"] / "p0" / "extra", "OTHER", n=3, seed=5)
+    extra = dataset["src"] / "p0" / "s1" / "IM0000"
+    shutil.copy(extra, dataset["src"] / "p0" / "zz_copy")  # joins series p0/s1 (duplicate)
+    assert runner.invoke(app, args).exit_code == 0
+    info = json.loads((out / "ingest.json").read_text())
+    assert info["files"]["scanned"] == 3 + 1 + 4 + 2  # new series, new copy, its series, junk
+    assert info["files"]["skipped"] == 2
+    assert info["files"]["seen"] == 20 + 3 + 1 + 2 + 1
+    assert len(read_manifest(out / "manifest.csv", check_files=True).rows) == 6
 
 
 def test_nothing_usable_exits_1_with_one_line(tmp_path):
@@ -255,7 +270,9 @@ def test_library_entry_point_in_process(tmp_path):
     write_nifti(src / "b.nii")
     report = run_ingest(IngestConfig(sources=(src,), out_dir=tmp_path / "o", isolate=False))
     assert report.n_images == 2
-    assert report.files == {"seen": 4, "used": 4, "rejected": 0, "skipped": 0, "cached": 0}
+    assert report.files == {
+        "seen": 4, "used": 4, "rejected": 0, "skipped": 0, "cached": 0, "scanned": 4,
+    }  # fmt: skip
     assert report.manifest_path.is_file()
     # --min-slices rejects the 3-slice stack and the 4-slice NIfTI with a stable code
     with pytest.raises(IngestError, match="no usable image"):
@@ -364,6 +381,19 @@ def test_synth_messy_defects_are_caught_with_their_codes(tmp_path, archive, work
     marker = PHI_CANARY_MARKER.encode()
     for path, data in _all_output_bytes(out):
         assert marker not in data, f"canary leaked into {path.name}"
+
+    # a re-run remembers rejected series too: only files without a readable header are read
+    before = [(out / n).read_bytes() for n in ("manifest.csv", "errors.csv")]
+    r = runner.invoke(
+        app,
+        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers],
+    )
+    assert r.exit_code == 0, r.output
+    assert [(out / n).read_bytes() for n in ("manifest.csv", "errors.csv")] == before
+    again = json.loads((out / "ingest.json").read_text())["files"]
+    no_header = sum(c in ("not_dicom", "truncated", "no_pixel_data") for c in errors.values())
+    assert again["scanned"] == no_header
+    assert again["cached"] == again["used"] == files["used"]
 
 
 # ---------------------------------------------------------------------------------------

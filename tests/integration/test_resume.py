@@ -54,10 +54,13 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, cache):
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
+    from medres.config import PipelineSpec, apply_overrides
+    from medres.errors import TrainError
+    from medres.training import run_train
+
     manifest = make_dataset(tmp_path / "ds", n=10, size=16)
-    out = tmp_path / "run"
-    r = _train(manifest, out, env_extra={"MEDRES_TRAIN_KILL_AFTER_EPOCH": "1"})
-    assert r.returncode == -signal.SIGKILL
-    r = _train(manifest, out, "--resume", "--arch", "resnet34")
-    assert r.returncode == 1
-    assert "different model.arch" in r.stderr and "Traceback" not in r.stderr
+    base = {"data.manifest": str(manifest), "train.epochs": 1, "train.batch_size": 4, "train.threads": 1}
+    run_train(apply_overrides(PipelineSpec(), base), tmp_path / "run")
+    changed = apply_overrides(PipelineSpec(), {**base, "train.epochs": 2, "model.arch": "resnet34"})
+    with pytest.raises(TrainError, match=r"different model\.arch.*original pipeline"):
+        run_train(changed, tmp_path / "run", resume=True)

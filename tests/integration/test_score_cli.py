@@ -44,7 +44,7 @@ def _score(*args: str) -> object:
 def test_score_folder_then_resume(data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = [str(data["model"]), str(data["src"]), "--out", str(out), "--workers", "2"]
-    res = _score(*args, "--batch-size", "4", "--aggregate", "max")
+    res = _score(*args, "--batch-size", "4", "--aggregate", "max", "--cam", "2")
     assert res.exit_code == 0, res.output
     rows = _read(out / "scores.csv")
     assert list(rows[0]) == ["image_id", "source", "prob_0", "prob_1", "pred", "status"]
@@ -66,6 +66,12 @@ def test_score_folder_then_resume(data: dict[str, Path], tmp_path: Path) -> None
     a_rows = [r for r in ok if r["source"].startswith("dcm/a")]
     study_a = next(s for s in studies if s["n_items"] == "2")
     assert float(study_a["prob_1"]) == max(float(r["prob_1"]) for r in a_rows)
+
+    # Grad-CAM overlays for the top 2 items by the positive class, named by image_id
+    top2 = sorted(ok, key=lambda r: -float(r["prob_1"]))[:2]
+    assert sorted(p.stem for p in (out / "cam").glob("*.png")) == sorted(
+        r["image_id"] for r in top2
+    )
 
     before = (out / "scores.csv").read_bytes()
     res = _score(*args)

@@ -757,3 +757,24 @@ def test_corrupted_bytes_never_escape_as_other_exceptions(tmp_path: Path, ts: st
             except IngestError as exc:
                 outcomes.add(str(Code(exc.code)))
     assert outcomes - {"ok"}, outcomes  # the damage was noticed at least once
+
+
+def test_one_failing_series_does_not_stop_grouping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medres.ingest.dicom as dicom_mod
+
+    good = make_series(tmp_path / "good", _rng_volume((3, 3, 3)))
+    bad = make_series(tmp_path / "bad", _rng_volume((3, 3, 3)))
+    bad_series = scan_header(bad[0]).series_uid
+    real = dicom_mod._group_series
+
+    def flaky(study, series, hs, policy):
+        if series == bad_series:
+            raise ZeroDivisionError("unexpected")
+        return real(study, series, hs, policy)
+
+    monkeypatch.setattr(dicom_mod, "_group_series", flaky)
+    stacks, rej = _load(good + bad)
+    assert len(stacks) == 1 and stacks[0].series_uid != bad_series
+    assert [(r.code, r.n_files) for r in rej] == [(Code.INCONSISTENT_GEOMETRY, 3)]

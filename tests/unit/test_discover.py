@@ -267,3 +267,31 @@ def test_total_size_limit_and_corrupt_archive(work):
 
 def test_clean_source_removes_control_characters():
     assert clean_source("a\nb\x00c\td") == "a?b?c?d"
+
+
+def test_unreadable_members_are_rejected_one_by_one(work):
+    """An encrypted zip member is refused alone; the other members are used."""
+    arc = _zip(work / "in" / "enc.zip", {"a.dcm": b"A" * 100, "b.dcm": b"B" * 100})
+    data = bytearray(arc.read_bytes())
+    # set the 'encrypted' flag of member b.dcm in its local header and central directory
+    for sig, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        pos = data.find(sig, data.find(sig) + 1)  # the second entry of each kind
+        data[pos + flag_at] |= 0x01
+    arc.write_bytes(bytes(data))
+    found = discover([arc], work / "scratch")
+    assert [f.source for f in found.files] == ["enc.zip!a.dcm"]
+    assert [(r.source, r.code) for r in found.rejected] == [("enc.zip!b.dcm", "unreadable")]
+    assert [p.name for p in (work / "scratch").rglob("*") if p.is_file()] == ["a.dcm"]
+
+
+def test_truncated_tar_gz_keeps_the_members_before_the_cut(work):
+    arc = work / "in" / "cut.tar.gz"
+    with tarfile.open(arc, "w:gz") as tf:
+        for i in range(4):
+            _tar_add(tf, f"m{i}.dcm", os.urandom(40_000))  # incompressible
+    arc.write_bytes(arc.read_bytes()[: int(arc.stat().st_size * 0.6)])
+    found = discover([arc], work / "scratch")
+    assert 1 <= len(found.files) <= 2
+    assert all(f.path.stat().st_size == 40_000 for f in found.files)
+    assert ("cut.tar.gz", "unreadable") in [(r.source, r.code) for r in found.rejected]
+    assert found.seen == len(found.files) + len(found.rejected)

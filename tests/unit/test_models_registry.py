@@ -192,3 +192,22 @@ def test_model_is_a_plain_module_for_other_stages():
         "num_classes": 2,
         "stem": "small",
     }
+
+
+def test_models_files_lists_urls_cache_paths_and_mirror(monkeypatch):
+    from medres.models.weights import cache_dir
+
+    monkeypatch.setenv("MEDRES_WEIGHTS_MIRROR", "file:///mnt/weights/")
+    (cache_dir()).mkdir(parents=True)
+    (cache_dir() / "resnet34-b627a593.pth").write_bytes(b"x")
+    r = runner.invoke(app, ["models", "--files", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {(row["arch"], row["source"]): row for row in json.loads(r.output)}
+    assert len(rows) == 13  # 5 imagenet + 3 imagenet-v2 + 5 medicalnet
+    r18 = rows[("resnet18", "imagenet")]
+    assert r18["url"] == "file:///mnt/weights/resnet18-f37072fd.pth"
+    assert r18["cache_path"] == str(cache_dir() / "resnet18-f37072fd.pth") and not r18["cached"]
+    assert rows[("resnet34", "imagenet")]["cached"]
+    assert rows[("resnet50", "medicalnet")]["url"].endswith("/resnet_50_23dataset.pth")
+    r = runner.invoke(app, ["models", "--files"])
+    assert r.exit_code == 0 and "resnet152" in r.output

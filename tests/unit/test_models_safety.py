@@ -55,6 +55,7 @@ def test_pickle_payload_is_refused_before_loading(
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("kind", ["zip", "legacy", "plain"])
 def test_torch_weights_only_is_the_second_guard(tmp_path, monkeypatch, kind):
     """With the opcode scan disabled, torch.load(weights_only=True) must still refuse."""

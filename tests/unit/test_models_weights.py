@@ -9,6 +9,7 @@ downloaded from the network.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -28,31 +29,44 @@ _TV_LAYERS = {
     18: ("basic", [2, 2, 2, 2]),
     34: ("basic", [3, 4, 6, 3]),
     50: ("bottleneck", [3, 4, 6, 3]),
+    101: ("bottleneck", [3, 4, 23, 3]),
+    152: ("bottleneck", [3, 8, 36, 3]),
 }
 
 
 @functools.cache
 def tv_state_dict(
-    depth: int, num_classes: int = 1000, seed: int = 0, in_ch: int = 3, nbt: bool = False
+    depth: int,
+    num_classes: int = 1000,
+    seed: int = 0,
+    in_ch: int = 3,
+    nbt: bool = False,
+    meta: bool = False,
 ):
     """Key names/shapes of torchvision's resnet<depth> (v1.5), seeded random values.
 
     BN statistics are random but sane so that activations stay O(1) through the net.
     ``nbt`` adds ``num_batches_tracked`` (torchvision's V1 files predate it). Cached:
-    callers must not modify the returned tensors.
+    callers must not modify the returned tensors. ``meta`` gives shape-only meta tensors.
     """
     block, layers = _TV_LAYERS[depth]
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
 
+    def randn(*shape):
+        return torch.empty(shape, device="meta") if meta else torch.randn(*shape, generator=g)
+
+    def rand(*shape):
+        return torch.empty(shape, device="meta") if meta else torch.rand(*shape, generator=g)
+
     def conv(name, o, i, k):
-        sd[f"{name}.weight"] = torch.randn(o, i, k, k, generator=g) * (1.0 / (i * k * k)) ** 0.5
+        sd[f"{name}.weight"] = randn(o, i, k, k) * (1.0 / (i * k * k)) ** 0.5
 
     def bn(name, c):
-        sd[f"{name}.weight"] = 0.5 + 0.5 * torch.rand(c, generator=g)
-        sd[f"{name}.bias"] = 0.1 * torch.randn(c, generator=g)
-        sd[f"{name}.running_mean"] = 0.1 * torch.randn(c, generator=g)
-        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=g)
+        sd[f"{name}.weight"] = 0.5 + 0.5 * rand(c)
+        sd[f"{name}.bias"] = 0.1 * randn(c)
+        sd[f"{name}.running_mean"] = 0.1 * randn(c)
+        sd[f"{name}.running_var"] = 0.5 + rand(c)
         if nbt:
             sd[f"{name}.num_batches_tracked"] = torch.tensor(1000)
 
@@ -81,8 +95,8 @@ def tv_state_dict(
                 conv(f"{p}.downsample.0", out, inplanes, 1)
                 bn(f"{p}.downsample.1", out)
             inplanes = out
-    sd["fc.weight"] = torch.randn(num_classes, inplanes, generator=g) * inplanes**-0.5
-    sd["fc.bias"] = 0.01 * torch.randn(num_classes, generator=g)
+    sd["fc.weight"] = randn(num_classes, inplanes) * inplanes**-0.5
+    sd["fc.bias"] = 0.01 * randn(num_classes)
     return sd
 
 
@@ -114,14 +128,32 @@ def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, depth: int) 
                 )
                 out = bn(F.conv2d(out, sd[f"{p}.conv3.weight"]), f"{p}.bn3")
             if f"{p}.downsample.0.weight" in sd:
-                short = bn(
-                    F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), f"{p}.downsample.1"
+                ds = F.conv2d(
+                    x,
+                    sd[f"{p}.downsample.0.weight"],
+                    sd.get(f"{p}.downsample.0.bias"),
+                    stride=stride,
                 )
+                short = bn(ds, f"{p}.downsample.1")
             else:
                 short = x
             x = F.relu(out + short)
     x = x.mean(dim=(2, 3))
     return F.linear(x, sd["fc.weight"], sd["fc.bias"])
+
+
+@contextlib.contextmanager
+def _capture_medres_logs(caplog):
+    """Capture medres' INFO logs even after a CLI test set propagate=False on "medres"."""
+    logger = logging.getLogger("medres")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(old_level)
 
 
 def _sha(path: Path) -> str:
@@ -145,12 +177,34 @@ def _serve(
 # --- architecture: torchvision keys and shapes ----------------------------------------------
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50])
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
 def test_state_dict_keys_and_shapes_are_torchvisions(depth):
-    model = build_model(f"resnet{depth}", 2, 3, 1000, stem="standard")
+    with torch.device("meta"):
+        model = build_model(f"resnet{depth}", 2, 3, 1000, stem="standard")
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tv = {k: tuple(v.shape) for k, v in tv_state_dict(depth, nbt=True).items()}
+    tv = {k: tuple(v.shape) for k, v in tv_state_dict(depth, nbt=True, meta=True).items()}
     assert ours == tv
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
+@pytest.mark.parametrize(
+    ("dims", "in_ch", "stem"), [(3, 1, "standard"), (3, 2, "small"), (2, 1, "small")]
+)
+def test_imagenet_layout_adapts_to_every_depth_dims_and_stem(depth, dims, in_ch, stem):
+    """Shape-level check on the meta device: every tensor is produced, with the model's shape."""
+    from medres.models.pretrained import adapt_state_dict
+
+    with torch.device("meta"):
+        model = build_model(f"resnet{depth}", dims, in_ch, 2, stem=stem)
+    state = tv_state_dict(depth, meta=True)
+    out, changes, new_head, folded = adapt_state_dict(state, model)
+    target = model.state_dict()
+    expected = {
+        k for k in target if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
+    assert expected <= set(out) and new_head and not folded
+    assert all(tuple(out[k].shape) == tuple(target[k].shape) for k in out)
+    assert changes[0].startswith("conv1.weight: 3->")
 
 
 # --- download, cache, hash -----------------------------------------------------------------
@@ -160,7 +214,7 @@ def test_file_url_download_verifies_and_loads_strictly(monkeypatch, tmp_path, ca
     sd = tv_state_dict(18)
     _serve(monkeypatch, tmp_path, sd)
     model = build_model("resnet18", 2, 3, 1000, stem="standard")
-    with caplog.at_level(logging.INFO, logger="medres"):
+    with _capture_medres_logs(caplog):
         report = load_pretrained(model, "imagenet", arch="resnet18", dims=2)
     cached = cache_dir() / "resnet18-f37072fd.pth"
     assert Path(report.file) == cached and cached.is_file()
@@ -270,6 +324,22 @@ def test_forward_equals_functional_reference(tmp_path, depth):
     torch.testing.assert_close(stem, stem_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert ref.abs().max() > 1e-2  # not a degenerate all-zero comparison
+
+
+def test_shortcut_bias_is_folded_exactly(tmp_path):
+    """A file from a projection shortcut *with* bias (MONAI's default) loads exactly."""
+    sd = dict(tv_state_dict(18))
+    g = torch.Generator().manual_seed(3)
+    for stage, planes in ((2, 128), (3, 256), (4, 512)):
+        sd[f"layer{stage}.0.downsample.0.bias"] = 0.5 * torch.randn(planes, generator=g)
+    path = tmp_path / "biased.pth"
+    torch.save(sd, path)
+    model = build_model("resnet18", 2, 3, 1000, stem="standard").eval()
+    report = load_pretrained(model, str(path))
+    assert report.unexpected == () and any("folded" in a for a in report.adapted)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference_forward(sd, x, 18), rtol=1e-4, atol=1e-4)
 
 
 def test_safetensors_and_model_dir_sources(tmp_path):
@@ -435,7 +505,7 @@ def test_small_stem_loads_pretrained_with_resized_kernel(tmp_path, caplog):
     model = build_model("resnet18", 2, 1, 2, image_size=28)
     assert model.config.stem == "small" and model.no_max_pool
     assert tuple(model.conv1.weight.shape) == (64, 1, 3, 3) and model.conv1.stride == (1, 1)
-    with caplog.at_level(logging.INFO, logger="medres"):
+    with _capture_medres_logs(caplog):
         report = load_pretrained(model, str(path))
     assert "resized to 3x3" in report.adapted[0] and "resized to 3x3" in caplog.text
     assert report.new_head

@@ -164,3 +164,36 @@ def test_background_streams_and_propagates_errors() -> None:
     assert next(it) == 1
     with pytest.raises(ConfigError, match="bad source"):
         next(it)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (1, 32, 32)), (3, (1, 16, 16, 16))])
+def test_grad_cam_overlay_png(tmp_path, dims, shape) -> None:
+    from medres.models.resnet import build_model
+    from medres.scoring.cam import grad_cam, overlay_png, rank_class
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", dims, 1, 2, stem="small")
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    cam = grad_cam(model, x, class_idx=1)
+    assert cam.shape == shape[1:]
+    assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+    png = overlay_png(x[0], cam, tmp_path / "a.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rank_class({"task": "binary", "classes": ["neg", "pos"], "positive_class": "pos"}) == 1
+    assert rank_class({"task": "multiclass", "classes": ["a", "b", "c"]}) is None
+    with pytest.raises(ConfigError, match="cam-class"):
+        rank_class({"classes": ["a"]}, "zzz")
+
+
+def test_keep_top_keeps_only_the_highest_ranked(tmp_path) -> None:
+    led = Ledger(tmp_path / "l.sqlite")
+    led.register_model(ModelInfo(H, tuple(CLASSES), "binary"))
+    stats = run_items(
+        _items(12), SeedDecoder(), Predictor(TinyNet()), led, H,
+        label_fn=lambda p: predict_label(p, CLASSES), batch_size=5, workers=0,
+        keep_top=3, rank_fn=lambda p: float(p[1]),
+    )  # fmt: skip
+    top = stats.top()
+    all_p1 = sorted((r.scores[1] for r in led.records(H)), reverse=True)
+    assert [float(p[1]) for _, _, p in top] == pytest.approx(all_p1[:3])
+    led.close()

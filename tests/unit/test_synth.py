@@ -374,6 +374,29 @@ def test_every_messy_defect_is_planted(synth_ct_messy):
     assert load_result(res.out_dir).junk == res.junk
 
 
+def test_2d_defects_are_planted(synth_factory):
+    messy = ("two_series", "truncated", "no_preamble", "junk")
+    res = synth_factory(kind="xray", n_patients=4, shape=(32, 32), messy=messy, seed=15)
+    by_defect = defaultdict(list)
+    for row in res.truth:
+        by_defect[row.defect].append(row)
+    assert len(by_defect["two_series"]) == 2 and len(res.truth) == 5
+    a, b = by_defect["two_series"]
+    assert Path(a.paths[0]).parent == Path(b.paths[0]).parent and a.paths != b.paths
+    with pytest.raises(Exception):  # noqa: B017 - any decoder error is fine, a silent pass is not
+        pydicom.dcmread(res.out_dir / by_defect["truncated"][0].paths[0]).pixel_array  # noqa: B018
+    raw = res.out_dir / by_defect["no_preamble"][0].paths[0]
+    assert raw.read_bytes()[128:132] != b"DICM"
+    assert len(res.junk) == 6
+
+
+def test_out_dir_that_is_a_file_is_a_config_error(tmp_path):
+    target = tmp_path / "file"
+    target.write_text("x")
+    with pytest.raises(ConfigError, match="not a folder"):
+        generate(SynthSpec(kind="xray", n_patients=1, shape=(16, 16)), target)
+
+
 def test_shuffled_names_are_extensionless_and_nested(synth_factory):
     res = synth_factory(
         kind="ct", n_patients=2, shape=(16, 16, 5), messy=("shuffle_names",), seed=10
