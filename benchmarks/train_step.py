@@ -7,7 +7,8 @@ optimizer settings and in-memory batches are trained alternately by
 * ``medres``: :func:`medres.engine.train_one_epoch` (LR schedule, loss accounting,
   progress hooks, timing, accumulation/clipping/AMP branches) over the same batches,
 
-``--repeats`` times (median samples/s of each; target ratio >= 0.85). Then the real input
+``--repeats`` times (median samples/s of each; target ratio >= 0.85). The standard stem
+is used at every size so that small quick-run sizes time the same network shape. Then the real input
 path runs: NIfTI files on disk -> medres transforms cached in memory (CacheDataset) ->
 random augmentation -> DataLoader -> ``train_one_epoch``, and the engine reports the
 fraction of the epoch spent waiting for batches (target <= 20%).
@@ -82,8 +83,8 @@ def engine_vs_bare(dims: int, size: int, batch: int, steps: int, repeats: int) -
     """Alternate bare and engine epochs over identical batches; median samples/s each."""
     batches = _batches(dims, size, batch, steps)
     torch.manual_seed(0)
-    m_bare = build_model("resnet18", dims, 1, 2, image_size=size)
-    m_eng = build_model("resnet18", dims, 1, 2, image_size=size)
+    m_bare = build_model("resnet18", dims, 1, 2, stem="standard")
+    m_eng = build_model("resnet18", dims, 1, 2, stem="standard")
     m_eng.load_state_dict(m_bare.state_dict())
     opt_bare = torch.optim.AdamW(m_bare.parameters(), lr=1e-4, weight_decay=1e-4)
     state = _engine_state(m_eng, steps)
@@ -129,7 +130,7 @@ def data_share(dims: int, size: int, batch: int, steps: int, workers: int) -> di
         cache_s = time.perf_counter() - t0
         loader = build_loader(ds, EpochSampler(n, seed=0), batch_size=batch, workers=workers)
         torch.manual_seed(0)
-        state = _engine_state(build_model("resnet18", dims, 1, 2, image_size=size), steps)
+        state = _engine_state(build_model("resnet18", dims, 1, 2, stem="standard"), steps)
         fracs = []
         for epoch in range(3):
             seed_loader_epoch(loader, 0, epoch, 0)

@@ -137,6 +137,7 @@ def test_missing_model_dir_and_source(data: dict[str, Path], tmp_path: Path) -> 
     assert res.exit_code == 1 and "does not exist" in res.output
 
 
+@pytest.mark.slow
 def test_scoring_the_test_split_reproduces_training_predictions(tmp_path: Path) -> None:
     """Train 1 epoch, then score the manifest's test split: fp32 scores equal
     predictions_test.csv to 1e-5 (the file itself is rounded to 8 digits)."""

@@ -114,7 +114,7 @@ def _crash_and_resume(tmp_path: Path, n_items: int, n_kills: int, seed: int) -> 
 
 
 def test_sigkill_resume_small(tmp_path: Path) -> None:
-    _crash_and_resume(tmp_path, n_items=96, n_kills=1, seed=1)
+    _crash_and_resume(tmp_path, n_items=48, n_kills=1, seed=1)
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ def _with_key(folder: Path, key: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_two_concurrent_processes_share_one_ledger(setup: dict[str, Path], tmp_path: Path) -> None:
     out = _with_key(tmp_path / "shared", setup["key"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
