@@ -37,9 +37,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medres.config import TrainSpec, TransformSpec  # noqa: E402
-from medres.engine import TrainState, make_loss, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
-from medres.models import build_model  # noqa: E402
+from medres.config import TrainSpec, TransformSpec
+from medres.engine import TrainState, make_loss, make_optimizer, make_scheduler, train_one_epoch
+from medres.models import build_model
 
 
 def _batches(dims: int, size: int, batch: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -54,7 +54,9 @@ def _batches(dims: int, size: int, batch: int, steps: int, seed: int = 0) -> lis
     ]
 
 
-def _bare_epoch(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict[str, Any]]) -> float:
+def _bare_epoch(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict[str, Any]]
+) -> float:
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     t0 = time.perf_counter()
@@ -122,9 +124,13 @@ def data_share(dims: int, size: int, batch: int, steps: int, workers: int) -> di
         src = int(size * 1.25)  # stored images are larger than the network input: resize cached
         for i in range(n):
             p = Path(tmp) / f"{i}.nii.gz"
-            nib.save(nib.Nifti1Image(rng.normal(0, 300, (src,) * dims).astype(np.int16), np.eye(4)), p)
+            nib.save(
+                nib.Nifti1Image(rng.normal(0, 300, (src,) * dims).astype(np.int16), np.eye(4)), p
+            )
             items.append({"image": str(p), "channels": 1, "label": i % 2, "index": i})
-        spec = TransformSpec(dims=dims, in_channels=1, image_size=(size,) * dims, intensity="ct_window")
+        spec = TransformSpec(
+            dims=dims, in_channels=1, image_size=(size,) * dims, intensity="ct_window"
+        )
         t0 = time.perf_counter()
         ds = make_dataset(items, build_transforms(spec, train=True), cache="memory")
         cache_s = time.perf_counter() - t0
@@ -144,20 +150,26 @@ def data_share(dims: int, size: int, batch: int, steps: int, workers: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size2d", type=int, default=224)
     ap.add_argument("--size3d", type=int, default=96)
     ap.add_argument("--batch2d", type=int, default=16)
     ap.add_argument("--batch3d", type=int, default=2)
     ap.add_argument("--steps", type=int, default=4, help="batches per timed epoch")
     ap.add_argument("--repeats", type=int, default=5, help="alternating repeats (median)")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for the input-path test")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers for the input-path test"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--skip3d", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [(2, args.size2d, args.batch2d)] + ([] if args.skip3d else [(3, args.size3d, args.batch3d)])
+    cases = [(2, args.size2d, args.batch2d)] + (
+        [] if args.skip3d else [(3, args.size3d, args.batch3d)]
+    )
     results: dict[str, Any] = {"threads": args.threads, "engine": [], "input": []}
     for dims, size, batch in cases:
         r = engine_vs_bare(dims, size, batch, args.steps, args.repeats)

@@ -408,7 +408,9 @@ def train_cmd(
     arch: Annotated[
         str | None, typer.Option("--arch", help="resnet18|resnet34|resnet50|resnet101|resnet152.")
     ] = None,
-    dims: Annotated[int | None, typer.Option("--dims", help="2 or 3 (default: the manifest's).")] = None,
+    dims: Annotated[
+        int | None, typer.Option("--dims", help="2 or 3 (default: the manifest's).")
+    ] = None,
     weights: Annotated[
         str | None, typer.Option("--weights", help="imagenet|none|medicalnet|PATH.")
     ] = None,
@@ -617,6 +619,12 @@ def score_cmd(
         str | None,
         typer.Option("--cam-class", help="Class to rank and explain by (default: positive/top)."),
     ] = None,
+    dicom_out: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-out", help="Write one DICOM Comprehensive SR per study (needs highdicom)."
+        ),
+    ] = False,
     prefetch: Annotated[
         int, typer.Option("--prefetch", help="Decoded chunks in flight per worker.")
     ] = 2,
@@ -641,6 +649,7 @@ def score_cmd(
             aggregate=aggregate,
             cam=cam,
             cam_class=cam_class,
+            dicom_out=dicom_out,
         )
     )
     i, n = summary.shard

@@ -178,7 +178,8 @@ class TrainSpec:
     device: str = "auto"
     """auto | cpu | cuda (auto: cuda when available)."""
     amp: str = "auto"
-    """auto | bf16 | fp16 | none (auto: bf16 on CUDA when supported else fp16; none on CPU)."""
+    """auto | bf16 | fp16 | none (auto: CUDA bf16 if supported else fp16 with a scaler; CPU bf16
+    only with AMX)."""
     seed: int = 0
     """Seed for weights init, shuffling and augmentation."""
     deterministic: bool = False
@@ -282,7 +283,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in {"true", "yes", "on", "1", "false", "no", "off", "0"}:
+        if isinstance(value, str) and value.lower() in {
+            "true",
+            "yes",
+            "on",
+            "1",
+            "false",
+            "no",
+            "off",
+            "0",
+        }:
             return value.lower() in {"true", "yes", "on", "1"}
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
@@ -418,14 +428,18 @@ def field_docs() -> dict[str, list[tuple[str, str, str]]]:
                     and isinstance(nxt.value, ast.Constant)
                     and isinstance(nxt.value.value, str)
                 ):
-                    docs.setdefault(node.name, {})[stmt.target.id] = " ".join(nxt.value.value.split())
+                    docs.setdefault(node.name, {})[stmt.target.id] = " ".join(
+                        nxt.value.value.split()
+                    )
     out: dict[str, list[tuple[str, str, str]]] = {}
     for section, cls in SECTIONS.items():
         default = _section_to_dict(cls())
         out[section] = [
             (
                 f.name,
-                yaml.safe_dump(default[f.name], default_flow_style=True).strip().removesuffix("..."),
+                yaml.safe_dump(default[f.name], default_flow_style=True)
+                .strip()
+                .removesuffix("..."),
                 docs.get(cls.__name__, {}).get(f.name, ""),
             )
             for f in fields(cls)

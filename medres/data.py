@@ -188,7 +188,9 @@ def make_items(manifest: Any, split: str, labels: LabelInfo) -> list[dict[str, A
 def class_counts(items: Sequence[dict[str, Any]], labels: LabelInfo) -> np.ndarray:
     """Per-class counts (positives per label for multi-label)."""
     if labels.task == "multilabel":
-        return np.sum([it["label"] for it in items], axis=0) if items else np.zeros(labels.num_outputs)
+        return (
+            np.sum([it["label"] for it in items], axis=0) if items else np.zeros(labels.num_outputs)
+        )
     c = Counter(int(it["label"]) for it in items)
     return np.asarray([c.get(k, 0) for k in range(labels.num_outputs)], dtype=np.float64)
 
@@ -198,7 +200,9 @@ def sample_weights(items: Sequence[dict[str, Any]], labels: LabelInfo) -> torch.
     counts = np.maximum(class_counts(items, labels), 1.0)
     if labels.task == "multilabel":
         inv = 1.0 / counts
-        w = [max([inv[j] for j in np.flatnonzero(it["label"])] or [1.0 / len(items)]) for it in items]
+        w = [
+            max([inv[j] for j in np.flatnonzero(it["label"])] or [1.0 / len(items)]) for it in items
+        ]
     else:
         w = [1.0 / counts[int(it["label"])] for it in items]
     return torch.as_tensor(w, dtype=torch.float64)
@@ -252,8 +256,16 @@ class EpochSampler(Sampler[int]):
 
 
 _AUGMENT_KEYS = {
-    "augment", "flip_prob", "flip_axes", "affine_prob", "rotate_deg", "scale",
-    "intensity_prob", "intensity_jitter", "noise_prob", "noise_std",
+    "augment",
+    "flip_prob",
+    "flip_axes",
+    "affine_prob",
+    "rotate_deg",
+    "scale",
+    "intensity_prob",
+    "intensity_jitter",
+    "noise_prob",
+    "noise_std",
 }
 
 
@@ -288,7 +300,9 @@ def make_dataset(
         )
     if cache == "disk":
         if cache_dir is None:
-            raise ConfigError("data.cache is disk but no cache folder was given; set data.cache_dir")
+            raise ConfigError(
+                "data.cache is disk but no cache folder was given; set data.cache_dir"
+            )
         cache_dir.mkdir(parents=True, exist_ok=True)
         return PersistentDataset(items, transform, cache_dir=cache_dir)
     return Dataset(items, transform)
@@ -318,7 +332,9 @@ def build_loader(
     )
 
 
-def seed_loader_epoch(loader: torch.utils.data.DataLoader, seed: int, epoch: int, rank: int) -> None:
+def seed_loader_epoch(
+    loader: torch.utils.data.DataLoader, seed: int, epoch: int, rank: int
+) -> None:
     """Make the epoch's sampling and augmentation a function of (seed, epoch, rank) only."""
     from monai.data.utils import set_rnd
 

@@ -10,8 +10,8 @@ Choices:
 * Schedule: per optimizer step, linear warmup then cosine to 0, one-cycle (cosine up to the
   peak over the warmup, then cosine down to lr/1e4) or constant. A ``LambdaLR`` over a
   closure, so its state_dict holds numbers only.
-* AMP: ``bf16`` autocast (CUDA, or CPU when asked), ``fp16`` autocast with a GradScaler
-  (CUDA). Gradient accumulation divides the loss; clipping unscales first.
+* AMP: ``bf16`` autocast (CUDA; CPU when asked or, for ``auto``, when the CPU has AMX),
+  ``fp16`` autocast with a GradScaler (CUDA). Gradient accumulation divides the loss; clipping unscales first.
 * Selection: validation AUC (macro one-vs-rest for multi-class, mean over labels for
   multi-label) or validation loss; the best epoch is reported to ``on_epoch_end`` which
   writes checkpoints. Early stopping counts epochs without improvement.
@@ -78,14 +78,18 @@ class MultiLabelLoss(nn.Module):
         )
 
 
-def make_loss(task: str, *, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> nn.Module:
+def make_loss(
+    task: str, *, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None
+) -> nn.Module:
     """Cross-entropy (binary, multiclass) or BCE (multilabel)."""
     if task == "multilabel":
         return MultiLabelLoss(label_smoothing, class_weights)
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
 
 
-def _param_groups(model: nn.Module, lr: float, backbone_mult: float, wd: float) -> list[dict[str, Any]]:
+def _param_groups(
+    model: nn.Module, lr: float, backbone_mult: float, wd: float
+) -> list[dict[str, Any]]:
     try:
         from medres.models import param_groups
 
@@ -93,7 +97,9 @@ def _param_groups(model: nn.Module, lr: float, backbone_mult: float, wd: float) 
     except ImportError:  # models package not importable yet: same split by name
         groups: dict[str, dict[str, Any]] = {}
         for name, p in model.named_parameters():
-            part = "head" if name.split(".")[-2:-1] == ["fc"] or ".fc." in f".{name}" else "backbone"
+            part = (
+                "head" if name.split(".")[-2:-1] == ["fc"] or ".fc." in f".{name}" else "backbone"
+            )
             scale = 1.0 if part == "head" else backbone_mult
             key = part if p.ndim > 1 else f"{part}_no_decay"
             g = groups.setdefault(
@@ -105,13 +111,17 @@ def _param_groups(model: nn.Module, lr: float, backbone_mult: float, wd: float) 
         return list(groups.values())
 
 
-def make_optimizer(model: nn.Module, spec: TrainSpec, backbone_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, spec: TrainSpec, backbone_lr_mult: float = 1.0
+) -> torch.optim.Optimizer:
     """AdamW or SGD over backbone/head groups (no decay on biases and norms)."""
     groups = _param_groups(model, spec.lr, backbone_lr_mult, spec.weight_decay)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=spec.lr, momentum=0.9, nesterov=True, weight_decay=spec.weight_decay
+        )
     raise ConfigError(f"train.optimizer is {spec.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
 
 
@@ -137,7 +147,9 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step LambdaLR: warmup then cosine / one-cycle / constant."""
     if spec.scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.scheduler is {spec.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        raise ConfigError(
+            f"train.scheduler is {spec.scheduler!r}; use one of {', '.join(SCHEDULERS)}"
+        )
     total = steps_per_epoch * spec.epochs
     warmup = round(spec.warmup_epochs * steps_per_epoch)
     kind = spec.scheduler
@@ -160,11 +172,24 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if amp == "fp16":
         raise ConfigError("train.amp fp16 needs CUDA; use bf16 or none on CPU")
-    # CPU: bf16 only on request; on CPUs without AMX it is slower than float32
+    # CPU: bf16 autocast pays off only with AMX tiles (Sapphire Rapids and later); without
+    # them oneDNN emulates or converts and float32 is as fast and more accurate.
+    if amp == "auto":
+        return torch.bfloat16 if _cpu_has_amx() else None
     return torch.bfloat16 if amp == "bf16" else None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            return any(line.startswith("flags") and "amx_bf16" in line for line in fh)
+    except OSError:
+        return False
+
+
+def autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -208,7 +233,9 @@ class EvalOutput:
 def _to_device(batch: dict[str, Any], state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
     x = batch["image"].to(state.device, non_blocking=True)
     if state.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        )
     y = torch.as_tensor(batch["label"]).to(state.device, non_blocking=True)
     return x, y
 
@@ -310,7 +337,9 @@ def _sync_buffers(model: nn.Module) -> None:
         dist.broadcast(b.data, 0)
 
 
-def compute_metric(task: str, probs: np.ndarray, labels: np.ndarray, positive_index: int = 1) -> float:
+def compute_metric(
+    task: str, probs: np.ndarray, labels: np.ndarray, positive_index: int = 1
+) -> float:
     """AUC: binary (positive class), multi-class macro one-vs-rest, multi-label mean; NaN if undefined."""
     from sklearn.metrics import roc_auc_score
 
@@ -359,7 +388,9 @@ def predict_probs(
     for batch in _batches(loader, description):
         x = batch["image"].to(device, non_blocking=True)
         if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+            x = x.contiguous(
+                memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+            )
         y = torch.as_tensor(batch["label"]).to(device)
         with autocast(device, amp_dtype):
             logits = model(x)
@@ -376,7 +407,9 @@ def predict_probs(
     return np.concatenate(probs), np.concatenate(labels), np.concatenate(idx), loss_sum / max(n, 1)
 
 
-def evaluate(state: TrainState, loader: Iterable[dict[str, Any]], positive_index: int = 1) -> EvalOutput:
+def evaluate(
+    state: TrainState, loader: Iterable[dict[str, Any]], positive_index: int = 1
+) -> EvalOutput:
     """Validation loss and AUC of the current model."""
     probs, labels, idx, loss = predict_probs(
         unwrap(state.model),
@@ -388,7 +421,9 @@ def evaluate(state: TrainState, loader: Iterable[dict[str, Any]], positive_index
         channels_last=state.channels_last,
         description="validate",
     )
-    return EvalOutput(probs, labels, idx, loss, compute_metric(state.task, probs, labels, positive_index))
+    return EvalOutput(
+        probs, labels, idx, loss, compute_metric(state.task, probs, labels, positive_index)
+    )
 
 
 def selection_score(metric: str, ev: EvalOutput) -> float:
@@ -429,7 +464,9 @@ def fit(
         tr = train_one_epoch(state, train_loader)
         ev = evaluate(state, val_loader, positive_index)
         value = selection_score(metric, ev)
-        is_best = not math.isnan(value) and (math.isnan(state.best_metric) or value > state.best_metric)
+        is_best = not math.isnan(value) and (
+            math.isnan(state.best_metric) or value > state.best_metric
+        )
         state.epoch += 1
         if is_best:
             state.best_metric, state.best_epoch, state.bad_epochs = value, state.epoch, 0

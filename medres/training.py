@@ -138,7 +138,9 @@ def _check_ranges(spec: PipelineSpec) -> None:
         if not ok:
             section, _, fld = name.partition(".")
             value = getattr(getattr(spec, section), fld)
-            raise ConfigError(f"{name} is {value!r}; it must be {want} (pipeline YAML or --set {name}=...)")
+            raise ConfigError(
+                f"{name} is {value!r}; it must be {want} (pipeline YAML or --set {name}=...)"
+            )
 
 
 def resolve_spec(spec: PipelineSpec, manifest: Any) -> tuple[PipelineSpec, Any]:
@@ -155,7 +157,9 @@ def resolve_spec(spec: PipelineSpec, manifest: Any) -> tuple[PipelineSpec, Any]:
     if dims not in (2, 3):
         raise ConfigError(f"model.dims is {dims}; use 2 or 3")
     if t.dims and t.dims != dims:
-        raise ConfigError(f"transforms.dims {t.dims} contradicts model.dims {dims}; set only model.dims")
+        raise ConfigError(
+            f"transforms.dims {t.dims} contradicts model.dims {dims}; set only model.dims"
+        )
     if dims == 3 and img_dims == 2:
         raise ConfigError(
             f"model.dims is 3 but {Path(manifest.path).name} holds 2D images; use --dims 2"
@@ -181,7 +185,11 @@ def resolve_spec(spec: PipelineSpec, manifest: Any) -> tuple[PipelineSpec, Any]:
     mean, std = tuple(t.mean), tuple(t.std)
     if not mean and wmeta.get("normalization") == "mean_std" and wmeta.get("mean"):
         mean, std = tuple(wmeta["mean"]), tuple(wmeta["std"])
-    intensity = t.intensity if t.intensity != "auto" else _auto_intensity(train_rows, wmeta.get("normalization"))
+    intensity = (
+        t.intensity
+        if t.intensity != "auto"
+        else _auto_intensity(train_rows, wmeta.get("normalization"))
+    )
     stem = resolve_stem(m.stem, list(size))
     resolved = replace(
         spec,
@@ -231,7 +239,9 @@ class Runtime:
 def _setup_runtime(spec: PipelineSpec) -> Runtime:
     want = spec.train.device
     if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda but no CUDA device is visible; use --device cpu or auto")
+        raise ConfigError(
+            "train.device is cuda but no CUDA device is visible; use --device cpu or auto"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -283,7 +293,9 @@ def _cache_root(spec: PipelineSpec, run_dir: Path) -> Path:
     return base / preprocessing_hash(preprocessing_dict(spec.transforms))
 
 
-def _build_data(spec: PipelineSpec, manifest: Any, labels: Any, rt: Runtime, run_dir: Path) -> DataBundle:
+def _build_data(
+    spec: PipelineSpec, manifest: Any, labels: Any, rt: Runtime, run_dir: Path
+) -> DataBundle:
     from medres.data import (
         EpochSampler,
         build_loader,
@@ -312,13 +324,18 @@ def _build_data(spec: PipelineSpec, manifest: Any, labels: Any, rt: Runtime, run
         cache_dir=cache_root / "train",
     )
     val_ds = make_dataset(
-        val_items, build_transforms(spec.transforms, train=False), cache=d.cache, cache_dir=cache_root / "eval"
+        val_items,
+        build_transforms(spec.transforms, train=False),
+        cache=d.cache,
+        cache_dir=cache_root / "eval",
     )
     weights = sample_weights(train_items, labels) if d.balance == "sampler" else None
     pin = rt.device.type == "cuda"
     train = build_loader(
         train_ds,
-        EpochSampler(len(train_items), weights=weights, seed=spec.train.seed, rank=rt.rank, world=rt.world),
+        EpochSampler(
+            len(train_items), weights=weights, seed=spec.train.seed, rank=rt.rank, world=rt.world
+        ),
         batch_size=spec.train.batch_size,
         workers=d.workers,
         pin_memory=pin,
@@ -341,12 +358,19 @@ def _build_data(spec: PipelineSpec, manifest: Any, labels: Any, rt: Runtime, run
 
 
 # -------------------------------------------------------------------------------------- model
-def _build_model(spec: PipelineSpec, labels: Any, rt: Runtime) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _build_model(
+    spec: PipelineSpec, labels: Any, rt: Runtime
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     from medres.models import build_model, load_pretrained, weights_meta
 
     m = spec.model
     model = build_model(
-        m.arch, m.dims, m.in_channels, labels.num_outputs, stem=m.stem, image_size=list(spec.transforms.image_size)
+        m.arch,
+        m.dims,
+        m.in_channels,
+        labels.num_outputs,
+        stem=m.stem,
+        image_size=list(spec.transforms.image_size),
     )
     if m.weights not in ("", "none"):
         report = load_pretrained(model, m.weights, arch=m.arch, dims=m.dims)
@@ -364,7 +388,9 @@ def _channels_last(spec: PipelineSpec, rt: Runtime) -> bool:
 
 def _wrap(model: torch.nn.Module, spec: PipelineSpec, rt: Runtime) -> torch.nn.Module:
     if _channels_last(spec, rt):
-        model = model.to(memory_format=torch.channels_last if spec.model.dims == 2 else torch.channels_last_3d)
+        model = model.to(
+            memory_format=torch.channels_last if spec.model.dims == 2 else torch.channels_last_3d
+        )
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -391,8 +417,12 @@ def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
     """The parts of a resolved spec that a resumed run must share with the original."""
     keep = {"model", "transforms"}
     out = {s: v for s, v in spec_dict.items() if s in keep}
-    out["data"] = {k: spec_dict["data"][k] for k in ("task", "label_columns", "classes", "manifest")}
-    out["train"] = {k: spec_dict["train"][k] for k in ("batch_size", "lr", "optimizer", "scheduler", "seed")}
+    out["data"] = {
+        k: spec_dict["data"][k] for k in ("task", "label_columns", "classes", "manifest")
+    }
+    out["train"] = {
+        k: spec_dict["train"][k] for k in ("batch_size", "lr", "optimizer", "scheduler", "seed")
+    }
     return out
 
 
@@ -407,11 +437,24 @@ def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 def _write_predictions(
-    path: Path, manifest: Any, labels: Any, split: str, probs: np.ndarray, idx: np.ndarray, threshold: float
+    path: Path,
+    manifest: Any,
+    labels: Any,
+    split: str,
+    probs: np.ndarray,
+    idx: np.ndarray,
+    threshold: float,
 ) -> None:
     from medres.utils import atomic_write_text
 
-    cols = ["image_id", "split", *labels.label_columns, *(f"prob_{c}" for c in labels.classes), "pred", *PASSTHROUGH]
+    cols = [
+        "image_id",
+        "split",
+        *labels.label_columns,
+        *(f"prob_{c}" for c in labels.classes),
+        "pred",
+        *PASSTHROUGH,
+    ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -473,7 +516,9 @@ def _tensorboard(spec: PipelineSpec, run_dir: Path, rt: Runtime) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def run_train(spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bool = False) -> TrainResult:
+def run_train(
+    spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bool = False
+) -> TrainResult:
     """Train ``spec`` on its manifest and write the run directory ``out_dir``.
 
     Raises ConfigError/ManifestError/TrainError/WeightsError for user-fixable problems
@@ -523,7 +568,9 @@ def run_train(spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bo
         model=wrapped,
         optimizer=optimizer,
         scheduler=scheduler,
-        loss_fn=make_loss(labels.task, label_smoothing=spec.train.label_smoothing, class_weights=cw).to(rt.device),
+        loss_fn=make_loss(
+            labels.task, label_smoothing=spec.train.label_smoothing, class_weights=cw
+        ).to(rt.device),
         device=rt.device,
         task=labels.task,
         amp_dtype=amp_dtype,
@@ -534,7 +581,9 @@ def run_train(spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bo
     )
     spec_dict = spec.to_dict()
     if resume:
-        _restore(state, ckpt.load_checkpoint(last_path, map_location=rt.device), spec_dict, last_path)
+        _restore(
+            state, ckpt.load_checkpoint(last_path, map_location=rt.device), spec_dict, last_path
+        )
     tb = _tensorboard(spec, run_dir, rt)
     freeze = spec.model.freeze_backbone_epochs
 
@@ -549,7 +598,11 @@ def run_train(spec: PipelineSpec, out_dir: str | os.PathLike[str], *, resume: bo
             if is_best:
                 ckpt.save_checkpoint(
                     run_dir / "checkpoints" / ckpt.BEST,
-                    {"model": unwrap(st.model).state_dict(), "epoch": st.epoch, "score": st.best_metric},
+                    {
+                        "model": unwrap(st.model).state_dict(),
+                        "epoch": st.epoch,
+                        "score": st.best_metric,
+                    },
                 )
             ckpt.save_checkpoint(last_path, _state_payload(st, spec_dict))
             from medres.utils import atomic_write_text
@@ -670,17 +723,33 @@ def _finish(
     pos = max(labels.positive_index, 0)
     aucs: dict[str, float] = {}
     eval_tf = build_transforms(spec.transforms, train=False)
-    for split, out_name in ((spec.data.val_split, "predictions_val.csv"), (spec.data.test_split, "predictions_test.csv")):
-        items = data.val_items if split == spec.data.val_split else make_items(manifest, split, labels)
-        ds = data.val.dataset if split == spec.data.val_split else make_dataset(items, eval_tf, cache="none")
-        loader = build_loader(ds, EpochSampler(len(items), shuffle=False), batch_size=spec.eval.batch_size, workers=spec.data.workers)
+    for split, out_name in (
+        (spec.data.val_split, "predictions_val.csv"),
+        (spec.data.test_split, "predictions_test.csv"),
+    ):
+        items = (
+            data.val_items if split == spec.data.val_split else make_items(manifest, split, labels)
+        )
+        ds = (
+            data.val.dataset
+            if split == spec.data.val_split
+            else make_dataset(items, eval_tf, cache="none")
+        )
+        loader = build_loader(
+            ds,
+            EpochSampler(len(items), shuffle=False),
+            batch_size=spec.eval.batch_size,
+            workers=spec.data.workers,
+        )
         probs, y, idx, _ = predict_probs(
             model, loader, task=labels.task, device=rt.device, amp_dtype=state.amp_dtype,
             channels_last=state.channels_last, description=f"predict {split}",
         )  # fmt: skip
         if not items:
             probs = np.zeros((0, labels.num_outputs))
-        _write_predictions(run_dir / out_name, manifest, labels, split, probs, idx, spec.eval.threshold)
+        _write_predictions(
+            run_dir / out_name, manifest, labels, split, probs, idx, spec.eval.threshold
+        )
         aucs[split] = compute_metric(labels.task, probs, y, pos) if items else float("nan")
     preprocessing = preprocessing_dict(spec.transforms, weights=wmeta)
     meta = {
@@ -696,7 +765,9 @@ def _finish(
     if labels.task == "binary":
         meta["positive_class"] = labels.positive_class
     model_dir = save_model_dir(run_dir / "model", model, meta)
-    best_auc = max((r["val_auc"] for r in state.history if not math.isnan(r["val_auc"])), default=float("nan"))
+    best_auc = max(
+        (r["val_auc"] for r in state.history if not math.isnan(r["val_auc"])), default=float("nan")
+    )
     return TrainResult(
         run_dir=run_dir,
         model_dir=Path(model_dir),

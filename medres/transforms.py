@@ -133,7 +133,9 @@ def _validate(spec: TransformSpec) -> None:
     if spec.intensity == "percentile" and (
         len(spec.percentiles) != 2 or not 0 <= spec.percentiles[0] < spec.percentiles[1] <= 100
     ):
-        raise ConfigError(f"{where}.percentiles is {list(spec.percentiles)}; give [low, high] in 0..100")
+        raise ConfigError(
+            f"{where}.percentiles is {list(spec.percentiles)}; give [low, high] in 0..100"
+        )
     if len(spec.mean) != len(spec.std) or any(s <= 0 for s in spec.std):
         raise ConfigError(f"{where}.mean/std must have the same length and std > 0")
     if spec.mean and len(spec.mean) not in (1, spec.in_channels):
@@ -141,9 +143,13 @@ def _validate(spec: TransformSpec) -> None:
             f"{where}.mean has {len(spec.mean)} values; give 1 or in_channels ({spec.in_channels})"
         )
     if spec.spacing and (len(spec.spacing) < 2 or any(s <= 0 for s in spec.spacing)):
-        raise ConfigError(f"{where}.spacing is {list(spec.spacing)}; give 2 or 3 positive mm values")
+        raise ConfigError(
+            f"{where}.spacing is {list(spec.spacing)}; give 2 or 3 positive mm values"
+        )
     if any(a < 0 or a >= spec.dims for a in spec.flip_axes):
-        raise ConfigError(f"{where}.flip_axes {list(spec.flip_axes)} must be spatial axes < {spec.dims}")
+        raise ConfigError(
+            f"{where}.flip_axes {list(spec.flip_axes)} must be spatial axes < {spec.dims}"
+        )
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -154,8 +160,12 @@ def _make_metatensor(array: np.ndarray, affine: np.ndarray, channels: int) -> Me
         arr = np.moveaxis(arr, -1, 0)
     else:
         arr = arr[None]
-    aff = torch.as_tensor(np.asarray(affine, dtype=np.float64).astype(np.float32), dtype=torch.float64)
-    return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=aff, meta={"space": "RAS"})
+    aff = torch.as_tensor(
+        np.asarray(affine, dtype=np.float64).astype(np.float32), dtype=torch.float64
+    )
+    return MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(arr)), affine=aff, meta={"space": "RAS"}
+    )
 
 
 def load_image_tensor(path: str | os.PathLike[str], channels: int = 1) -> MetaTensor:
@@ -300,10 +310,16 @@ def _intensity(spec: TransformSpec) -> list[Any]:
     k = "image"
     if spec.intensity == "ct_window":
         c, w = spec.ct_window
-        return [ScaleIntensityRanged(k, a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            ScaleIntensityRanged(
+                k, a_min=c - w / 2, a_max=c + w / 2, b_min=0.0, b_max=1.0, clip=True
+            )
+        ]
     if spec.intensity == "percentile":
         lo, hi = spec.percentiles
-        return [ScaleIntensityRangePercentilesd(k, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)]
+        return [
+            ScaleIntensityRangePercentilesd(k, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True)
+        ]
     if spec.intensity == "range":
         return [ScaleIntensityd(k, minv=0.0, maxv=1.0)]
     if spec.intensity == "zscore":
@@ -331,7 +347,9 @@ def _augment(spec: TransformSpec) -> list[Any]:
         out.append(RandScaleIntensityd(k, factors=spec.intensity_jitter, prob=spec.intensity_prob))
         out.append(RandShiftIntensityd(k, offsets=spec.intensity_jitter, prob=spec.intensity_prob))
     if spec.noise_prob > 0 and spec.noise_std > 0:
-        out.append(RandGaussianNoised(k, prob=spec.noise_prob, std=spec.noise_std, dtype=np.float32))
+        out.append(
+            RandGaussianNoised(k, prob=spec.noise_prob, std=spec.noise_std, dtype=np.float32)
+        )
     return out
 
 

@@ -89,3 +89,20 @@ def synth_ct_messy(synth_factory):
             "no_preamble",
         ),
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_medres_logger():
+    """The CLI configures the `medres` logger (handlers, no propagation); undo it per test
+    so pytest's caplog keeps seeing library logs in tests that run after a CLI test."""
+    import logging
+
+    from medres import progress
+
+    lg = logging.getLogger("medres")
+    handlers, level, propagate = list(lg.handlers), lg.level, lg.propagate
+    yield
+    lg.handlers[:] = handlers
+    lg.setLevel(level)
+    lg.propagate = propagate
+    progress.disable()

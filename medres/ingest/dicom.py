@@ -507,7 +507,10 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
             tsyntax = ""
             meta = ds.file_meta if "file_meta" in ds.__dict__ else None
             if meta is not None:
-                tsyntax = _Raw(meta).text(0x00020010, "TransferSyntaxUID")
+                e = meta._dict.get(0x00020010)
+                v = e.value if e is not None else ""
+                v = v.decode("latin-1") if isinstance(v, bytes) else str(v or "")
+                tsyntax = v.strip(" \x00")
             if not tsyntax:
                 tsyntax = _IMPLICIT_LE if implicit else (_EXPLICIT_LE if little else _EXPLICIT_BE)
             pix = None
@@ -544,78 +547,124 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
     return hdr
 
 
-class _Raw:
-    """Fast reads of plain header values straight from pydicom's raw (unconverted) elements.
+# (tag, field, kind): "s" ASCII text (UI, CS, DS, IS, AS), "p" text in the dataset's
+# character set (LO, SH), "u" one unsigned short (US)
+_FIELDS: tuple[tuple[int, str, str], ...] = (
+    (0x00080005, "charset", "s"),
+    (0x00080008, "image_type", "s"),
+    (0x00080016, "sop_class", "s"),
+    (0x00080018, "sop_instance", "s"),
+    (0x00080050, "accession", "p"),
+    (0x00080060, "modality", "s"),
+    (0x00080070, "manufacturer", "p"),
+    (0x00100020, "patient_id", "p"),
+    (0x00100040, "sex", "s"),
+    (0x00101010, "age", "s"),
+    (0x00180015, "body_part", "p"),
+    (0x00180050, "thickness", "s"),
+    (0x00181164, "imager_spacing", "s"),
+    (0x0020000D, "study", "s"),
+    (0x0020000E, "series", "s"),
+    (0x00200012, "acquisition", "s"),
+    (0x00200013, "instance", "s"),
+    (0x00200032, "position", "s"),
+    (0x00200037, "orientation", "s"),
+    (0x00200052, "frame_of_reference", "s"),
+    (0x00280002, "spp", "u"),
+    (0x00280004, "photometric", "s"),
+    (0x00280006, "planar", "u"),
+    (0x00280008, "frames", "s"),
+    (0x00280010, "rows", "u"),
+    (0x00280011, "cols", "u"),
+    (0x00280030, "spacing", "s"),
+    (0x00280100, "bits_allocated", "u"),
+    (0x00280101, "bits_stored", "u"),
+    (0x00280103, "pixel_representation", "u"),
+    (0x00281052, "intercept", "s"),
+    (0x00281053, "slope", "s"),
+)
 
-    pydicom converts an element on first access, which costs more than parsing the file; the
-    scan only needs ~35 plain values, so strings and US numbers are decoded here directly
-    and everything else (sequences, unusual encodings) goes through pydicom.
+
+def _extract(ds: Any) -> dict[str, Any]:
+    """The plain header values the scan needs, decoded straight from pydicom's raw elements.
+
+    pydicom converts an element on first access, which costs more per element than parsing
+    it; the scan needs ~30 plain values, so text and US numbers are decoded here in one loop
+    (multi-valued text stays backslash-joined). Elements pydicom already converted, and text
+    in a character set other than ASCII/Latin-1/UTF-8, go through pydicom's own conversion.
     """
-
-    __slots__ = ("d", "ds", "enc")
-
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-        # plain-int keys: lookups then skip pydicom's Python-level BaseTag.__eq__
-        self.d = dict(zip(map(int, ds._dict), ds._dict.values(), strict=True))
-        cs = self.text(0x00080005)
-        self.enc = (
-            "utf-8" if "192" in cs else "latin-1" if cs in ("", "ISO_IR 100", "ISO_IR 6") else None
-        )
-
-    def text(self, tag: int, keyword: str = "", person: bool = False) -> str:
-        """ASCII-safe values (UI, CS, DS, IS, AS); ``person=True`` for charset-dependent text."""
-        e = self.d.get(tag)
+    d = ds._dict
+    out: dict[str, Any] = {}
+    enc: str | None = "latin-1"
+    for tag, name, kind in _FIELDS:
+        e = d.get(tag)
         if e is None:
-            return ""
-        if isinstance(e, RawDataElement) and (not person or self.enc is not None):
+            continue
+        if e.__class__ is RawDataElement and (kind != "p" or enc is not None):
             v = e.value
-            if not v:
-                return ""
-            return v.decode(self.enc or "latin-1", "replace").strip(" \x00")
-        return _s(self.ds, keyword) if keyword else str(e.value or "").strip()
+            if kind == "u":
+                if v is not None and len(v) == 2:
+                    out[name] = int.from_bytes(v, "little" if e.is_little_endian else "big")
+                    continue
+            else:
+                out[name] = (
+                    v.decode(enc if kind == "p" else "latin-1", "replace").strip(" \x00")
+                    if v
+                    else ""
+                )
+                if name == "charset":
+                    cs = out[name]
+                    enc = (
+                        "utf-8"
+                        if "192" in cs
+                        else "latin-1"
+                        if cs in ("", "ISO_IR 100", "ISO_IR 6")
+                        else None
+                    )
+                continue
+        try:
+            v = ds[tag].value
+        except Exception:
+            continue
+        if kind == "u":
+            out[name] = _i(v[0] if isinstance(v, list | tuple) else v)
+        elif v is None:
+            out[name] = ""
+        elif isinstance(v, str | bytes) or not hasattr(v, "__iter__"):
+            out[name] = (v.decode("latin-1") if isinstance(v, bytes) else str(v)).strip(" \x00")
+        else:
+            out[name] = "\\".join(str(x) for x in v)
+        if name == "charset":
+            cs = out[name]
+            enc = (
+                "utf-8"
+                if "192" in cs
+                else "latin-1"
+                if cs in ("", "ISO_IR 100", "ISO_IR 6")
+                else None
+            )
+    return out
 
-    def multi(self, tag: int, keyword: str) -> list[str]:
-        e = self.d.get(tag)
-        if isinstance(e, RawDataElement):
-            t = self.text(tag)
-            return [x.strip(" \x00") for x in t.split("\\")] if t else []
-        v = self.ds.get(keyword)
-        if v is None:
-            return []
-        return (
-            [str(x) for x in v]
-            if not isinstance(v, str | bytes) and hasattr(v, "__iter__")
-            else [str(v)]
-        )
 
-    def floats(self, tag: int, keyword: str, n: int) -> tuple[float, ...] | None:
-        vals = self.multi(tag, keyword)
-        return _fn(vals, n) if vals else None
+def _split(v: str | None) -> list[str]:
+    return [x.strip() for x in v.split("\\")] if v else []
 
-    def number(self, tag: int, keyword: str) -> float | None:
-        vals = self.multi(tag, keyword)
-        return _f(vals[0]) if vals else None
 
-    def us(self, tag: int, keyword: str) -> int | None:
-        e = self.d.get(tag)
-        if e is None:
-            return None
-        if isinstance(e, RawDataElement) and e.value is not None and len(e.value) == 2:
-            return int.from_bytes(e.value, "little" if e.is_little_endian else "big")
-        return _i(self.ds.get(keyword))
+def _num(v: str | None) -> float | None:
+    return _f(v.split("\\", 1)[0]) if v else None
 
 
 def _header_from_dataset(
     ds: Any, path: Path, src: str, tsyntax: str, pix: tuple[str, int, int] | None, size: int
 ) -> DicomHeader:
-    raw = _Raw(ds)
-    sop_class = raw.text(0x00080016, "SOPClassUID")
+    x = _extract(ds)
+    get = x.get
+    sop_class = get("sop_class", "")
     if not sop_class and meta_get(ds, "MediaStorageSOPClassUID"):
         sop_class = meta_get(ds, "MediaStorageSOPClassUID")
-    rows = raw.us(0x00280010, "Rows") or 0
-    cols = raw.us(0x00280011, "Columns") or 0
-    nf = raw.number(0x00280008, "NumberOfFrames")
+    rows = get("rows") or 0
+    cols = get("cols") or 0
+    nf = _num(get("frames"))
     nframes = int(nf) if nf is not None and nf >= 1 else 1
     if any(sop_class.startswith(p) for p in _NON_IMAGE_PREFIXES) or (
         rows == 0 and cols == 0 and pix is None and not _is_image_class(sop_class)
@@ -630,13 +679,12 @@ def _header_from_dataset(
             "short); re-export or re-copy the file",
             code=Code.NO_PIXEL_DATA,
         )
-    image_type = tuple(raw.multi(0x00080008, "ImageType"))
     fg: dict[str, Any] = {}
-    if nframes > 1 or 0x52009230 in raw.d:
+    if nframes > 1 or 0x52009230 in ds._dict:
         fg = _functional_groups(ds, nframes)
-    orientation = raw.floats(0x00200037, "ImageOrientationPatient", 6) or fg.get("orientation")
-    pixel_spacing = raw.floats(0x00280030, "PixelSpacing", 2) or fg.get("pixel_spacing")
-    position = raw.floats(0x00200032, "ImagePositionPatient", 3)
+    orientation = _fn(_split(get("orientation")), 6) or fg.get("orientation")
+    pixel_spacing = _fn(_split(get("spacing")), 2) or fg.get("pixel_spacing")
+    position = _fn(_split(get("position")), 3)
     positions = fg.get("positions", ())
     if fg.get("mixed_orientation"):
         raise IngestError(
@@ -646,54 +694,53 @@ def _header_from_dataset(
         )
     if positions and position is None:
         position = positions[0]
-    slope = raw.number(0x00281053, "RescaleSlope")
-    inter = raw.number(0x00281052, "RescaleIntercept")
+    slope = _num(get("slope"))
+    inter = _num(get("intercept"))
     offset, length = -1, -1
     keyword = "PixelData"
     if pix is not None:
         keyword, offset, length = pix
         if length == _UNDEFINED:
             length = -1
-    acq = raw.number(0x00200012, "AcquisitionNumber")
-    inst = raw.number(0x00200013, "InstanceNumber")
-    bits_allocated = raw.us(0x00280100, "BitsAllocated") or 0
-    thickness = raw.number(0x00180050, "SliceThickness")
+    acq = _num(get("acquisition"))
+    inst = _num(get("instance"))
+    bits_allocated = get("bits_allocated") or 0
     return DicomHeader(
         path=path,
         source=src,
-        sop_instance_uid=raw.text(0x00080018, "SOPInstanceUID"),
+        sop_instance_uid=get("sop_instance", ""),
         sop_class_uid=sop_class,
-        study_uid=raw.text(0x0020000D, "StudyInstanceUID"),
-        series_uid=raw.text(0x0020000E, "SeriesInstanceUID"),
-        patient_id=raw.text(0x00100020, "PatientID", person=True),
-        accession=raw.text(0x00080050, "AccessionNumber", person=True),
-        modality=raw.text(0x00080060, "Modality").upper(),
-        manufacturer=raw.text(0x00080070, "Manufacturer", person=True),
-        body_part=raw.text(0x00180015, "BodyPartExamined", person=True).upper(),
-        sex=raw.text(0x00100040, "PatientSex").upper()[:1],
-        age=_age(raw.text(0x00101010, "PatientAge")),
-        image_type=image_type,
+        study_uid=get("study", ""),
+        series_uid=get("series", ""),
+        patient_id=get("patient_id", ""),
+        accession=get("accession", ""),
+        modality=get("modality", "").upper(),
+        manufacturer=get("manufacturer", ""),
+        body_part=get("body_part", "").upper(),
+        sex=get("sex", "").upper()[:1],
+        age=_age(get("age", "")),
+        image_type=tuple(_split(get("image_type"))),
         rows=rows,
         cols=cols,
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
-        imager_pixel_spacing=raw.floats(0x00181164, "ImagerPixelSpacing", 2),  # type: ignore[arg-type]
+        imager_pixel_spacing=_fn(_split(get("imager_spacing")), 2),  # type: ignore[arg-type]
         image_position=position,  # type: ignore[arg-type]
         image_orientation=orientation,  # type: ignore[arg-type]
-        slice_thickness=thickness or fg.get("slice_thickness"),
+        slice_thickness=_num(get("thickness")) or fg.get("slice_thickness"),
         number_of_frames=nframes,
-        samples_per_pixel=raw.us(0x00280002, "SamplesPerPixel") or 1,
-        photometric=raw.text(0x00280004, "PhotometricInterpretation").upper(),
-        planar_configuration=raw.us(0x00280006, "PlanarConfiguration") or 0,
+        samples_per_pixel=get("spp") or 1,
+        photometric=get("photometric", "").upper(),
+        planar_configuration=get("planar") or 0,
         bits_allocated=bits_allocated,
-        bits_stored=raw.us(0x00280101, "BitsStored") or bits_allocated,
-        pixel_representation=raw.us(0x00280103, "PixelRepresentation") or 0,
+        bits_stored=get("bits_stored") or bits_allocated,
+        pixel_representation=get("pixel_representation") or 0,
         transfer_syntax=tsyntax,
         acquisition_number=None if acq is None else int(acq),
         instance_number=None if inst is None else int(inst),
         rescale_slope=1.0 if slope is None or slope == 0 else slope,
         rescale_intercept=0.0 if inter is None else inter,
-        has_modality_lut_sequence=0x00283000 in raw.d,
-        frame_of_reference_uid=raw.text(0x00200052, "FrameOfReferenceUID"),
+        has_modality_lut_sequence=0x00283000 in ds._dict,
+        frame_of_reference_uid=get("frame_of_reference", ""),
         has_pixel_data=pix is not None,
         pixel_keyword=keyword,
         pixel_offset=offset,

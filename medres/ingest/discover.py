@@ -428,12 +428,13 @@ def _extract_tar(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
 
 # per-member failures: encrypted, unsupported compression, corrupt or truncated data, name
 # clashes on disk. They reject the member (and, for a tar stream, the rest of the archive).
+# zipfile.BadZipFile is not among them: a member whose data disagrees with its header
+# (size/CRC) means the headers lie, and the whole archive is rejected.
 _MEMBER_ERRORS = (
     OSError,
     EOFError,
     RuntimeError,
     NotImplementedError,
-    zipfile.BadZipFile,
     tarfile.TarError,
     zlib.error,
 )

@@ -30,6 +30,17 @@ from medres.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SCHEME = "99MEDRES"
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,7 @@ def _require_highdicom():
     try:
         import highdicom
     except ImportError:
-        raise ConfigError(
-            "--dicom-out needs highdicom: pip install 'medres[dicom-out]'"
-        ) from None
+        raise ConfigError("--dicom-out needs highdicom: pip install 'medres[dicom-out]'") from None
     return highdicom
 
 
@@ -78,8 +87,12 @@ def write_study_srs(
 
     no_units = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
     written = []
-    for study_uid, rows in sorted(by_study.items()):
+    for _, rows in sorted(by_study.items()):
         evidence = [pydicom.dcmread(r.header_path, stop_before_pixels=True) for r in rows]
+        for ds in evidence:  # type-2 attributes may be absent in the wild; SR needs them
+            for kw in _TYPE2:
+                if kw not in ds:
+                    setattr(ds, kw, "")
         items = []
         for c_i, c in enumerate(classes):
             items.append(

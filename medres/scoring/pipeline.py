@@ -79,6 +79,7 @@ class ScoreConfig:
     aggregate: str | None = None
     cam: int | None = None  # None: no Grad-CAM; 0: all scored items; k: top-k by score
     cam_class: str | None = None
+    dicom_out: bool = False  # one Comprehensive SR per DICOM study into OUT_DIR/dicom
 
 
 @dataclass
@@ -218,14 +219,21 @@ def _filtered(
     shard: tuple[int, int],
     summary: ScoreSummary,
     bar: Any = None,
+    dicom_refs: dict[str, tuple[str, str, str]] | None = None,
 ) -> Iterator[ScoreItem]:
-    """Drop items of other shards and items already committed; sets the bar's total at the end."""
+    """Drop items of other shards and items already committed; sets the bar's total at the end.
+
+    ``dicom_refs`` collects (study UID, study key, a header path) of every DICOM item of
+    this shard, scored now or earlier, for ``--dicom-out``.
+    """
     seen: set[str] = set()
     for it in items:
         summary.discovered += 1
         if shard[1] > 1 and shard_of(it.identity, shard[1]) != shard[0]:
             summary.skipped_shard += 1
             continue
+        if dicom_refs is not None and it.kind == "dicom":
+            dicom_refs[it.key] = (it.study_uid, it.study_key, str(it.payload.first.path))
         if it.key in done or it.key in seen:
             summary.skipped_done += 1
             continue
@@ -294,9 +302,10 @@ def score(
         _clean_stale_scratch(out)
         scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=out))
         try:
+            refs: dict[str, tuple[str, str, str]] | None = {} if config.dicom_out else None
             with progress.task("scoring", total=None, unit="img") as bar:
                 items = background(
-                    _filtered(iter_items(config, key, scratch), done, shard, summary, bar)
+                    _filtered(iter_items(config, key, scratch), done, shard, summary, bar, refs)
                 )
                 stats = run_items(
                     items,
@@ -313,9 +322,11 @@ def score(
                     rank_fn=_rank_fn(meta, config.cam_class),
                     on_progress=bar.advance,
                 )
+            if refs:  # before the scratch (extracted archive members) goes away
+                summary.outputs["dicom"] = _write_srs(ledger, mhash, refs, info, out / "dicom")
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        summary.outputs = export_csvs(
+        summary.outputs |= export_csvs(
             ledger, out, mhash, keep_ids=config.keep_ids, aggregate=config.aggregate
         )
         counts = ledger.counts(mhash)
@@ -383,6 +394,22 @@ def probs_for_task(task: str) -> Any:
         return torch.sigmoid(logits)
 
     return sigmoid
+
+
+def _write_srs(
+    ledger: Ledger, mhash: str, refs: dict[str, tuple[str, str, str]], info: ModelInfo, out: Path
+) -> Path:
+    from medres.scoring.dicom_out import SeriesResult, write_study_srs
+
+    results = [
+        SeriesResult(
+            refs[r.item_key][0], refs[r.item_key][1], refs[r.item_key][2], r.scores, r.pred
+        )
+        for r in ledger.records(mhash)
+        if r.status == "ok" and r.item_key in refs
+    ]
+    write_study_srs(results, out, info.classes)
+    return out
 
 
 def _rank_fn(meta: dict[str, Any], class_name: str | None) -> Any:

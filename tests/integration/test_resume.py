@@ -37,7 +37,13 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, cache):
     full, cut = tmp_path / "full", tmp_path / "cut"
     r = _train(manifest, full, "--set", f"data.cache={cache}")
     assert r.returncode == 0, r.stderr
-    r = _train(manifest, cut, "--set", f"data.cache={cache}", env_extra={"MEDRES_TRAIN_KILL_AFTER_EPOCH": "1"})
+    r = _train(
+        manifest,
+        cut,
+        "--set",
+        f"data.cache={cache}",
+        env_extra={"MEDRES_TRAIN_KILL_AFTER_EPOCH": "1"},
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert torch.load(cut / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (cut / "model").exists()
@@ -59,7 +65,12 @@ def test_resume_with_a_different_model_is_refused(tmp_path):
     from medres.training import run_train
 
     manifest = make_dataset(tmp_path / "ds", n=10, size=16)
-    base = {"data.manifest": str(manifest), "train.epochs": 1, "train.batch_size": 4, "train.threads": 1}
+    base = {
+        "data.manifest": str(manifest),
+        "train.epochs": 1,
+        "train.batch_size": 4,
+        "train.threads": 1,
+    }
     run_train(apply_overrides(PipelineSpec(), base), tmp_path / "run")
     changed = apply_overrides(PipelineSpec(), {**base, "train.epochs": 2, "model.arch": "resnet34"})
     with pytest.raises(TrainError, match=r"different model\.arch.*original pipeline"):

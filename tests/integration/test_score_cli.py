@@ -86,12 +86,29 @@ def test_keep_ids_and_archive_source(data: dict[str, Path], tmp_path: Path) -> N
         for p in sorted((data["src"] / "dcm").iterdir()):
             zf.write(p, f"dcm/{p.name}")
     out = tmp_path / "out"
-    res = _score(str(data["model"]), str(arc), "--out", str(out), "--keep-ids", "--workers", "0")
+    res = _score(
+        str(data["model"]), str(arc), "--out", str(out), "--keep-ids", "--workers", "0",
+        "--dicom-out",
+    )  # fmt: skip
     assert res.exit_code == 0, res.output
     rows = _read(out / "scores.csv")
     assert {r["StudyInstanceUID"] for r in rows} == {STUDY_A, STUDY_B}
     assert {r["AccessionNumber"] for r in rows} == {"ACC0001"}
     assert all(r["source"].startswith("batch.zip!dcm/") for r in rows)
+    # one Comprehensive SR per study, in the source study, referencing its series
+    import pydicom
+
+    srs = [pydicom.dcmread(p) for p in sorted((out / "dicom").glob("*.dcm"))]
+    assert len(srs) == 2
+    by_study = {ds.StudyInstanceUID: ds for ds in srs}
+    assert set(by_study) == {STUDY_A, STUDY_B}
+    a = by_study[STUDY_A]
+    assert a.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    refs = a.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert {r.SeriesInstanceUID for r in refs} == {STUDY_A + ".1", STUDY_A + ".2"}
+    study_max = float(a.ContentSequence[1].MeasuredValueSequence[0].NumericValue)
+    a_rows = [r for r in rows if r["StudyInstanceUID"] == STUDY_A]
+    assert study_max == pytest.approx(max(float(r["prob_1"]) for r in a_rows), abs=1e-6)
 
 
 def test_manifest_source_keeps_image_ids_and_split(data: dict[str, Path], tmp_path: Path) -> None:

@@ -99,7 +99,9 @@ def test_scoring_path_reproduces_predictions(trained):
     mrows = {r["image_id"]: r for r in _read(manifest)}
     for r in _read(out / "predictions_test.csv"):
         nii = nib.load(manifest.parent / mrows[r["image_id"]]["image_path"])
-        img = LoadedImage(array=np.asanyarray(nii.dataobj).astype(np.float64), affine=nii.affine, dims=2)
+        img = LoadedImage(
+            array=np.asanyarray(nii.dataobj).astype(np.float64), affine=nii.affine, dims=2
+        )
         x = tf({"image": image_to_metatensor(img)})["image"][None]
         with torch.no_grad():
             p = torch.softmax(model(x), dim=1)[0]
@@ -111,7 +113,9 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(trained, tmp_path):
     r = runner.invoke(app, ["train", "--manifest", str(manifest), "--out", str(out)])
     assert r.exit_code == 1
     assert "already holds a training run" in r.output and "--resume" in r.output
-    r = runner.invoke(app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "new"), "--resume"])
+    r = runner.invoke(
+        app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "new"), "--resume"]
+    )
     assert r.exit_code == 1 and "nothing to resume" in r.output
 
 
@@ -127,7 +131,9 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(trained, tmp_path):
 )
 def test_user_errors_are_one_line_exit_1(trained, tmp_path, args, needle):
     manifest, _, _ = trained
-    r = runner.invoke(app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "r"), *FAST, *args])
+    r = runner.invoke(
+        app, ["train", "--manifest", str(manifest), "--out", str(tmp_path / "r"), *FAST, *args]
+    )
     assert r.exit_code == 1, r.output
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.output
@@ -154,11 +160,21 @@ def test_multiclass_and_multilabel_runs(tmp_path, kind):
     from medres.training import run_train
 
     manifest = make_dataset(
-        tmp_path / "ds", n=15, size=16, classes=3 if kind == "multiclass" else 2, multilabel=kind == "multilabel"
+        tmp_path / "ds",
+        n=15,
+        size=16,
+        classes=3 if kind == "multiclass" else 2,
+        multilabel=kind == "multilabel",
     )
     spec = apply_overrides(
         PipelineSpec(),
-        {"data.manifest": str(manifest), "train.epochs": 1, "train.batch_size": 4, "train.threads": 1, "data.cache": "none"},
+        {
+            "data.manifest": str(manifest),
+            "train.epochs": 1,
+            "train.batch_size": 4,
+            "train.threads": 1,
+            "data.cache": "none",
+        },
     )
     res = run_train(spec, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
@@ -172,3 +188,57 @@ def test_multiclass_and_multilabel_runs(tmp_path, kind):
         assert meta["classes"] == ["blob", "even"]
         assert {"label_blob", "label_even", "prob_blob", "prob_even"} <= set(rows[0])
     assert res.epochs_completed == 1
+
+
+def _synth_ingest(tmp_path, kind: str, patients: int, shape: tuple[int, ...]):
+    from medres.synth import SynthSpec, generate
+
+    res = generate(
+        SynthSpec(kind=kind, n_patients=patients, shape=shape, seed=11), tmp_path / "synth"
+    )
+    r = runner.invoke(
+        app,
+        ["ingest", str(res.data_dir), "--out", str(tmp_path / "ds"), "--labels", str(res.labels_csv),
+         "--workers", "1", "--seed", "0"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return tmp_path / "ds" / "manifest.csv"
+
+
+@pytest.mark.slow
+def test_synth_xray_2d_resnet18_from_scratch_reaches_auc_090(tmp_path):
+    """Demo target: a few hundred synthetic radiographs, defaults, CPU, val AUC >= 0.90 in 5 min."""
+    import time
+
+    manifest = _synth_ingest(tmp_path, "xray", 300, (128, 128))
+    t0 = time.perf_counter()
+    r = runner.invoke(
+        app,
+        ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu"],
+    )
+    seconds = time.perf_counter() - t0
+    assert r.exit_code == 0, r.output
+    best = max(float(h["val_auc"]) for h in _read(tmp_path / "run" / "history.csv"))
+    print(f"2D: best val AUC {best:.3f} in {seconds:.0f} s")
+    assert best >= 0.90
+    assert seconds < 300
+
+
+@pytest.mark.slow
+def test_synth_ct_3d_resnet18_at_64_reaches_auc_090(tmp_path):
+    """3D target: synthetic CT, ResNet-18 3D at 64^3 from scratch, val AUC >= 0.90 in 10 min."""
+    import time
+
+    manifest = _synth_ingest(tmp_path, "ct", 120, (64, 64, 64))
+    t0 = time.perf_counter()
+    r = runner.invoke(
+        app,
+        ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu",
+         "--dims", "3", "--image-size", "64", "--batch-size", "8"],
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    assert r.exit_code == 0, r.output
+    best = max(float(h["val_auc"]) for h in _read(tmp_path / "run" / "history.csv"))
+    print(f"3D: best val AUC {best:.3f} in {seconds:.0f} s")
+    assert best >= 0.90
+    assert seconds < 600

@@ -17,7 +17,12 @@ class Payload:
 
 
 def _draws():
-    return (torch.rand(3).tolist(), np.random.rand(3).tolist(), np.random.randn(1).tolist(), random.random())
+    return (
+        torch.rand(3).tolist(),
+        np.random.rand(3).tolist(),
+        np.random.randn(1).tolist(),
+        random.random(),
+    )
 
 
 def test_rng_round_trip_reproduces_the_next_draws():

@@ -778,3 +778,21 @@ def test_one_failing_series_does_not_stop_grouping(
     stacks, rej = _load(good + bad)
     assert len(stacks) == 1 and stacks[0].series_uid != bad_series
     assert [(r.code, r.n_files) for r in rej] == [(Code.INCONSISTENT_GEOMETRY, 3)]
+
+
+@pytest.mark.parametrize(
+    ("charset", "text"),
+    [("ISO_IR 192", "Müller-Ñandú-日本"), ("ISO_IR 100", "Müller"), ("GB18030", "医院设备")],
+)
+def test_header_text_respects_specific_character_set(
+    tmp_path: Path, charset: str, text: str
+) -> None:
+    paths = make_series(tmp_path, _rng_volume((3, 2, 2)))
+    ds = pydicom.dcmread(paths[0])
+    ds.SpecificCharacterSet = charset
+    ds.PatientID = text
+    ds.Manufacturer = text
+    ds.save_as(paths[0], enforce_file_format=True)
+    h = scan_header(paths[0])
+    assert (h.patient_id, h.manufacturer) == (text, text)
+    assert h.rows == 2 and h.image_orientation == AXIAL and h.pixel_spacing == (0.7, 0.8)

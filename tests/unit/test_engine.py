@@ -111,9 +111,15 @@ def test_grad_accumulation_matches_a_big_batch():
     torch.manual_seed(0)
     a, b = TinyNet(), TinyNet()
     b.load_state_dict(a.state_dict())
-    sa = _state(a, TrainSpec(epochs=1, lr=0.1, optimizer="sgd", warmup_epochs=0, scheduler="constant"), 1)
+    sa = _state(
+        a, TrainSpec(epochs=1, lr=0.1, optimizer="sgd", warmup_epochs=0, scheduler="constant"), 1
+    )
     sb = _state(
-        b, TrainSpec(epochs=1, lr=0.1, optimizer="sgd", warmup_epochs=0, scheduler="constant", grad_accum=4), 1
+        b,
+        TrainSpec(
+            epochs=1, lr=0.1, optimizer="sgd", warmup_epochs=0, scheduler="constant", grad_accum=4
+        ),
+        1,
     )
     train_one_epoch(sa, _batches(n=32, bs=32))
     train_one_epoch(sb, _batches(n=32, bs=8))
@@ -127,7 +133,14 @@ def test_grad_clipping_limits_the_update():
     a, b = TinyNet(), TinyNet()
     b.load_state_dict(a.state_dict())
     w0 = a.fc.weight.detach().clone()
-    common = {"epochs": 1, "lr": 1.0, "optimizer": "sgd", "warmup_epochs": 0, "scheduler": "constant", "weight_decay": 0}
+    common = {
+        "epochs": 1,
+        "lr": 1.0,
+        "optimizer": "sgd",
+        "warmup_epochs": 0,
+        "scheduler": "constant",
+        "weight_decay": 0,
+    }
     sa = _state(a, TrainSpec(**common), 1)
     sb = _state(b, TrainSpec(**common, grad_clip=1e-3), 1)
     data = _batches(n=8, bs=8)
@@ -141,10 +154,19 @@ def test_grad_clipping_limits_the_update():
 def test_early_stopping_and_best_epoch():
     torch.manual_seed(0)
     model = TinyNet()
-    spec = TrainSpec(epochs=20, lr=0.0, warmup_epochs=0, scheduler="constant")  # lr 0: never improves
+    spec = TrainSpec(
+        epochs=20, lr=0.0, warmup_epochs=0, scheduler="constant"
+    )  # lr 0: never improves
     st = _state(model, spec, steps=4)
     seen = []
-    fit(st, _batches(), _batches(seed=1), epochs=20, early_stopping=2, on_epoch_end=lambda s, r, b: seen.append(b))
+    fit(
+        st,
+        _batches(),
+        _batches(seed=1),
+        epochs=20,
+        early_stopping=2,
+        on_epoch_end=lambda s, r, b: seen.append(b),
+    )
     assert st.epoch == 3  # best at 1, then 2 epochs without improvement
     assert st.best_epoch == 1
     assert seen == [True, False, False]
@@ -165,7 +187,9 @@ def test_multilabel_loss_and_metric():
     assert ev.metric > 0.9
     smooth = make_loss("multilabel", label_smoothing=0.2)
     logits = torch.tensor([[20.0, -20.0]])
-    assert float(smooth(logits, torch.tensor([[1.0, 0.0]]))) > 1.0  # smoothed targets punish certainty
+    assert (
+        float(smooth(logits, torch.tensor([[1.0, 0.0]]))) > 1.0
+    )  # smoothed targets punish certainty
 
 
 def test_compute_metric_cases():
@@ -230,9 +254,12 @@ def test_leakage_guard_names_the_pseudonymous_key():
 
 def test_amp_resolution_on_cpu():
     cpu = torch.device("cpu")
-    assert resolve_amp("auto", cpu) is None
+    from medres.engine import _cpu_has_amx
+
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if _cpu_has_amx() else None)
+    assert resolve_amp("none", cpu) is None
     assert resolve_amp("bf16", cpu) is torch.bfloat16
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         resolve_amp("fp16", cpu)
-    with pytest.raises(ConfigError, match="train.amp"):
+    with pytest.raises(ConfigError, match=r"train\.amp"):
         resolve_amp("fp8", cpu)

@@ -197,3 +197,32 @@ def test_keep_top_keeps_only_the_highest_ranked(tmp_path) -> None:
     all_p1 = sorted((r.scores[1] for r in led.records(H)), reverse=True)
     assert [float(p[1]) for _, _, p in top] == pytest.approx(all_p1[:3])
     led.close()
+
+
+def test_score_resume_and_retry_errors(tmp_path) -> None:
+    """Errors are committed (not retried on resume) until --retry-errors; one row per item."""
+    from medres.scoring import ScoreConfig, score
+    from medres.scoring.demo_data import write_nifti_folder
+
+    write_nifti_folder(tmp_path / "imgs", 5, (8, 8))
+
+    class Flaky:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def __call__(self, item: ScoreItem) -> np.ndarray:
+            if self.fail and item.source.endswith("00003.nii"):
+                raise RuntimeError("transient read error")
+            return np.ones((1, 8, 8), np.float32)
+
+    meta = {"classes": ["0", "1"], "task": "binary"}
+    cfg = ScoreConfig(tmp_path / "m", (tmp_path / "imgs",), tmp_path / "out", workers=0)
+    s1 = score(cfg, decoder=Flaky(True), model=TinyNet(), meta=meta)
+    assert (s1.scored, s1.errors) == (4, 1)
+    s2 = score(cfg, decoder=Flaky(False), model=TinyNet(), meta=meta)
+    assert (s2.scored, s2.errors, s2.skipped_done) == (0, 0, 5)
+    retry = ScoreConfig(**{**cfg.__dict__, "retry_errors": True})
+    s3 = score(retry, decoder=Flaky(False), model=TinyNet(), meta=meta)
+    assert (s3.scored, s3.skipped_done, s3.total_ok, s3.total_errors) == (1, 4, 5, 0)
+    rows = (tmp_path / "out" / "scores.csv").read_text().strip().splitlines()
+    assert len(rows) == 6 and all(r.endswith(",ok") for r in rows[1:])

@@ -35,7 +35,9 @@ def _write(tmp_path, arr, affine, name="x.nii.gz"):
         (3, (20, 18, 9), 1, np.float32, "zscore"),
     ],
 )
-def test_load_and_metatensor_paths_are_bit_identical(tmp_path, dims, shape, channels, dtype, intensity):
+def test_load_and_metatensor_paths_are_bit_identical(
+    tmp_path, dims, shape, channels, dtype, intensity
+):
     rng = np.random.default_rng(0)
     arr = (rng.normal(0, 500, size=shape)).astype(dtype)
     aff = _affine(dims)
@@ -50,10 +52,14 @@ def test_load_and_metatensor_paths_are_bit_identical(tmp_path, dims, shape, chan
         spacing=(1.0, 1.0, 2.0) if dims == 3 else (),
     )
     pre = preprocessing_dict(spec)  # what model.json stores
-    from_file = build_transforms(pre, train=False)({"image": str(path), "channels": channels})["image"]
+    from_file = build_transforms(pre, train=False)({"image": str(path), "channels": channels})[
+        "image"
+    ]
     # scoring: a LoadedImage straight from the decoder (float64 values, float64 affine)
     img = LoadedImage(array=arr.astype(np.float64), affine=aff, dims=dims, channels=channels)
-    from_img = build_transforms(pre, train=False, load=False)({"image": image_to_metatensor(img)})["image"]
+    from_img = build_transforms(pre, train=False, load=False)({"image": image_to_metatensor(img)})[
+        "image"
+    ]
     assert type(from_file) is torch.Tensor
     assert from_file.dtype == torch.float32
     assert tuple(from_file.shape) == (3, *(16,) * dims)
@@ -63,11 +69,15 @@ def test_load_and_metatensor_paths_are_bit_identical(tmp_path, dims, shape, chan
 def test_ct_window_maps_hu_to_unit_range_and_clips(tmp_path):
     arr = np.array([[-1000, -160], [240, 3000]], dtype=np.int16).repeat(4, 0).repeat(4, 1)
     path = _write(tmp_path, arr, np.eye(4))
-    spec = TransformSpec(dims=2, in_channels=1, image_size=(8, 8), intensity="ct_window", ct_window=(40, 400))
+    spec = TransformSpec(
+        dims=2, in_channels=1, image_size=(8, 8), intensity="ct_window", ct_window=(40, 400)
+    )
     out = build_transforms(spec, train=False)({"image": str(path)})["image"]
     vals = sorted(set(np.round(out.numpy().ravel(), 4)))
     assert vals == [0.0, 1.0]  # -1000 and -160 clip to 0; 240 and 3000 to 1
-    spec2 = TransformSpec(dims=2, in_channels=1, image_size=(8, 8), intensity="ct_window", ct_window=(40, 800))
+    spec2 = TransformSpec(
+        dims=2, in_channels=1, image_size=(8, 8), intensity="ct_window", ct_window=(40, 800)
+    )
     out2 = build_transforms(spec2, train=False)({"image": str(path)})["image"]
     assert sorted(set(np.round(out2.numpy().ravel(), 4))) == [0.0, 0.25, 0.75, 1.0]
 
@@ -75,7 +85,9 @@ def test_ct_window_maps_hu_to_unit_range_and_clips(tmp_path):
 def test_augmentation_only_in_training_and_deterministic_prefix_first(tmp_path):
     rng = np.random.default_rng(1)
     path = _write(tmp_path, rng.normal(0, 1, size=(32, 32)).astype(np.float32), np.eye(4))
-    spec = TransformSpec(dims=2, in_channels=1, image_size=(32, 32), intensity="range", flip_prob=1.0)
+    spec = TransformSpec(
+        dims=2, in_channels=1, image_size=(32, 32), intensity="range", flip_prob=1.0
+    )
     ev = build_transforms(spec, train=False)
     assert not any(isinstance(t, Randomizable) for t in ev.transforms)
     a = ev({"image": str(path)})["image"]
@@ -99,7 +111,12 @@ def test_slice_from_3d(tmp_path):
         arr[..., z] = z
     path = _write(tmp_path, arr, np.eye(4))
     spec = TransformSpec(
-        dims=2, in_channels=1, image_size=(8, 8), intensity="none", slice_mode="random", slice_axis=2
+        dims=2,
+        in_channels=1,
+        image_size=(8, 8),
+        intensity="none",
+        slice_mode="random",
+        slice_axis=2,
     )
     centre = build_transforms(spec, train=False)({"image": str(path)})["image"]
     assert centre.shape == (1, 8, 8)
@@ -113,7 +130,9 @@ def test_slice_from_3d(tmp_path):
 def test_crop_pad_and_channel_average(tmp_path):
     arr = np.ones((10, 6, 3), dtype=np.float32) * np.array([0.0, 3.0, 6.0], dtype=np.float32)
     path = _write(tmp_path, arr, np.eye(4))
-    spec = TransformSpec(dims=2, in_channels=1, image_size=(8, 8), intensity="none", resize_mode="crop_pad")
+    spec = TransformSpec(
+        dims=2, in_channels=1, image_size=(8, 8), intensity="none", resize_mode="crop_pad"
+    )
     out = build_transforms(spec, train=False)({"image": str(path), "channels": 3})["image"]
     assert out.shape == (1, 8, 8)
     assert float(out[0, 4, 4]) == 3.0  # mean of the three channels
