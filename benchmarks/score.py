@@ -62,6 +62,12 @@ WORKLOADS = {
     "2d224": Workload("2d224", 2, (224, 224), (224, 224), 64, 32),
     "3d": Workload("3d", 3, (64, 64, 64), (32, 32, 32), 48, 16),
 }
+# a busy shared machine: same shapes, fewer items
+SMALL = {
+    "small2d": Workload("small2d", 2, (28, 28), (28, 28), 500, 100),
+    "2d224": Workload("2d224", 2, (224, 224), (224, 224), 24, 12),
+    "3d": Workload("3d", 3, (64, 64, 64), (32, 32, 32), 24, 8),
+}
 TINY = {
     "small2d": Workload("small2d", 2, (28, 28), (28, 28), 64, 16),
     "2d224": Workload("2d224", 2, (64, 64), (64, 64), 16, 8),
@@ -200,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = cores)")
     ap.add_argument("--bf16-all", action="store_true", help="bf16 on every workload")
     ap.add_argument("--tiny", action="store_true", help="smoke-test sizes")
+    ap.add_argument("--small", action="store_true", help="fewer items (busy machine)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    table = TINY if args.tiny else WORKLOADS
+    table = TINY if args.tiny else SMALL if args.small else WORKLOADS
     load = os.getloadavg()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "

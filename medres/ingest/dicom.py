@@ -62,7 +62,7 @@ import math
 import os
 import struct
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,9 +373,8 @@ def _fn(v: Any, n: int) -> tuple[float, ...] | None:
     if v is None:
         return None
     try:
-        vals = tuple(
-            float(x) for x in (v if isinstance(v, Iterable) and not isinstance(v, str) else [v])
-        )
+        seq = [v] if isinstance(v, str | int | float) else v
+        vals = tuple(float(x) for x in seq)
     except (TypeError, ValueError):
         return None
     if len(vals) != n or not all(math.isfinite(x) for x in vals):
@@ -585,6 +584,9 @@ _FIELDS: tuple[tuple[int, str, str], ...] = (
 )
 
 
+_FIELD_BY_TAG = {f[0]: f for f in _FIELDS}
+
+
 def _extract(ds: Any) -> dict[str, Any]:
     """The plain header values the scan needs, decoded straight from pydicom's raw elements.
 
@@ -593,13 +595,19 @@ def _extract(ds: Any) -> dict[str, Any]:
     (multi-valued text stays backslash-joined). Elements pydicom already converted, and text
     in a character set other than ASCII/Latin-1/UTF-8, go through pydicom's own conversion.
     """
+    # one pass over the dataset with plain-int keys (looking tags up in pydicom's dict calls
+    # its Python-level BaseTag.__eq__ for every hit); tag order puts the charset first
     d = ds._dict
+    wanted = [
+        (e, _FIELD_BY_TAG[t])
+        for t, e in zip(map(int, d), d.values(), strict=True)
+        if t in _FIELD_BY_TAG
+    ]
+    if any(a[1][0] > b[1][0] for a, b in itertools.pairwise(wanted)):  # unsorted file
+        wanted.sort(key=lambda item: item[1][0])
     out: dict[str, Any] = {}
     enc: str | None = "latin-1"
-    for tag, name, kind in _FIELDS:
-        e = d.get(tag)
-        if e is None:
-            continue
+    for e, (tag, name, kind) in wanted:
         if e.__class__ is RawDataElement and (kind != "p" or enc is not None):
             v = e.value
             if kind == "u":

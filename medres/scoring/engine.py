@@ -124,11 +124,12 @@ def decode_one(decoder: Callable[[ScoreItem], np.ndarray], item: ScoreItem) -> D
     except BaseException as exc:  # decoders raise non-Exception panics
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
-        msg = " ".join(str(exc).split())[:200]
+        # the exception's text may hold absolute paths (PHI in folder names): type only
         return Decoded(
             item,
             code=Code.DECODE_FAILED.value,
-            message=f"decoding failed ({type(exc).__name__}: {msg}); the file may be corrupt",
+            message=f"{item.source}: decoding failed ({type(exc).__name__}); "
+            "the file may be corrupt, re-export it",
         )
 
 
@@ -407,14 +408,9 @@ def run_items(
         ledger.commit(model_hash, recs)
         stats.commit_s += time.perf_counter() - tc
         if keep_top is not None:
-            for g, p in zip(group, probs, strict=True):
-                entry = (
-                    float(rank_fn(p) if rank_fn else p.max()),
-                    len(stats.kept),
-                    g.item,
-                    g.array,
-                    p,
-                )
+            for j, (g, p) in enumerate(zip(group, probs, strict=True)):
+                rank = float(rank_fn(p) if rank_fn else p.max())
+                entry = (rank, stats.scored + j, g.item, g.array, p)  # unique tie-breaker
                 if keep_top == 0 or len(stats.kept) < keep_top:
                     heapq.heappush(stats.kept, entry)
                 elif entry[0] > stats.kept[0][0]:

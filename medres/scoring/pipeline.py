@@ -19,6 +19,7 @@ Choices:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -254,6 +255,8 @@ def score(
         raise ConfigError(f"--batch-size {config.batch_size}: must be >= 1")
     if config.workers < 0:
         raise ConfigError(f"--workers {config.workers}: must be >= 0")
+    if config.cam is not None and config.cam < 0:
+        raise ConfigError(f"--cam {config.cam}: give K >= 1 for the top K items, or 0 for all")
     if config.aggregate and config.aggregate not in AGGREGATES:
         raise ConfigError(
             f"--aggregate {config.aggregate!r}: unknown; choose one of {', '.join(AGGREGATES)}"
@@ -275,11 +278,48 @@ def score(
     task = str(meta.get("task", ""))
     if decoder is None:
         decoder = MedresDecoder(meta.get("preprocessing", {}))
-    key = load_or_create_key(out)
-    fingerprint = hashlib.sha256(b"medres-ledger\x00" + key).hexdigest()[:16]
     predictor = Predictor(
         model, device=device, precision=config.precision, to_probs=probs_for_task(task)
     )
+    with _cpu_threads(device, config.workers):
+        return _score(config, model, meta, mhash, decoder, predictor, shard, device)
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: str, workers: int) -> Iterator[None]:
+    """On CPU the model gets (cores - decode workers) threads, at least 1, restored after.
+
+    Decode workers and the model share the cores; more threads than cores makes
+    OpenMP spin-wait and can cut throughput several-fold on a busy machine.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        torch.set_num_threads(max(1, min(before, cores - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _score(
+    config: ScoreConfig,
+    model: Any,
+    meta: dict[str, Any],
+    mhash: str,
+    decoder: Any,
+    predictor: Predictor,
+    shard: tuple[int, int],
+    device: str,
+) -> ScoreSummary:
+    """The body of :func:`score` once the model and settings are resolved."""
+    out = config.out_dir
+    classes = [str(c) for c in meta.get("classes", [])]
+    task = str(meta.get("task", ""))
+    key = load_or_create_key(out)
+    fingerprint = hashlib.sha256(b"medres-ledger\x00" + key).hexdigest()[:16]
     summary = ScoreSummary(
         out_dir=out, model_hash=mhash, shard=shard, precision=predictor.precision
     )

@@ -69,7 +69,9 @@ def _bitflip(data: bytearray, rng: random.Random) -> bytearray:
 def _byteset(data: bytearray, rng: random.Random) -> bytearray:
     for _ in range(rng.randint(1, 16)):
         if data:
-            data[rng.randrange(len(data))] = rng.choice((0x00, 0xFF, 0x7F, 0x80, rng.randrange(256)))
+            data[rng.randrange(len(data))] = rng.choice(
+                (0x00, 0xFF, 0x7F, 0x80, rng.randrange(256))
+            )
     return data
 
 

@@ -256,7 +256,9 @@ _TAR_LIMIT_GAP = (
     [
         ("zip", 100_000),
         ("tar.gz", 8_000),
-        pytest.param("tar.gz", 100_000, marks=pytest.mark.xfail(strict=True, reason=_TAR_LIMIT_GAP)),
+        pytest.param(
+            "tar.gz", 100_000, marks=pytest.mark.xfail(strict=True, reason=_TAR_LIMIT_GAP)
+        ),
     ],
 )
 def test_many_members_hit_the_member_limit_quickly(kind, n, reliability_long, tmp_path):

@@ -564,7 +564,8 @@ def test_cli_bad_input_is_one_line_exit_1(tmp_path):
 def test_default_difficulty_is_learnable_by_a_small_resnet(tmp_path):
     """ResNet-18 from scratch, 300 train / 100 val radiographs at 64 px, 12 epochs on CPU.
 
-    Measured here: val AUC 0.96 at difficulty 0.5 (0.61 at 0.9), about 4 minutes on 1 thread.
+    Measured here: val AUC 0.96 at difficulty 0.5 (0.61 at 0.9); about 5 CPU-minutes
+    (15 min wall on the shared, loaded 2-core machine).
     """
     import torch
     from monai.networks.nets import resnet18
