@@ -71,7 +71,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.propagate = False
     # third-party chatter stays quiet unless asked for
     for name in ("monai", "pydicom", "nibabel", "matplotlib", "PIL"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 @app.callback()
@@ -256,8 +256,12 @@ def ingest_cmd(
         int, typer.Option("--min-slices", help="Reject 3D stacks with fewer slices.")
     ] = 3,
     compress: Annotated[
-        bool, typer.Option("--compress/--no-compress", help="Write .nii.gz (else .nii).")
-    ] = True,
+        bool,
+        typer.Option(
+            "--compress/--no-compress",
+            help="Write .nii.gz (smaller, ~5x slower to write) instead of .nii.",
+        ),
+    ] = False,
     file_timeout: Annotated[
         float, typer.Option("--file-timeout", help="Seconds allowed per file/stack.")
     ] = 120.0,

@@ -668,8 +668,8 @@ def _header_from_dataset(
     x = _extract(ds)
     get = x.get
     sop_class = get("sop_class", "")
-    if not sop_class and meta_get(ds, "MediaStorageSOPClassUID"):
-        sop_class = meta_get(ds, "MediaStorageSOPClassUID")
+    if not sop_class and _meta_get(ds, "MediaStorageSOPClassUID"):
+        sop_class = _meta_get(ds, "MediaStorageSOPClassUID")
     rows = get("rows") or 0
     cols = get("cols") or 0
     nf = _num(get("frames"))
@@ -766,7 +766,7 @@ def _is_image_class(sop_class: str) -> bool:
     return "Image" in UID(sop_class).name if sop_class else False
 
 
-def meta_get(ds: Any, keyword: str) -> str:
+def _meta_get(ds: Any, keyword: str) -> str:
     meta = getattr(ds, "file_meta", None)
     return str(meta.get(keyword, "") or "").strip() if meta is not None else ""
 

@@ -116,7 +116,7 @@ class IngestConfig:
     test_frac: float = 0.15
     seed: int = 0
     min_slices: int = 3
-    compress: bool = True
+    compress: bool = False
     file_timeout_s: float = 120.0
     worker_memory_mb: int | None = None
     incremental: bool = True

@@ -656,7 +656,9 @@ class _Namer:
         if self.shuffle:
             h = self.rng.bytes(10).hex()
             return self.root / h[:2] / h[2:4] / h[4:]
-        return self.root / self.plan.folder / f"IM{inst:05d}{suffix}.dcm"
+        # the second series of a `two_series` study shares the folder: give it its own names
+        prefix = "IMB" if self.plan.series_description.endswith(" (2)") else "IM"
+        return self.root / self.plan.folder / f"{prefix}{inst:05d}{suffix}.dcm"
 
 
 def _write_one(spec: SynthSpec, plan: SeriesPlan, root: Path, shuffle: bool) -> list[Path]:

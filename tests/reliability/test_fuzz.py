@@ -61,7 +61,7 @@ pytestmark = pytest.mark.reliability
 CODES = {c.value for c in Code}
 TIME_LIMIT_S = 10.0
 MEMORY_LIMIT_MB = 1024
-CI_CASES_PER_SEED = 80
+CI_CASES_PER_SEED = 120
 LONG_CASES_PER_SEED = 400
 LONG_BASE_SEEDS = (0, 1)
 
@@ -386,8 +386,3 @@ def test_score_cli_on_mutated_set(mutated_set: Path, tmp_path: Path):
     n_files = len(list(mutated_set.iterdir()))
     assert len(sources) <= n_files
     assert sum(r["status"] == "ok" for r in rows) + len(errors) == len(rows)
-    # a rerun resumes: nothing is scored twice
-    r2 = _medres(*args, cwd=tmp_path)
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    with open(out / "scores.csv", newline="") as fh:
-        assert list(csv.DictReader(fh)) == rows

@@ -598,3 +598,17 @@ def test_default_difficulty_is_learnable_by_a_small_resnet(tmp_path):
             p = torch.sigmoid(model(x[300:])[:, 0]).numpy()
         aucs.append(roc_auc_score(y[300:].numpy(), p))
     assert max(aucs[-3:]) >= 0.9, aucs
+
+
+def test_two_series_in_one_folder_keep_their_own_files(tmp_path):
+    from medres.synth import SynthSpec, generate
+
+    res = generate(
+        SynthSpec(kind="ct", n_patients=2, shape=(16, 16, 6), messy=("two_series",), seed=3),
+        tmp_path / "s",
+    )
+    paths = [p for r in res.truth for p in r.paths]
+    assert len(paths) == len(set(paths)), "two series must not overwrite each other's files"
+    assert all((tmp_path / "s" / p).is_file() for p in paths)
+    n_files = sum(1 for f in (tmp_path / "s").rglob("*.dcm"))
+    assert n_files == len(paths)
