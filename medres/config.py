@@ -92,7 +92,8 @@ class TransformSpec:
     percentiles: tuple[float, ...] = (0.5, 99.5)
     """Percentile normalisation (lower, upper) mapped to [0, 1] and clipped (MR)."""
     image_size: tuple[int, ...] = ()
-    """Network input size per spatial axis; empty = inferred (2D <= 128, 3D <= 64)."""
+    """Network input size per spatial axis; empty = the median image size capped at 64 (2D) /
+    48 (3D) on CPU and 224 / 96 on CUDA."""
     resize_mode: str = "resize"
     """resize (area interpolation to image_size) | crop_pad (centre crop / zero pad)."""
     slice_mode: str = "none"
@@ -153,11 +154,11 @@ class ModelSpec:
 class TrainSpec:
     """Optimisation and runtime."""
 
-    epochs: int = 12
+    epochs: int = 20
     """Number of epochs."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Samples per step per process."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate of the head (backbone: x model.backbone_lr_mult)."""
     optimizer: str = "adamw"
     """adamw | sgd (SGD uses Nesterov momentum 0.9)."""
@@ -185,7 +186,7 @@ class TrainSpec:
     deterministic: bool = False
     """torch deterministic algorithms (bit-reproducible on one machine; slower on CUDA)."""
     threads: int = 0
-    """torch intra-op CPU threads (0 = torch's default)."""
+    """torch intra-op CPU threads (0 = auto: the idle cores, shared by the processes on the node)."""
     tensorboard: bool = True
     """Write TensorBoard logs to RUN_DIR/tensorboard when tensorboard is installed."""
 
