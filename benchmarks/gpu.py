@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medres.models import build_model  # noqa: E402
+from medres.models import build_model
 
 
 @dataclass
@@ -166,8 +166,10 @@ def bench_loader(
         done, t0 = 0, time.perf_counter()
         while done < n:
             for b in loader:
-                x = b["image"].to(device, non_blocking=True).contiguous(
-                    memory_format=torch.channels_last
+                x = (
+                    b["image"]
+                    .to(device, non_blocking=True)
+                    .contiguous(memory_format=torch.channels_last)
                 )
                 step(x, b["label"].to(device, non_blocking=True).long())
                 done += 1
@@ -215,13 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg2d, cfg3d, steps, warmup = (224, 256), (128, 8), 20, 5
     results: list[Result] = []
     for arch in ("resnet18", "resnet50"):
-        results.append(
-            bench_train(arch, 2, *cfg2d, device, steps, warmup, args.peak_tflops, amp)
-        )
+        results.append(bench_train(arch, 2, *cfg2d, device, steps, warmup, args.peak_tflops, amp))
     for arch in ("resnet18", "resnet50"):
-        results.append(
-            bench_train(arch, 3, *cfg3d, device, steps, warmup, args.peak_tflops, amp)
-        )
+        results.append(bench_train(arch, 3, *cfg3d, device, steps, warmup, args.peak_tflops, amp))
     loader: dict[str, float] = {}
     if not args.skip_loader:
         import tempfile
@@ -234,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}  torch {torch.__version__}  peak {args.peak_tflops} TFLOP/s")
-    print(f"{'model':<14}{'size':>6}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'TFLOP/s':>10}{'MFU':>8}")
+    print(
+        f"{'model':<14}{'size':>6}{'batch':>7}{'samples/s':>12}{'step ms':>10}{'TFLOP/s':>10}{'MFU':>8}"
+    )
     for r in results:
         print(
             f"{r.name:<14}{r.size:>6}{r.batch:>7}{r.samples_per_s:>12.1f}{r.step_ms:>10.1f}"
