@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -500,8 +500,3 @@ def background(iterable: Iterable[Any], maxsize: int = 256) -> Iterator[Any]:
                 return
     finally:
         stop.set()
-
-
-def error_item(item: ScoreItem, code: str, message: str) -> ScoreItem:
-    """A copy of ``item`` marked as rejected with ``code``."""
-    return replace(item, kind="error", code=code, message=message)
