@@ -21,6 +21,14 @@ Usage::
     python benchmarks/score.py --workloads small2d --repeats 5 --json out.json
     python benchmarks/score.py --tiny               # smoke run (seconds)
 
+Fairness: ``--threads`` (default: all cores) is the machine every variant gets. The
+ceiling and the naive loop give all of it to torch; ``medres`` splits it itself between
+its decode workers and the model (``cores - workers`` model threads), which is the real
+comparison. The 1-minute load average is recorded after every repeat (``runs.load1``) and
+at the start and end: on a shared machine, compare runs only at similar load. To compare
+two versions of medres, run the same copy of this script from each tree (it imports the
+``medres`` next to it).
+
 Targets: medres >= 0.8x the ceiling on every workload; >= 3x the naive loop where loading
 dominates; at 224 px the gain comes from bf16, whose max |delta p| vs fp32 is printed.
 """
@@ -174,6 +182,7 @@ def bench(wl: Workload, root: Path, args: argparse.Namespace) -> list[Result]:
     for prec in precisions:
         r = Result(wl.name, prec, runs={"medres": [], "naive": [], "ceiling": []})
         r.runs["medres_end_to_end"] = []
+        r.runs["load1"] = []
         run_ceiling(model, x[: args.batch_size], prec, args.batch_size)  # warm-up
         for rep in range(args.repeats):
             v, e2e = run_medres(model_dir, imgs, work, prec, args.batch_size, args.workers)
@@ -182,9 +191,11 @@ def bench(wl: Workload, root: Path, args: argparse.Namespace) -> list[Result]:
             r.runs["naive"].append(run_naive(model, pre, files[: wl.n_naive], prec))
             c, probs = run_ceiling(model, x, prec, args.batch_size)
             r.runs["ceiling"].append(c)
+            r.runs["load1"].append(os.getloadavg()[0])
             print(
                 f"  {wl.name} {prec} rep {rep + 1}: medres {v:,.0f}  naive "
-                f"{r.runs['naive'][-1]:,.0f}  ceiling {c:,.0f} img/s",
+                f"{r.runs['naive'][-1]:,.0f}  ceiling {c:,.0f} img/s  "
+                f"(load {r.runs['load1'][-1]:.1f})",
                 flush=True,
             )
         if prec == "fp32":
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", action="store_true", help="fewer items (busy machine)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    if args.repeats < 5 and not args.tiny:
+        print(f"warning: --repeats {args.repeats} < 5; medians of fewer runs are noisy")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     table = TINY if args.tiny else SMALL if args.small else WORKLOADS
     load = os.getloadavg()

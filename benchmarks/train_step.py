@@ -7,7 +7,8 @@ optimizer settings and in-memory batches are trained alternately by
 * ``medres``: :func:`medres.engine.train_one_epoch` (LR schedule, loss accounting,
   progress hooks, timing, accumulation/clipping/AMP branches) over the same batches,
 
-``--repeats`` times (median samples/s of each; target ratio >= 0.85). The standard stem
+``--repeats`` times, swapping which goes first every repeat (median samples/s of each;
+target ratio >= 0.85). The standard stem
 is used at every size so that small quick-run sizes time the same network shape. Then the real input
 path runs: NIfTI files on disk -> medres transforms cached in memory (CacheDataset) ->
 random augmentation -> DataLoader -> ``train_one_epoch``, and the engine reports the
@@ -94,11 +95,15 @@ def engine_vs_bare(dims: int, size: int, batch: int, steps: int, repeats: int) -
     train_one_epoch(state, batches[:1])
     bare, eng = [], []
     n = batch * steps
-    for _ in range(repeats):
-        bare.append(n / _bare_epoch(m_bare, opt_bare, batches))
-        t0 = time.perf_counter()
-        train_one_epoch(state, batches)
-        eng.append(n / (time.perf_counter() - t0))
+    for rep in range(repeats):
+        # alternate which loop goes first so drift in machine load does not favour one
+        for which in ("bare", "medres") if rep % 2 == 0 else ("medres", "bare"):
+            if which == "bare":
+                bare.append(n / _bare_epoch(m_bare, opt_bare, batches))
+            else:
+                t0 = time.perf_counter()
+                train_one_epoch(state, batches)
+                eng.append(n / (time.perf_counter() - t0))
     b, e = statistics.median(bare), statistics.median(eng)
     return {
         "case": f"resnet18 {dims}D {size}^{dims} batch {batch}",

@@ -83,6 +83,7 @@ class LoopStats:
     errors: int = 0
     batches: int = 0
     seconds: float = 0.0
+    start_s: float = 0.0
     decode_wait_s: float = 0.0
     model_s: float = 0.0
     commit_s: float = 0.0
@@ -158,6 +159,7 @@ class Predictor:
         precision: str = "fp32",
         to_probs: Callable[[Any], Any] | None = None,
         channels_last: bool = True,
+        dims: int | None = None,
     ) -> None:
         import torch
 
@@ -178,6 +180,22 @@ class Predictor:
         self.channels_last = channels_last
         self._formatted: set[int] = set()
         self.to_probs = to_probs or default_to_probs
+        if dims in (2, 3):  # convert the weights now, not inside the first timed batch
+            self._format_model(dims + 2)
+
+    def _memory_format(self, ndim: int) -> Any:
+        import torch
+
+        if not self.channels_last:
+            return None
+        return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
+
+    def _format_model(self, ndim: int) -> Any:
+        fmt = self._memory_format(ndim)
+        if fmt is not None and ndim not in self._formatted:
+            self.model = self.model.to(memory_format=fmt)
+            self._formatted.add(ndim)
+        return fmt
 
     def _autocast(self) -> Any:
         import contextlib
@@ -193,14 +211,9 @@ class Predictor:
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(batch))
-        fmt = None
-        if self.channels_last and x.ndim == 4:
-            fmt = torch.channels_last
-        elif self.channels_last and x.ndim == 5:
-            fmt = torch.channels_last_3d
-        if fmt is not None and x.ndim not in self._formatted:
-            self.model = self.model.to(memory_format=fmt)
-            self._formatted.add(x.ndim)
+        fmt = self._format_model(x.ndim)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
@@ -240,10 +253,18 @@ def _mp_context() -> mp.context.BaseContext:
 class _Decoders:
     """Ordered, bounded, prefetching decode of item chunks (inline when ``workers == 0``)."""
 
-    def __init__(self, decoder: Callable[[ScoreItem], np.ndarray], workers: int, prefetch: int):
+    def __init__(
+        self,
+        decoder: Callable[[ScoreItem], np.ndarray],
+        workers: int,
+        prefetch: int,
+        per_batch: int = 1,
+    ):
         self.decoder = decoder
         self.workers = workers
-        self.max_inflight = max(1, workers * prefetch)
+        # while the model runs on one batch, the chunks of the next one must already be
+        # in flight (one slot is taken by the chunk being consumed), else the workers idle
+        self.max_inflight = max(1, workers * prefetch, per_batch + workers)
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self, *, safe: bool = False) -> ProcessPoolExecutor:
@@ -388,7 +409,7 @@ def run_items(
     stats = LoopStats()
     t0 = time.perf_counter()
     chunk_size = chunk_size or max(1, min(batch_size, 16))
-    decoders = _Decoders(decoder, workers, prefetch)
+    decoders = _Decoders(decoder, workers, prefetch, per_batch=-(-batch_size // chunk_size))
     by_shape: dict[tuple[int, ...], list[Decoded]] = {}
     errors: list[Record] = []
 
@@ -431,7 +452,12 @@ def run_items(
             if on_progress:
                 on_progress(n)
 
+    ts = time.perf_counter()
+    prepare = getattr(decoder, "prepare", None)
+    if callable(prepare):  # imports and set-up once, inherited by the forked workers
+        prepare()
     decoders.start()  # fork the workers before the discovery thread starts
+    stats.start_s = time.perf_counter() - ts
     it_decoded = decoders.run(_chunks(items, chunk_size))
     while True:
         tw = time.perf_counter()
@@ -457,6 +483,11 @@ def run_items(
         flush(shape)
     flush_errors()
     stats.seconds = time.perf_counter() - t0
+    log.debug(
+        "loop %.3f s: pool start %.3f, decode wait %.3f, model %.3f, commit %.3f (%d batches)",
+        stats.seconds, stats.start_s, stats.decode_wait_s, stats.model_s, stats.commit_s,
+        stats.batches,
+    )  # fmt: skip
     return stats
 
 

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 import torch
 from train_data import make_dataset
 
@@ -20,7 +19,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~50-60 s on 2 loaded cores (two interpreter start-ups + gloo)
 def test_torchrun_two_cpu_processes(tmp_path):
     manifest = make_dataset(tmp_path / "ds", n=20, size=16)  # 12 train, 4 val, 4 test
     out = tmp_path / "run"

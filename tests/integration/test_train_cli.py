@@ -166,6 +166,7 @@ def test_multiclass_and_multilabel_runs(tmp_path, kind):
         classes=3 if kind == "multiclass" else 2,
         multilabel=kind == "multilabel",
     )
+    cache = "disk" if kind == "multiclass" else "memory"  # both cache modes get a run
     spec = apply_overrides(
         PipelineSpec(),
         {
@@ -173,10 +174,12 @@ def test_multiclass_and_multilabel_runs(tmp_path, kind):
             "train.epochs": 1,
             "train.batch_size": 4,
             "train.threads": 1,
-            "data.cache": "none",
+            "data.cache": cache,
         },
     )
     res = run_train(spec, tmp_path / "run")
+    if cache == "disk":
+        assert list((tmp_path / "run" / "cache").rglob("*.pt")), "PersistentDataset wrote no cache"
     meta = json.loads((tmp_path / "run" / "model" / "model.json").read_text())
     rows = _read(tmp_path / "run" / "predictions_val.csv")
     assert meta["task"] == kind
