@@ -93,16 +93,19 @@ def synth_ct_messy(synth_factory):
 
 @pytest.fixture(autouse=True)
 def _restore_medres_logger():
-    """The CLI configures the `medres` logger (handlers, no propagation); undo it per test
-    so pytest's caplog keeps seeing library logs in tests that run after a CLI test."""
+    """The CLI configures the `medres` logger (handlers, no propagation), also from
+    module-scoped fixtures; reset it around every test so caplog sees library logs."""
     import logging
 
     from medres import progress
 
-    lg = logging.getLogger("medres")
-    handlers, level, propagate = list(lg.handlers), lg.level, lg.propagate
+    def reset() -> None:
+        lg = logging.getLogger("medres")
+        lg.handlers.clear()
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
+        progress.disable()
+
+    reset()
     yield
-    lg.handlers[:] = handlers
-    lg.setLevel(level)
-    lg.propagate = propagate
-    progress.disable()
+    reset()

@@ -1,0 +1,123 @@
+"""The scoring speed-ups give exactly what the plain paths give (values, dtype, affine)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medres.errors import IngestError
+from medres.ingest import nifti
+from medres.scoring.engine import Predictor, ScoreItem, _Decoders
+from medres.scoring.pipeline import MedresDecoder
+from medres.transforms import build_transforms, image_to_metatensor
+
+SHEARED = np.array([[0, 0, 2.0, 1], [0, -1, 0.2, 2], [1.3, 0, 0, 3], [0, 0, 0, 1]])
+
+
+def _via_nibabel(monkeypatch: pytest.MonkeyPatch, path) -> nifti.LoadedImage:
+    with monkeypatch.context() as m:
+        m.setattr(nifti, "_read_simple_nii", lambda p: None)
+        return nifti.load_nifti(path)
+
+
+@pytest.mark.parametrize("dtype", ["u1", "i2", "i4", "f4", "f8", "u2"])
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (4, 5, 1), (4, 5, 6, 1)])
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_fast_nii_read_equals_nibabel(tmp_path, monkeypatch, dtype, shape, endian):
+    rng = np.random.default_rng(len(shape))
+    arr = (rng.random(shape) * 100).astype(dtype)
+    img = nib.Nifti1Image(arr, np.diag([-1.5, 2.0, 0.7, 1.0]) if len(shape) > 2 else SHEARED)
+    if endian == ">":
+        img = nib.Nifti1Image(arr, img.affine, header=img.header.as_byteswapped(">"))
+    p = tmp_path / "x.nii"
+    nib.save(img, p)
+    assert nifti._read_simple_nii(p) is not None  # the fast path is taken
+    fast, slow = nifti.load_nifti(p), _via_nibabel(monkeypatch, p)
+    assert fast.array.dtype == slow.array.dtype
+    assert fast.array.shape == slow.array.shape
+    np.testing.assert_array_equal(fast.array, slow.array)
+    np.testing.assert_array_equal(fast.affine, slow.affine)
+    assert (fast.dims, fast.channels, fast.n_slices, fast.meta) == (
+        slow.dims,
+        slow.channels,
+        slow.n_slices,
+        slow.meta,
+    )
+
+
+def test_fast_nii_read_declines_what_it_does_not_handle(tmp_path):
+    arr = np.arange(24, dtype=np.int16).reshape(4, 6)
+    gz = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), gz)
+    scaled = nib.Nifti1Image(arr, np.eye(4))
+    scaled.header.set_slope_inter(2.0, 1.0)
+    nib.save(scaled, tmp_path / "s.nii")
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / "q.nii")
+    raw = bytearray((tmp_path / "q.nii").read_bytes())
+    raw[254:256] = np.int16(0).tobytes()  # sform_code 0: nibabel would use the qform
+    (tmp_path / "q.nii").write_bytes(bytes(raw))
+    for name in ("a.nii.gz", "s.nii", "q.nii"):
+        assert nifti._read_simple_nii(tmp_path / name) is None, name
+    # the nibabel path still applies the scaling
+    np.testing.assert_allclose(nifti.load_nifti(tmp_path / "s.nii").array, arr * 2.0 + 1.0)
+
+
+def test_truncated_nii_keeps_its_error_code(tmp_path):
+    p = tmp_path / "t.nii"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 4), np.int16), np.eye(4)), p)
+    p.write_bytes(p.read_bytes()[:-100])
+    assert nifti._read_simple_nii(p) is None
+    with pytest.raises(IngestError) as exc:
+        nifti.load_nifti(p)
+    assert str(exc.value.code) == "truncated"
+
+
+def _pre(dims: int, **kw) -> dict:
+    from medres.config import TransformSpec
+    from medres.transforms import preprocessing_dict
+
+    size = (12,) * dims
+    spec = TransformSpec(
+        dims=dims, in_channels=1, intensity="range", image_size=size, augment=False, **kw
+    )
+    return preprocessing_dict(spec)
+
+
+@pytest.mark.parametrize(
+    ("dims", "shape", "kw"),
+    [
+        (2, (20, 17), {}),
+        (3, (10, 14, 9), {"orientation": "RAS"}),
+        (3, (10, 14, 9), {"orientation": "RAS", "spacing": (2.0, 2.0, 2.0)}),
+    ],
+)
+def test_decoder_equals_tracked_transforms(tmp_path, dims, shape, kw):
+    """Metadata tracking off gives the very same tensor as the MetaTensor path."""
+    rng = np.random.default_rng(3)
+    arr = rng.integers(-100, 900, size=shape).astype(np.int16)
+    p = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(arr, np.diag([-1.2, 0.8, 1.5, 1.0])), p)
+    pre = _pre(dims, **kw)
+    dec = MedresDecoder(pre)
+    assert dec._track_meta == bool(kw.get("spacing"))
+    got = dec(ScoreItem("img-1", "id1", "v.nii", "nifti", payload=(str(p), "v.nii")))
+    ref = build_transforms(pre, train=False, load=False)(
+        {"image": image_to_metatensor(nifti.load_nifti(p))}
+    )["image"]
+    np.testing.assert_array_equal(got, np.asarray(torch.as_tensor(ref)))
+    from monai.data import get_track_meta
+
+    assert get_track_meta()  # the global switch is restored
+
+
+def test_predictor_formats_model_up_front_and_prefetch_covers_a_batch():
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 5, 5, 5))
+    p = Predictor(net, precision="fp32", dims=3)
+    w = p.model[0].weight
+    assert w.is_contiguous(memory_format=torch.channels_last_3d)
+    assert p(np.zeros((2, 1, 5, 5, 5), np.float32)).shape == (2, 2)
+    # 64 items in chunks of 16 with 2 workers: the next batch's 4 chunks stay in flight
+    assert _Decoders(lambda it: np.zeros(1), 2, 2, per_batch=4).max_inflight >= 4 + 2
