@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -131,7 +132,7 @@ def bench_loader(
     import nibabel as nib
     import numpy as np
 
-    from medres.data import build_loader
+    from medres.data import EpochSampler, build_loader, make_dataset
     from medres.transforms import build_transforms
 
     rng = np.random.default_rng(0)
@@ -139,16 +140,24 @@ def bench_loader(
     src = max(size, 64)
     for i in range(n_items):
         p = tmp / f"img{i}.nii"
-        nib.save(nib.Nifti1Image(rng.normal(0, 100, (src, src)).astype(np.float32), np.eye(4)), p)
-        items.append({"image": str(p), "label": int(i % 2), "image_id": f"i{i}"})
+        arr = rng.normal(0, 100, (src, src)).astype(np.float32)
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), p)
+        items.append({"image": str(p), "channels": 1, "label": int(i % 2), "index": i})
     preprocessing = {
         "dims": 2,
-        "image_size": [size, size],
-        "modality": "DX",
         "in_channels": 3,
+        "image_size": [size, size],
+        "intensity": "range",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
     }
     train_tf = build_transforms(preprocessing, train=True)
-    loader = build_loader(items, train_tf, batch_size=batch, cache="memory", shuffle=True)
+    dataset = make_dataset(items, train_tf, cache="memory")
+    sampler = EpochSampler(len(items), shuffle=True, seed=0)
+    workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    loader = build_loader(
+        dataset, sampler, batch_size=batch, workers=workers, pin_memory=device.type == "cuda"
+    )
 
     model = build_model("resnet18", dims=2, in_channels=3, num_classes=2).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -204,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak")
     ap.add_argument("--json", type=Path, default=None, help="write results as JSON")
     ap.add_argument("--skip-loader", action="store_true")
+    ap.add_argument("--archs", default="resnet18,resnet50", help="comma list of architectures")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -212,23 +222,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     amp = device.type == "cuda"
     if args.tiny:
-        cfg2d, cfg3d, steps, warmup = (32, 4), (16, 2), 2, 1
+        cfg2d, cfg3d, steps, warmup = (16, 2), (16, 2), 1, 0
     else:
         cfg2d, cfg3d, steps, warmup = (224, 256), (128, 8), 20, 5
     results: list[Result] = []
-    for arch in ("resnet18", "resnet50"):
-        results.append(bench_train(arch, 2, *cfg2d, device, steps, warmup, args.peak_tflops, amp))
-    for arch in ("resnet18", "resnet50"):
-        results.append(bench_train(arch, 3, *cfg3d, device, steps, warmup, args.peak_tflops, amp))
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for dims, cfg in ((2, cfg2d), (3, cfg3d)):
+        for arch in archs:
+            results.append(
+                bench_train(arch, dims, *cfg, device, steps, warmup, args.peak_tflops, amp)
+            )
     loader: dict[str, float] = {}
     if not args.skip_loader:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            size, batch = (32, 8) if args.tiny else (224, 256)
-            n_items = 16 if args.tiny else 2048
+            size, batch = (16, 2) if args.tiny else (224, 256)
+            n_items = 8 if args.tiny else 2048
             loader = bench_loader(
-                size, batch, n_items, device, 3 if args.tiny else 20, amp, Path(tmp)
+                size, batch, n_items, device, 1 if args.tiny else 20, amp, Path(tmp)
             )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}  torch {torch.__version__}  peak {args.peak_tflops} TFLOP/s")

@@ -285,6 +285,15 @@ def ingest_cmd(
         float,
         typer.Option("--max-archive-ratio", help="Highest compression ratio (bomb guard)."),
     ] = 200.0,
+    source_paths: Annotated[
+        str,
+        typer.Option(
+            "--source-paths",
+            help="How input paths are written in manifest/errors: identity (default: folder "
+            "and file names holding a patient name/ID/UID become ~pseudonyms), all (every "
+            "component pseudonymised), keep (as they are; de-identified data only).",
+        ),
+    ] = "identity",
 ) -> None:
     """Turn DICOM/NIfTI folders and archives into validated volumes plus a manifest."""
     from medres.ingest.discover import ArchiveLimits
@@ -304,6 +313,7 @@ def ingest_cmd(
         file_timeout_s=file_timeout,
         worker_memory_mb=worker_memory_mb,
         incremental=incremental,
+        source_paths=source_paths,
         limits=ArchiveLimits(
             max_members=max_archive_members,
             max_total_bytes=int(max_archive_gb * 1024**3),
@@ -632,6 +642,15 @@ def score_cmd(
     prefetch: Annotated[
         int, typer.Option("--prefetch", help="Decoded chunks in flight per worker.")
     ] = 2,
+    source_paths: Annotated[
+        str,
+        typer.Option(
+            "--source-paths",
+            help="How input paths are written in scores/errors: identity (default: names "
+            "holding a patient name/ID/UID become ~pseudonyms), all, or keep (de-identified "
+            "data only). Keep it the same when resuming.",
+        ),
+    ] = "identity",
 ) -> None:
     """Score folders/archives of scans with a trained model; re-running resumes."""
     from medres.scoring import ScoreConfig, score
@@ -654,6 +673,7 @@ def score_cmd(
             cam=cam,
             cam_class=cam_class,
             dicom_out=dicom_out,
+            source_paths=source_paths,
         )
     )
     i, n = summary.shard
@@ -702,7 +722,7 @@ def demo_cmd(
     patients: Annotated[
         int, typer.Option("--patients", help="Training-set patients (0: 400 in 2D, 160 in 3D).")
     ] = 0,
-    epochs: Annotated[int, typer.Option("--epochs", help="Epochs (0: 8 in 2D, 10 in 3D).")] = 0,
+    epochs: Annotated[int, typer.Option("--epochs", help="Epochs (0: 15 in 2D, 12 in 3D).")] = 0,
     image_size: Annotated[
         int, typer.Option("--image-size", help="Model input size per axis (0: 64 in 2D, 32 in 3D).")
     ] = 0,

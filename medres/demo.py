@@ -52,7 +52,7 @@ class DemoConfig:
             dims=self.dims,
             patients=self.patients or (400 if d2 else 160),
             holdout_patients=self.holdout_patients or (100 if d2 else 40),
-            epochs=self.epochs or (8 if d2 else 10),
+            epochs=self.epochs or (15 if d2 else 12),
             image_size=self.image_size or (64 if d2 else 32),
             seed=self.seed,
             device=self.device,

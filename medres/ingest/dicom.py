@@ -180,6 +180,10 @@ class DicomHeader:
     series_uid: str = ""
     patient_id: str = ""
     accession: str = ""
+    # identity used only to redact source paths (medres.phi.PathRedactor); never written
+    patient_name: str = ""
+    birth_date: str = ""
+    other_patient_ids: tuple[str, ...] = ()
     modality: str = ""
     manufacturer: str = ""
     body_part: str = ""
@@ -556,8 +560,11 @@ _FIELDS: tuple[tuple[int, str, str], ...] = (
     (0x00080050, "accession", "p"),
     (0x00080060, "modality", "s"),
     (0x00080070, "manufacturer", "p"),
+    (0x00100010, "patient_name", "p"),
     (0x00100020, "patient_id", "p"),
+    (0x00100030, "birth_date", "s"),
     (0x00100040, "sex", "s"),
+    (0x00101000, "other_patient_ids", "p"),
     (0x00101010, "age", "s"),
     (0x00180015, "body_part", "p"),
     (0x00180050, "thickness", "s"),
@@ -638,7 +645,7 @@ def _extract(ds: Any) -> dict[str, Any]:
             out[name] = _i(v[0] if isinstance(v, list | tuple) else v)
         elif v is None:
             out[name] = ""
-        elif isinstance(v, str | bytes) or not hasattr(v, "__iter__"):
+        elif isinstance(v, str | bytes) or not hasattr(v, "__iter__") or name == "patient_name":
             out[name] = (v.decode("latin-1") if isinstance(v, bytes) else str(v)).strip(" \x00")
         else:
             out[name] = "\\".join(str(x) for x in v)
@@ -722,6 +729,9 @@ def _header_from_dataset(
         series_uid=get("series", ""),
         patient_id=get("patient_id", ""),
         accession=get("accession", ""),
+        patient_name=get("patient_name", ""),
+        birth_date=get("birth_date", ""),
+        other_patient_ids=tuple(x for x in _split(get("other_patient_ids")) if x),
         modality=get("modality", "").upper(),
         manufacturer=get("manufacturer", ""),
         body_part=get("body_part", "").upper(),

@@ -182,7 +182,8 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
         for name in sorted(dirnames):
             sub = d / name
             if sub.is_symlink():
-                log.debug("not following directory symlink %s", name)
+                # the name is not logged: folder names may hold patient names or IDs
+                log.debug("not following a directory symlink below a SOURCE folder")
                 continue
             if excluded and sub.resolve() in excluded:
                 continue

@@ -33,7 +33,13 @@ Choices made here:
   holds one row for every file that is not used, and ``ingest.json`` records the counts.
 * **Privacy.** Raw identifiers stay in worker/main memory only: pseudonyms are computed
   right after the header is read. ``ingest.json`` records SOURCE arguments by base name
-  only (folder names above may hold patient names).
+  only (folder names above may hold patient names). Folder and file names below a SOURCE
+  root often hold patient names or IDs too: every ``source`` written (manifest.csv,
+  errors.csv, ingest.json) goes through :class:`medres.phi.PathRedactor` with the
+  identity tokens of *all* headers of the run (``--source-paths``: ``identity`` by default,
+  ``all``, or ``keep`` for de-identified data). Labels keyed by ``path`` are joined on the
+  raw paths before redaction. The cache stores sources as keyed hashes and the redactor's
+  hashed tokens, so an incremental run redacts exactly like a full one.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ from typing import Any
 from medres import __version__, progress
 from medres.errors import ConfigError, IngestError, MedresError
 from medres.ingest.codes import Code
-from medres.ingest.discover import ArchiveLimits, InputFile, Rejected, discover
+from medres.ingest.discover import ArchiveLimits, InputFile, Rejected, discover, root_prefixes
 from medres.ingest.labels import (
     assign_splits,
     check_fractions,
@@ -71,7 +77,13 @@ from medres.ingest.labels import (
     read_labels,
 )
 from medres.manifest import MANIFEST_NAME, write_manifest
-from medres.phi import KEY_FILE, load_or_create_key, pseudonym
+from medres.phi import (
+    KEY_FILE,
+    SOURCE_PATH_MODES,
+    PathRedactor,
+    load_or_create_key,
+    pseudonym,
+)
 from medres.utils import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -83,7 +95,8 @@ IMAGES_DIR = "images"
 SCRATCH_DIR = ".medres_scratch"
 LOCK_NAME = ".medres_lock"
 SKIP_CODES = frozenset({Code.NOT_IMAGE.value, Code.DUPLICATE_INPUT.value, Code.EXTRA_STACK.value})
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
+_SRC_MARK = "\x1f\x1f"  # a rejection message's own source, in the cache
 # failures that may not happen again (load, memory, a crashed worker): never cached
 _TRANSIENT_CODES = frozenset({Code.TIMEOUT.value, Code.DECODE_FAILED.value, Code.UNREADABLE.value})
 
@@ -105,6 +118,8 @@ class IngestConfig:
     ``min_slices``: 3D stacks with fewer slices are rejected (``too_few_slices``).
     ``file_timeout_s``: per header/decode item; ``worker_memory_mb``: address-space limit
     per worker (``None`` = none). ``incremental``: reuse unchanged images of a previous run.
+    ``source_paths``: how ``source`` paths are written (:class:`medres.phi.PathRedactor`
+    mode: ``identity``, ``all`` or ``keep``).
     """
 
     sources: tuple[Path, ...]
@@ -122,6 +137,7 @@ class IngestConfig:
     incremental: bool = True
     isolate: bool = True
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+    source_paths: str = "identity"
 
 
 @dataclass(frozen=True)
@@ -604,12 +620,18 @@ class _Ledger:
             "skipped": c["skipped"],
         }
 
-    def error_rows(self) -> list[dict[str, str]]:
-        return [
+    def error_rows(self, redactor: PathRedactor | None = None) -> list[dict[str, str]]:
+        """One row per file not used; sources and messages redacted by ``redactor``."""
+        rows = [
             {"source": src, "code": code, "message": msg}
             for src, (state, code, msg) in sorted(self.status.items())
             if state != "used"
         ]
+        if redactor is not None:
+            for r in rows:
+                r["message"] = redactor.redact_text(r["message"], (r["source"],))
+                r["source"] = redactor.redact(r["source"])
+        return rows
 
 
 def run_ingest(config: IngestConfig) -> IngestReport:
@@ -664,6 +686,9 @@ def _out_dir_lock(out: Path) -> Iterator[None]:
 def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestReport:
     out = config.out_dir
     key = load_or_create_key(out)
+    redactor = PathRedactor(
+        key, config.source_paths, root_names=[p for p in root_prefixes(list(config.sources)) if p]
+    )
     table = read_labels(config.labels, key, config.label_key) if config.labels else None
     workers = config.workers or default_workers()
     scratch = out / SCRATCH_DIR
@@ -691,9 +716,16 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
         timing["discover_s"] = time.monotonic() - t
 
         t = time.monotonic()
-        cache = _load_cache(out, _cache_settings(config)) if config.incremental else _Cache()
+        cache = (
+            _load_cache(out, _cache_settings(config), found.files, key)
+            if config.incremental
+            else _Cache()
+        )
+        redactor.add_hashed(cache.tokens)
         trusted = _trusted_groups(cache, found.files, out)
         headers, niftis, scanned = _scan_untrusted(found.files, trusted, cache, key, pool, ledger)
+        for h in headers:
+            redactor.add_header(h)
         timing["scan_s"] = time.monotonic() - t
 
         t = time.monotonic()
@@ -707,7 +739,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
         decoded, reused = _decode(jobs, groups, cache, new_cache, config, pool, ledger)
         records += decoded
         cached_files += reused
-        _save_cache(out, new_cache, _cache_settings(config))
+        _save_cache(out, new_cache, _cache_settings(config), key, redactor)
         timing["decode_s"] = time.monotonic() - t
         for f in found.files:  # the invariant seen == used + rejected + skipped, whatever happens
             if f.source not in ledger.status:
@@ -744,6 +776,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
     rows = []
     for rec, lab, sp in zip(records, labels, splits, strict=True):
         row = {k: v for k, v in rec.items() if k not in ("sources", "accession_key", "group")}
+        row["source"] = redactor.redact(str(row.get("source", "")))
         row.update(lab)
         row["split"] = sp
         rows.append(row)
@@ -751,7 +784,8 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
     errors_path = out / ERRORS_NAME
     # always rewritten (header only when empty) so that a stale manifest never survives
     write_manifest(manifest_path, rows, label_columns)
-    _write_errors(errors_path, ledger.error_rows())
+    error_rows = ledger.error_rows(redactor)
+    _write_errors(errors_path, error_rows)
     _prune_images(out, {r["image_path"] for r in rows})
     timing["write_s"] = time.monotonic() - t
     elapsed = time.monotonic() - t0
@@ -766,7 +800,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
         errors_path=errors_path,
         n_images=len(rows),
         images_by_modality=dict(sorted(Counter(r["modality"] or "unknown" for r in rows).items())),
-        rejections_by_code=dict(sorted(Counter(e["code"] for e in ledger.error_rows()).items())),
+        rejections_by_code=dict(sorted(Counter(e["code"] for e in error_rows).items())),
         files=files,
         splits=dict(Counter(splits)),
         label_columns=label_columns if table is not None else (),
@@ -775,7 +809,7 @@ def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestRep
         timing={k: round(v, 3) for k, v in timing.items()},
         elapsed_s=round(elapsed, 3),
     )
-    _write_ingest_json(out / INGEST_JSON, config, report, workers, table)
+    _write_ingest_json(out / INGEST_JSON, config, report, workers, table, redactor)
     if not rows:
         raise IngestError(
             f"no usable image found in {len(config.sources)} source(s) "
@@ -790,6 +824,11 @@ def _check_config(config: IngestConfig) -> None:
     if not config.sources:
         raise ConfigError("no SOURCE given; pass folders, files or archives to ingest")
     check_fractions(config.val_frac, config.test_frac)
+    if config.source_paths not in SOURCE_PATH_MODES:
+        raise ConfigError(
+            f"--source-paths {config.source_paths!r} is not known; use one of "
+            f"{', '.join(SOURCE_PATH_MODES)}"
+        )
     if config.workers < 0:
         raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")
     if config.min_slices < 1:
@@ -964,6 +1003,7 @@ class _Cache:
 
     units: dict[str, dict[str, Any]] = field(default_factory=dict)
     groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tokens: list[str] = field(default_factory=list)  # PathRedactor.hashed_tokens
 
 
 def _cache_settings(config: IngestConfig) -> str:
@@ -971,7 +1011,14 @@ def _cache_settings(config: IngestConfig) -> str:
     return f"{__version__}|min_slices={config.min_slices}|compress={config.compress}"
 
 
-def _load_cache(out: Path, settings: str) -> _Cache:
+def _src_id(source: str, key: bytes) -> str:
+    """How the cache names a source: a keyed hash (the path may hold PHI)."""
+    return pseudonym(source, key, "src-")
+
+
+def _load_cache(out: Path, settings: str, files: Sequence[InputFile], key: bytes) -> _Cache:
+    """The previous run's cache with its hashed sources mapped back to the current inputs'
+    paths (a hash no current file has stays as is and so never matches)."""
     path = out / CACHE_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -981,18 +1028,55 @@ def _load_cache(out: Path, settings: str) -> _Cache:
         return _Cache()
     if data.get("settings") != settings:
         return _Cache()
-    units, groups = data.get("units"), data.get("groups")
+    units, groups, tokens = data.get("units"), data.get("groups"), data.get("path_tokens")
     if not isinstance(units, dict) or not isinstance(groups, dict):
         return _Cache()
-    return _Cache(units, groups)
+    raw = {_src_id(f.source, key): f.source for f in files}
+    try:
+        for rec in units.values():
+            rec["sources"] = [raw.get(s, s) for s in rec.get("sources", [])]
+            rec["source"] = common_source(rec["sources"]) if rec["sources"] else ""
+        for g in groups.values():
+            g["inputs"] = {raw.get(s, s): fp for s, fp in (g.get("inputs") or {}).items()}
+            g["rejections"] = [
+                [raw.get(s, s), code, str(msg).replace(_SRC_MARK, raw.get(s, s))]
+                for s, code, msg in g.get("rejections", [])
+            ]
+    except (AttributeError, TypeError, ValueError):
+        return _Cache()
+    return _Cache(units, groups, [str(t) for t in tokens] if isinstance(tokens, list) else [])
 
 
-def _save_cache(out: Path, cache: _Cache, settings: str) -> None:
+def _save_cache(
+    out: Path, cache: _Cache, settings: str, key: bytes, redactor: PathRedactor
+) -> None:
+    """Write the cache with every source as a keyed hash and rejection messages redacted
+    (their own source as a marker restored on load), plus the redactor's hashed tokens."""
+    units = {
+        fp: {
+            **rec,
+            "source": "",
+            "sources": [_src_id(s, key) for s in rec.get("sources", [])],
+        }
+        for fp, rec in cache.units.items()
+    }
+    groups = {
+        gid: {
+            **g,
+            "inputs": {_src_id(s, key): v for s, v in (g.get("inputs") or {}).items()},
+            "rejections": [
+                [_src_id(s, key), code, redactor.redact_text(str(msg).replace(s, _SRC_MARK))]
+                for s, code, msg in g.get("rejections", [])
+            ],
+        }
+        for gid, g in cache.groups.items()
+    }
     data = {
         "version": _CACHE_VERSION,
         "settings": settings,
-        "units": cache.units,
-        "groups": cache.groups,
+        "units": units,
+        "groups": groups,
+        "path_tokens": redactor.hashed_tokens,
     }
     with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
@@ -1148,10 +1232,16 @@ def _versions() -> dict[str, str]:
 
 
 def _write_ingest_json(
-    path: Path, config: IngestConfig, report: IngestReport, workers: int, table: Any
+    path: Path,
+    config: IngestConfig,
+    report: IngestReport,
+    workers: int,
+    table: Any,
+    redactor: PathRedactor,
 ) -> None:
     settings = {
-        "sources": [p.name or str(p) for p in config.sources],
+        "sources": [redactor.redact(p.name or str(p)) for p in config.sources],
+        "source_paths": config.source_paths,
         "labels": config.labels.name if config.labels else None,
         "label_key": table.key_column if table is not None else None,
         "workers": workers,

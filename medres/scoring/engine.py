@@ -4,8 +4,11 @@ Choices:
 
 - **Decoding in worker processes** (``fork`` on Linux, like PyTorch's DataLoader; the
   workers never touch CUDA). Items are sent in chunks to amortise inter-process
-  overhead; at most ``workers * prefetch`` chunks are in flight, which bounds memory and
-  keeps the model fed while it computes (prefetch). Results come back in submission
+  overhead; at most ``max(workers * prefetch, chunks per batch + workers)`` chunks are in
+  flight, which bounds memory and keeps the model fed while it computes (prefetch: the
+  next batch is being decoded during the forward pass of the current one). The decoder's
+  ``prepare()`` (imports, transform build) runs once before the workers are forked, so
+  they inherit it. Results come back in submission
   order, so a run is deterministic. ``workers=0`` decodes inline (debugging, tests).
 - **Items stream**: the loop pulls items from an iterator, so scoring starts before
   discovery ends. Items already in the ledger (or in another shard) never reach here.

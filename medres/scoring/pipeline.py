@@ -34,7 +34,7 @@ import numpy as np
 
 from medres import progress
 from medres.errors import ConfigError, ScoringError
-from medres.phi import KEY_FILE, load_or_create_key
+from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key
 from medres.scoring.engine import (
     LoopStats,
     Predictor,
@@ -81,6 +81,7 @@ class ScoreConfig:
     cam: int | None = None  # None: no Grad-CAM; 0: all scored items; k: top-k by score
     cam_class: str | None = None
     dicom_out: bool = False  # one Comprehensive SR per DICOM study into OUT_DIR/dicom
+    source_paths: str = "identity"  # medres.phi.PathRedactor mode for written sources
 
 
 @dataclass
@@ -245,7 +246,13 @@ def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> Iterator[Score
         return
     if config.split:
         raise ConfigError("--split applies to a manifest.csv SOURCE only; drop it for folders")
-    yield from discover_items(sources, key=key, scratch=scratch, exclude=[config.out_dir.resolve()])
+    yield from discover_items(
+        sources,
+        key=key,
+        scratch=scratch,
+        exclude=[config.out_dir.resolve()],
+        source_paths=config.source_paths,
+    )
 
 
 def _filtered(
@@ -291,6 +298,11 @@ def score(
         raise ConfigError(f"--workers {config.workers}: must be >= 0")
     if config.cam is not None and config.cam < 0:
         raise ConfigError(f"--cam {config.cam}: give K >= 1 for the top K items, or 0 for all")
+    if config.source_paths not in SOURCE_PATH_MODES:
+        raise ConfigError(
+            f"--source-paths {config.source_paths!r}: unknown; choose one of "
+            f"{', '.join(SOURCE_PATH_MODES)}"
+        )
     if config.aggregate and config.aggregate not in AGGREGATES:
         raise ConfigError(
             f"--aggregate {config.aggregate!r}: unknown; choose one of {', '.join(AGGREGATES)}"
@@ -329,7 +341,10 @@ def _cpu_threads(device: str, workers: int) -> Iterator[None]:
     """On CPU the model gets (cores - decode workers) threads, at least 1, restored after.
 
     Decode workers and the model share the cores; more threads than cores makes
-    OpenMP spin-wait and can cut throughput several-fold on a busy machine.
+    OpenMP spin-wait and can cut throughput several-fold on a busy machine. (Giving the
+    model the cores that idle workers leave, measured per run, was tried: on the shared
+    2-core test machine a 2-thread model was slower than a 1-thread one, so it was
+    dropped.)
     """
     import torch
 

@@ -14,17 +14,24 @@ Choices:
 - NIfTI files are yielded as soon as they are listed; DICOM files are grouped into
   stacks once their headers are read, so scoring of NIfTI/early items starts while
   the DICOM headers are still being scanned.
+- ``source`` paths (ledger, scores.csv, errors.csv, messages) go through
+  :class:`medres.phi.PathRedactor` (``--source-paths``, default ``identity``) with the
+  identity tokens of *all* DICOM headers of the run, so every run (resumed, sharded)
+  redacts a path the same way. Item keys still derive from raw paths (unchanged by the
+  mode). With ``identity``/``all`` and DICOM inputs, discovery rejections and NIfTI files
+  are therefore yielded after the header scan, not before (a NIfTI-only run streams).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from medres.errors import ScoringError
 from medres.ingest.codes import Code
-from medres.phi import pseudonym
+from medres.phi import PathRedactor, pseudonym
 from medres.scoring.engine import ScoreItem
 
 log = logging.getLogger(__name__)
@@ -72,69 +79,109 @@ def manifest_items(path: Path, *, split: str | None = None) -> Iterator[ScoreIte
 
 
 def discover_items(
-    sources: list[Path], *, key: bytes, scratch: Path, exclude: list[Path] | None = None
+    sources: list[Path],
+    *,
+    key: bytes,
+    scratch: Path,
+    exclude: list[Path] | None = None,
+    source_paths: str = "identity",
 ) -> Iterator[ScoreItem]:
     """Items from folders/files/archives via ingest's discovery and DICOM grouping."""
-    from medres.ingest.discover import discover
+    from medres.ingest.discover import discover, root_prefixes
 
+    redactor = PathRedactor(key, source_paths, root_names=[p for p in root_prefixes(sources) if p])
     found = discover(sources, scratch, exclude=exclude)
-    for rej in found.rejected:
-        yield _rejected(rej.source, rej.code, rej.message, key)
-    candidates = []
-    for f in found.files:
-        if is_nifti(f.source):
-            yield nifti_item(f.path, f.source, f.size, key)
-        else:
-            candidates.append(f)
+    candidates = [f for f in found.files if not is_nifti(f.source)]
+
+    def listed() -> Iterator[ScoreItem]:
+        for rej in found.rejected:
+            yield _rejected(rej.source, rej.code, rej.message, key, redactor)
+        for f in found.files:
+            if is_nifti(f.source):
+                yield nifti_item(f.path, f.source, f.size, key, redactor)
+
+    early = not candidates or redactor.mode == "keep"  # nothing to learn from headers
+    if early:
+        yield from listed()
     if candidates:
-        yield from dicom_items(candidates, key=key)
+        yield from dicom_items(
+            candidates, key=key, redactor=redactor, after_scan=None if early else listed
+        )
 
 
-def nifti_item(path: Path, source: str, size: int, key: bytes) -> ScoreItem:
+def nifti_item(
+    path: Path, source: str, size: int, key: bytes, redactor: PathRedactor | None = None
+) -> ScoreItem:
     """A NIfTI file: identity = (source path, size), so a replaced file is re-scored."""
     ident = f"nifti\x00{source}\x00{size}"
+    shown = redactor.redact(source) if redactor is not None else source
     return ScoreItem(
         key=item_key(ident, key),
         identity=ident,
-        source=source,
+        source=shown,
         kind="nifti",
-        payload=(str(path), source),
+        payload=(str(path), shown),
     )
 
 
-def dicom_items(files: list, *, key: bytes) -> Iterator[ScoreItem]:
+def dicom_items(
+    files: list,
+    *,
+    key: bytes,
+    redactor: PathRedactor | None = None,
+    after_scan: Callable[[], Iterator[ScoreItem]] | None = None,
+) -> Iterator[ScoreItem]:
     """Classify by content and group DICOM files into stacks with ingest's code.
 
     ``medres.ingest.pipeline.scan_task`` tells NIfTI (by content) from DICOM and reads
     the DICOM header; ``medres.ingest.dicom.group_stacks`` groups and validates series.
     A series may span folders, so stacks are formed after all headers are read (headers
     only: fast); NIfTI files were already yielded and are being scored meanwhile.
+
+    With a ``redactor``, the tokens of every header are added before anything of these
+    files is yielded; headers then carry the redacted ``source`` into grouping and
+    decoding, so stack sources and their messages are redacted too. ``after_scan`` yields
+    items held back until the tokens were known.
     """
+    import dataclasses
+
     from medres.errors import IngestError
     from medres.ingest import dicom
     from medres.ingest.pipeline import common_source, scan_task
 
     headers = []
+    held: list[Any] = []  # NIfTI by content: yielded once the tokens are known
+    failed: list[tuple[str, str, str]] = []
     for f in files:
         try:
             res = scan_task((f.path, f.source))
         except IngestError as exc:
-            yield _rejected(f.source, str(exc.code), str(exc), key)
+            failed.append((f.source, str(exc.code), str(exc)))
             continue
         except BaseException as exc:  # a header parser panic must not stop scoring
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            yield _rejected(f.source, Code.UNREADABLE.value, f"{f.source}: header unreadable", key)
+            failed.append((f.source, Code.UNREADABLE.value, f"{f.source}: header unreadable"))
             continue
         if res.kind == "nifti":
-            yield nifti_item(f.path, f.source, f.size, key)
+            held.append(f)
         else:
             headers.append(res.header)
+            if redactor is not None:
+                redactor.add_header(res.header)
+    if redactor is not None:
+        headers = [dataclasses.replace(h, source=redactor.redact(h.source)) for h in headers]
+    if after_scan is not None:
+        yield from after_scan()
+    for src, code, message in failed:
+        yield _rejected(src, code, message, key, redactor)
+    for f in held:
+        yield nifti_item(f.path, f.source, f.size, key, redactor)
     if not headers:
         return
     stacks, rejections = dicom.group_stacks(headers)
     for rej in rejections:
-        yield _rejected(rej.source, str(rej.code), rej.message, key)
+        yield _rejected(rej.source, str(rej.code), rej.message, key, redactor)
     taken: set[str] = set()
     for stack in stacks:
         ident = f"dicom\x00{stack.key}"  # the identity ingest derives image_id from
@@ -159,8 +206,13 @@ def dicom_items(files: list, *, key: bytes) -> Iterator[ScoreItem]:
         )
 
 
-def _rejected(source: str, code: str, message: str, key: bytes) -> ScoreItem:
+def _rejected(
+    source: str, code: str, message: str, key: bytes, redactor: PathRedactor | None = None
+) -> ScoreItem:
     ident = f"rejected\x00{source}"
+    if redactor is not None:
+        message = redactor.redact_text(message, (source,))
+        source = redactor.redact(source)
     return ScoreItem(
         key=item_key(ident, key),
         identity=ident,

@@ -14,8 +14,8 @@ torch checkpoints as raw bytes. Needles: the canary marker, the birth date in DI
 ISO forms and the canary name part, in ASCII, lower case and UTF-16.
 
 The DICOM files are copied to neutral names first: synth lays out
-``dicom/<PatientID>/...`` and ingest records ``source`` paths below the SOURCE root as
-they are; that path-level leak is its own (expected-to-fail) test below.
+``dicom/<PatientID>/...``; ingest and score pseudonymise path components that hold a
+patient's identity (``--source-paths identity``), which has its own test below.
 """
 
 from __future__ import annotations
@@ -236,15 +236,21 @@ def test_no_canary_in_outputs_logs_or_errors(canary_run, folder):
     assert find_canaries([root]) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="manifest/errors/scores `source` columns keep paths below the SOURCE root as they "
-    "are, so PatientID-named folders (dicom/<PatientID>/...) leak; needs pseudonymised or "
-    "hashed path components (design decision for ingest + score)",
-)
 def test_no_canary_from_patient_named_folders(canary_run, tmp_path):
+    """synth lays out ``dicom/<PatientID>/...``: ingest and score pseudonymise those folder
+    names (``--source-paths identity``, the default) in every output and log."""
     res = canary_run["synth"]
+    assert find_canaries([res.data_dir])  # control: the folder names do hold the canary
+    logs = tmp_path / "logs"
+    logs.mkdir()
     r = _run(["ingest", str(res.data_dir), "--out", "ds", "--workers", "1"], tmp_path,
-             tmp_path / "ingest.log")  # fmt: skip
+             logs / "ingest.log")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert find_canaries([tmp_path / "ds"]) == {}
+    model = canary_run["work"] / "run" / "model"
+    r = _run(["score", str(model), str(res.data_dir), "--out", "sc", "--workers", "0",
+              "--device", "cpu"], tmp_path, logs / "score.log")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "ds" / "manifest.csv", newline="") as fh:
+        sources = [row["source"] for row in csv.DictReader(fh)]
+    assert sources and all("~" in s for s in sources)  # redacted, not dropped
+    assert find_canaries([tmp_path / "ds", tmp_path / "sc", logs]) == {}
