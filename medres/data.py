@@ -99,7 +99,8 @@ class LabelInfo:
         return self.classes.index(self.positive_class) if self.positive_class else -1
 
 
-def _sort_classes(values: set[str]) -> tuple[str, ...]:
+def sort_classes(values: set[str]) -> tuple[str, ...]:
+    """Class order used everywhere: numeric when every label is a number, else alphabetical."""
     try:
         return tuple(sorted(values, key=float))
     except ValueError:
@@ -136,7 +137,7 @@ def resolve_labels(manifest: Any, spec: DataSpec) -> LabelInfo:
     if len(cols) != 1:
         raise ConfigError(f"data.task {task} takes one label column; got {', '.join(cols)}")
     values = {r.get(cols[0], "") for r in manifest.rows} - {""}
-    classes = tuple(spec.classes) or _sort_classes(values)
+    classes = tuple(spec.classes) or sort_classes(values)
     unknown = values - set(classes)
     if unknown:
         raise ConfigError(

@@ -126,11 +126,9 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
 def class_order(labels: Sequence[str]) -> tuple[str, ...]:
     """Distinct non-empty labels in training's order: numeric when all parse as numbers,
     else alphabetical (the rule ``medres train`` uses, so indices match a trained model)."""
-    distinct = {lab for lab in labels if lab != ""}
-    try:
-        return tuple(sorted(distinct, key=float))
-    except ValueError:
-        return tuple(sorted(distinct))
+    from medres.data import sort_classes
+
+    return sort_classes({lab for lab in labels if lab != ""})
 
 
 def _label_names(label_columns: Sequence[str]) -> tuple[str, ...]:

@@ -106,6 +106,7 @@ class PathRedactor:
         self._hashes: set[str] = set()
         self._lengths: set[int] = set()
         self._memo: dict[str, bool] = {}
+        self._seen: set[str] = set()
 
     # ---- tokens
     def _hash(self, token: str) -> str:
@@ -115,8 +116,9 @@ class PathRedactor:
 
     def _add_token(self, token: str) -> None:
         token = _norm(token)
-        if len(token) < _MIN_TOKEN:
+        if len(token) < _MIN_TOKEN or token in self._seen:
             return
+        self._seen.add(token)  # in memory only (a series repeats its values per file)
         h = self._hash(token)
         if h not in self._hashes:
             self._hashes.add(h)
