@@ -86,7 +86,7 @@ class TransformSpec:
     """Resample to this voxel size in mm before resizing (empty = no resampling)."""
     intensity: str = "auto"
     """auto | ct_window | percentile | range | zscore | none (auto: CT window, MR percentile,
-    zscore for MedicalNet weights, else range)."""
+    range for ImageNet-style mean/std weights, else zscore)."""
     ct_window: tuple[float, ...] = (40.0, 400.0)
     """CT window (center, width) in HU, mapped to [0, 1] and clipped."""
     percentiles: tuple[float, ...] = (0.5, 99.5)

@@ -435,7 +435,7 @@ def _lesions(
     kind = "ct" if spec.kind in ("nifti", "sc") else spec.kind
     d = spec.difficulty
     lo, hi = spec.resolved_radius()
-    contrast = P.NOMINAL_CONTRAST[kind] * spec.lesion_contrast * (1 - 0.6 * d)
+    contrast = P.NOMINAL_CONTRAST[kind] * spec.resolved_contrast() * (1 - 0.6 * d)
     base = P.SOFT_VALUE[kind]
     taken: list[P.Lesion] = []
     lesions: list[P.Lesion] = []

@@ -84,6 +84,12 @@ KINDS: dict[str, KindInfo] = {
     )
 }
 
+# Default lesion-contrast gain per kind (``lesion_contrast`` multiplies it). 3D CT volumes
+# get 2x: a sphere of 5-9 % FOV fills ~0.3 % of a CT volume but ~1.5 % of a radiograph, and
+# at 1x (+70 HU at difficulty 0.5) a from-scratch 3D ResNet-18 at 64^3 stayed near chance;
+# at 2x it reached val AUC 0.94 by epoch 4 (120 patients, batch 8).
+CONTRAST_GAIN: dict[str, float] = {"ct": 2.0, "nifti": 2.0}
+
 # Defects: name -> (applies to which kinds, description). Every series-level defect is
 # planted in exactly one recorded series (truth.csv ``defect`` column).
 _ALL_DICOM = frozenset({"ct", "mr", "xray", "us", "sc"})
@@ -153,7 +159,9 @@ class SynthSpec:
       PixelSpacing order; ``None`` fits the kind's typical field of view (CT 350 mm
       in-plane, 160 mm along z; radiographs 400 mm).
     * ``lesion_contrast`` multiplies each modality's nominal lesion contrast (CT +100 HU,
-      MR +400, X-ray +900 of 4095, US hypoechoic -70 grey levels); negative inverts it.
+      MR +400, X-ray +900 of 4095, US hypoechoic -70 grey levels) and the kind's default
+      gain (:data:`CONTRAST_GAIN`: 2 for 3D CT/NIfTI volumes, whose lesion is a far smaller
+      fraction of the image); negative inverts it.
     * ``lesion_radius_mm`` ``None`` means 5-9 % of the smaller in-plane field of view, so
       the finding keeps its relative size (and learnability) whatever the shape.
     * ``difficulty`` (0..1) scales everything that hides the lesion together: effective
@@ -209,6 +217,10 @@ class SynthSpec:
         shape, sp = self.resolved_shape(), self.resolved_spacing()
         fov = min(shape[0] * sp[0], shape[1] * sp[1])
         return 0.05 * fov, 0.09 * fov
+
+    def resolved_contrast(self) -> float:
+        """``lesion_contrast`` times the kind's default gain (:data:`CONTRAST_GAIN`, else 1)."""
+        return float(self.lesion_contrast) * CONTRAST_GAIN.get(self.kind, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

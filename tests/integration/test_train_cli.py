@@ -61,7 +61,7 @@ def test_resolved_pipeline_is_replayable(trained):
     assert spec.data.manifest == str(manifest)
     assert spec.model.dims == 2 and spec.model.in_channels == 1
     assert spec.transforms.image_size == (24, 24)
-    assert spec.transforms.intensity == "range"  # auto -> range for DX
+    assert spec.transforms.intensity == "zscore"  # auto -> zscore for DX from scratch
     assert spec.data.task == "binary" and spec.data.classes == ("0", "1")
     assert spec.train.epochs == 2 and spec.train.seed == 1
     assert yaml.safe_load((out / "pipeline.yaml").read_text())["train"]["batch_size"] == 4
@@ -217,8 +217,9 @@ def test_synth_xray_2d_resnet18_from_scratch_reaches_auc_090(tmp_path):
     t0 = time.perf_counter()
     r = runner.invoke(
         app,
-        ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu"],
-    )
+        ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu",
+         "--epochs", "12"],
+    )  # fmt: skip
     seconds = time.perf_counter() - t0
     assert r.exit_code == 0, r.output
     best = max(float(h["val_auc"]) for h in _read(tmp_path / "run" / "history.csv"))
@@ -237,7 +238,7 @@ def test_synth_ct_3d_resnet18_at_64_reaches_auc_090(tmp_path):
     r = runner.invoke(
         app,
         ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu",
-         "--dims", "3", "--image-size", "64", "--batch-size", "8"],
+         "--dims", "3", "--image-size", "64", "--batch-size", "8", "--epochs", "8"],
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     assert r.exit_code == 0, r.output

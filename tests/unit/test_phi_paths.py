@@ -233,3 +233,17 @@ def test_score_sources_are_redacted_with_the_tokens_of_all_headers(named_tree, t
     keep = list(discover_items([named_tree], key=KEY, scratch=tmp_path / "s", source_paths="keep"))
     assert {it.key for it in keep} == {it.key for it in items}  # keys do not depend on mode
     assert "DOE^JANE/CT1" in {it.source for it in keep}
+
+
+@pytest.mark.parametrize("command", ["ingest", "score"])
+def test_cli_rejects_an_unknown_mode_in_one_line(named_tree, tmp_path, command):
+    from typer.testing import CliRunner
+
+    from medres.cli import app
+
+    args = [str(named_tree), "--out", str(tmp_path / "o"), "--source-paths", "hide"]
+    if command == "score":
+        args = [str(tmp_path / "no-model"), *args]
+    r = CliRunner().invoke(app, [command, *args])
+    assert r.exit_code == 1, r.output
+    assert "--source-paths 'hide'" in r.output and "Traceback" not in r.output
