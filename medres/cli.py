@@ -12,7 +12,6 @@ import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -30,13 +29,13 @@ _STATE: dict[str, Any] = {"verbose": False}
 class _MedresGroup(TyperGroup):
     """Turns :class:`MedresError` into one line on stderr and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
         except MedresError as exc:
             if _STATE["verbose"]:
                 traceback.print_exc()
-            click.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
 
 
@@ -890,7 +889,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:  # pragma: no cover - interactive
-        click.echo("interrupted", err=True)
+        typer.echo("interrupted", err=True)
         sys.exit(130)
 
 
