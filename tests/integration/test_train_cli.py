@@ -230,15 +230,21 @@ def test_synth_xray_2d_resnet18_from_scratch_reaches_auc_090(tmp_path):
 
 @pytest.mark.slow
 def test_synth_ct_3d_resnet18_at_64_reaches_auc_090(tmp_path):
-    """3D target: synthetic CT, ResNet-18 3D at 64^3 from scratch, val AUC >= 0.90 in 10 min."""
-    import time
+    """3D target: synthetic CT, ResNet-18 3D at 64^3 from scratch, val AUC >= 0.90 in 10 min.
 
-    manifest = _synth_ingest(tmp_path, "ct", 120, (64, 64, 64))
+    Uses the shipped ``pipelines/ct_3d.yaml`` (lr 1e-3): at the default lr 2e-3 the eval-mode
+    BatchNorm statistics lag the first epochs (val loss ~25, constant predictions).
+    """
+    import time
+    from pathlib import Path
+
+    pipeline = Path(__file__).resolve().parents[2] / "pipelines" / "ct_3d.yaml"
+    manifest = _synth_ingest(tmp_path, "ct", 200, (64, 64, 64))
     t0 = time.perf_counter()
     r = runner.invoke(
         app,
-        ["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu",
-         "--dims", "3", "--image-size", "64", "--batch-size", "8", "--epochs", "8"],
+        ["train", str(pipeline), "--manifest", str(manifest), "--out", str(tmp_path / "run"),
+         "--device", "cpu", "--image-size", "64", "--batch-size", "8", "--epochs", "12"],
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     assert r.exit_code == 0, r.output
