@@ -166,6 +166,26 @@ def _connect(path: Path, *, timeout: float = 60.0) -> sqlite3.Connection:
     return con
 
 
+def _db_row(r: Record, model_hash: str, now: float) -> tuple[object, ...]:
+    """One ``items`` row in ``_COLUMNS`` order."""
+    return (
+        r.item_key,
+        model_hash,
+        r.image_id,
+        r.source,
+        r.status,
+        json.dumps([float(s) for s in r.scores]),
+        r.pred,
+        r.code,
+        r.message,
+        r.study_key,
+        r.series_key,
+        r.study_uid,
+        r.accession,
+        now,
+    )
+
+
 class Ledger:
     """An open ledger file. Use as a context manager; not shared across processes.
 
@@ -317,24 +337,7 @@ class Ledger:
         for r in records:
             if r.status not in STATUSES:
                 raise ValueError(f"status must be one of {STATUSES}, got {r.status!r}")
-            rows.append(
-                (
-                    r.item_key,
-                    model_hash,
-                    r.image_id,
-                    r.source,
-                    r.status,
-                    json.dumps([float(s) for s in r.scores]),
-                    r.pred,
-                    r.code,
-                    r.message,
-                    r.study_key,
-                    r.series_key,
-                    r.study_uid,
-                    r.accession,
-                    now,
-                )
-            )
+            rows.append(_db_row(r, model_hash, now))
         placeholders = ", ".join("?" * len(_COLUMNS))
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[2:])
         sql = (
@@ -585,20 +588,5 @@ def _upsert(con: sqlite3.Connection, model_hash: str, r: Record) -> None:
     con.execute(
         f"INSERT OR REPLACE INTO items({', '.join(_COLUMNS)}) "
         f"VALUES ({', '.join('?' * len(_COLUMNS))})",
-        (
-            r.item_key,
-            model_hash,
-            r.image_id,
-            r.source,
-            r.status,
-            json.dumps([float(s) for s in r.scores]),
-            r.pred,
-            r.code,
-            r.message,
-            r.study_key,
-            r.series_key,
-            r.study_uid,
-            r.accession,
-            time.time(),
-        ),
+        _db_row(r, model_hash, time.time()),
     )
