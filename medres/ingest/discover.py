@@ -371,10 +371,30 @@ def _extract_zip(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
     return files, rejected
 
 
+def _check_tar_member_count(archive: Path, source: str, limits: ArchiveLimits) -> None:
+    """Count members from headers only (nothing written) and stop at the limit.
+
+    Tar has no central directory, so without this pass an over-limit archive would be
+    extracted up to the limit before being rejected. The pass reads headers and skips data
+    (a seek for plain tar; compressed tars are decompressed once more, bounded by the limit).
+    """
+    count = 0
+    try:
+        with tarfile.open(archive, mode="r:*") as tf:
+            while tf.next() is not None:
+                count += 1
+                if count > limits.max_members:
+                    raise _limit_error(source, f"more than {limits.max_members} members")
+                tf.members.clear()  # keep memory flat on huge archives
+    except _MEMBER_ERRORS:
+        return  # corrupt/cut archives are handled (and reported) by the extraction pass
+
+
 def _extract_tar(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
     files: list[InputFile] = []
     rejected: list[Rejected] = []
     budget = _Budget(source, limits, archive.stat().st_size)
+    _check_tar_member_count(archive, source, limits)
     count = 0
     with tarfile.open(archive, mode="r:*") as tf:
         while True:
