@@ -92,15 +92,6 @@ def _root(
         progress.enable(err_console)
 
 
-def _not_available(command: str) -> None:
-    from medres.errors import NotAvailableError
-
-    raise NotAvailableError(
-        f"`medres {command}` is not available yet in medres {__version__}; "
-        "see the README roadmap for the stages that have landed"
-    )
-
-
 # --- synth -------------------------------------------------------------------------------
 @app.command("synth")
 def synth_cmd(

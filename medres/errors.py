@@ -72,9 +72,3 @@ class ScoringError(MedresError):
     """Scoring cannot start or continue (model dir, ledger, sources)."""
 
     code = "score"
-
-
-class NotAvailableError(MedresError):
-    """A documented command whose implementation has not landed yet."""
-
-    code = "not_available"

@@ -109,8 +109,6 @@ def _finish(
         )
     else:
         ds.PixelData = np.ascontiguousarray(arr).tobytes()
-        if "NumberOfFrames" not in ds and ds.get("SamplesPerPixel", 1) == 1:
-            pass
     if preamble:
         dcmwrite(path, ds, enforce_file_format=True)
     else:
