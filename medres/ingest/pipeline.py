@@ -69,6 +69,7 @@ from medres import __version__, progress
 from medres.errors import ConfigError, IngestError, MedresError
 from medres.ingest.codes import Code
 from medres.ingest.discover import ArchiveLimits, InputFile, Rejected, discover, root_prefixes
+from medres.ingest.identity import nifti_identity, stack_identity, unique_image_id
 from medres.ingest.labels import (
     assign_splits,
     check_fractions,
@@ -906,12 +907,7 @@ def _plan(
     taken: set[str] = set()
 
     def make(kind: str, payload: Any, identity: str, sources: tuple[str, ...], gid: str) -> None:
-        image_id = pseudonym(identity, key, "img-")
-        n = 1
-        while image_id in taken:  # two stacks of one series kept: keep ids distinct
-            n += 1
-            image_id = pseudonym(f"{identity}\x00{n}", key, "img-")
-        taken.add(image_id)
+        image_id, _ = unique_image_id(identity, key, taken)
         rel = f"{IMAGES_DIR}/{image_id}{suffix}"
         fp = _fingerprint([(s, by_source[s].fingerprint) for s in sources], config)
         jobs.append(
@@ -943,11 +939,11 @@ def _plan(
                 groups[gid]["rejections"].append([src, code, message])
         for stack in stacks:
             sources = tuple(stack.sources)
-            make("dicom", stack, f"dicom\x00{stack.key}", sources, header_group[sources[0]])
+            make("dicom", stack, stack_identity(stack), sources, header_group[sources[0]])
     for f in niftis:
         gid = f"nifti|{pseudonym(f.source, key)}"
         groups[gid] = {"inputs": {f.source: f.fingerprint}, "rejections": []}
-        make("nifti", (f.path, f.source), f"nifti\x00{f.source}", (f.source,), gid)
+        make("nifti", (f.path, f.source), nifti_identity(f.source), (f.source,), gid)
     return jobs, groups
 
 

@@ -108,12 +108,9 @@ _WORKER_DECODER: Callable[[ScoreItem], np.ndarray] | None = None
 def _init_worker(decoder: Callable[[ScoreItem], np.ndarray]) -> None:
     global _WORKER_DECODER
     _WORKER_DECODER = decoder
-    try:  # decoding is single-threaded per worker; the parallelism is across workers
-        import torch
+    import torch
 
-        torch.set_num_threads(1)
-    except Exception:  # pragma: no cover - torch always present in medres
-        pass
+    torch.set_num_threads(1)  # one thread per worker; the parallelism is across workers
 
 
 def decode_one(decoder: Callable[[ScoreItem], np.ndarray], item: ScoreItem) -> Decoded:

@@ -31,13 +31,14 @@ from typing import Any
 
 from medres.errors import ScoringError
 from medres.ingest.codes import Code
+from medres.ingest.identity import IMAGE_ID_PREFIX, stack_identity, unique_image_id
 from medres.phi import PathRedactor, pseudonym
 from medres.scoring.engine import ScoreItem
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITEM_PREFIX = "img-"
+ITEM_PREFIX = IMAGE_ID_PREFIX
 
 
 def is_nifti(name: str) -> bool:
@@ -184,14 +185,7 @@ def dicom_items(
         yield _rejected(rej.source, str(rej.code), rej.message, key, redactor)
     taken: set[str] = set()
     for stack in stacks:
-        ident = f"dicom\x00{stack.key}"  # the identity ingest derives image_id from
-        n = 1
-        base = ident
-        while item_key(ident, key) in taken:  # same rule as ingest: keep ids distinct
-            n += 1
-            ident = f"{base}\x00{n}"
-        k = item_key(ident, key)
-        taken.add(k)
+        k, ident = unique_image_id(stack_identity(stack), key, taken)  # ingest's image_id
         h = stack.first
         yield ScoreItem(
             key=k,
