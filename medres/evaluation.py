@@ -108,6 +108,17 @@ class Predictions:
 # ---------------------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------------------
+def _macro_headline(name: str, extra: dict[str, Any], cfg: EvaluateConfig) -> dict[str, Any]:
+    """The report's headline for multi-class / multi-label: macro AUC with its CI."""
+    return {
+        "name": name,
+        "metric": "macro_auc",
+        "value": extra["summary"]["macro_auc"],
+        "ci": extra["summary"]["macro_auc_ci_bootstrap"],
+        "ci_method": "bootstrap" if cfg.n_boot else None,
+    }
+
+
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate a run dir or predictions CSV and write ``metrics.json`` and ``report.html``."""
     from medres.report import render_report
@@ -927,13 +938,7 @@ def _evaluate_multiclass(p: Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
                 "columns": "predicted class (argmax of prob_<class>)",
             },
             "subgroups": _macro_subgroups(p, Y),
-            "headline": {
-                "name": "macro one-vs-rest",
-                "metric": "macro_auc",
-                "value": extra["summary"]["macro_auc"],
-                "ci": extra["summary"]["macro_auc_ci_bootstrap"],
-                "ci_method": "bootstrap" if cfg.n_boot else None,
-            },
+            "headline": _macro_headline("macro one-vs-rest", extra, cfg),
             "curves": extra["curves"],
         }
     )
@@ -959,13 +964,7 @@ def _evaluate_multilabel(p: Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
             "subset_accuracy": float(np.mean(np.all(pred == Y, axis=1))),
             "hamming_loss": float(np.mean(pred != Y)),
             "subgroups": _macro_subgroups(p, Y),
-            "headline": {
-                "name": "macro over labels",
-                "metric": "macro_auc",
-                "value": extra["summary"]["macro_auc"],
-                "ci": extra["summary"]["macro_auc_ci_bootstrap"],
-                "ci_method": "bootstrap" if cfg.n_boot else None,
-            },
+            "headline": _macro_headline("macro over labels", extra, cfg),
             "curves": extra["curves"],
         }
     )
