@@ -1,0 +1,277 @@
+"""A lean DICOM header walker for the common case; anything unusual is left to pydicom.
+
+``pydicom.dcmread(stop_before_pixels=True)`` builds a ``RawDataElement`` and a dataset entry
+for every element of a file, while the header scan needs about thirty plain values. This
+module walks the element stream itself (tag, VR, length; values of the wanted tags only) and
+hands back exactly what :func:`medres.ingest.dicom._extract` would have produced from
+pydicom's dataset, or ``None`` whenever the file is not the well-formed common case, so that
+the caller falls back to pydicom, which then also classifies the damage. Declined cases:
+
+- no ``DICM`` preamble, a file meta group that is not explicit VR little endian;
+- big-endian, deflated or missing transfer syntax; an implicit-VR dataset whose first
+  element looks explicit (the kind of mislabelled file pydicom detects);
+- an unknown VR, tags out of order or repeated, a group 0002 element after the meta group,
+  an element or sequence that runs past the end of the file, undefined lengths other than
+  sequences (and ``UN`` read as one), items that are not items;
+- a wanted value pydicom would have to convert (a character set other than ASCII, Latin-1
+  or UTF-8; an unsigned short that is not exactly one value);
+- enhanced multi-frame objects (functional groups) and multi-frame files in general.
+
+The equivalence with the pydicom path is tested on pydicom's own test files and on the
+synthetic messy sets (``tests/unit/test_fastscan.py``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+__all__ = ["FastScan", "fast_scan"]
+
+_CHUNK = 16384
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+_FUNCTIONAL_GROUPS = frozenset({0x52009229, 0x52009230})
+_LUT_SEQUENCE = 0x00283000
+_FRAMES = 0x00280008
+_CHARSET = 0x00080005
+_TS_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_TS_DEFLATED = "1.2.840.10008.1.2.1.99"
+_TS_IMPLICIT = "1.2.840.10008.1.2"
+_VR_LONG = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_VR_SHORT = frozenset(
+    {
+        b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
+        b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    }
+)  # fmt: skip
+_HEAD = struct.Struct("<HH2sH")  # group, element, VR, short length (explicit VR)
+_IMPL = struct.Struct("<HHL")  # group, element, length (implicit VR; also items)
+_LONG = struct.Struct("<L")
+
+
+class _Decline(Exception):
+    """The file is not the common case: let pydicom read it."""
+
+
+@dataclass(frozen=True)
+class FastScan:
+    """What the lean walk found: ``values`` as ``_extract`` returns them, the transfer
+    syntax and media SOP class from the file meta, whether a Modality LUT Sequence exists
+    and where the pixel data element starts (-1: none before the end of the file)."""
+
+    values: dict[str, object]
+    transfer_syntax: str
+    media_sop_class: str
+    implicit: bool
+    has_lut_sequence: bool
+    pixel_element: int
+
+
+class _Reader:
+    """Random access to a file through one moving buffer."""
+
+    __slots__ = ("base", "buf", "fh", "size")
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        self.fh, self.size = fh, size
+        fh.seek(0)
+        self.buf = fh.read(_CHUNK)
+        self.base = 0
+
+    def view(self, pos: int, n: int) -> tuple[bytes, int]:
+        """(buffer, offset of ``pos`` in it) holding at least ``n`` bytes from ``pos``."""
+        off = pos - self.base
+        if off < 0 or off + n > len(self.buf):
+            if pos + n > self.size:
+                raise _Decline
+            self.fh.seek(pos)
+            self.buf = self.fh.read(max(n, _CHUNK))
+            self.base, off = pos, 0
+            if len(self.buf) < n:
+                raise _Decline
+        return self.buf, off
+
+
+def fast_scan(fh: BinaryIO, size: int, fields: dict[int, tuple[int, str, str]]) -> FastScan | None:
+    """Walk ``fh`` (``size`` bytes) up to its pixel data; ``None`` when declined (see the
+    module docstring). ``fields`` maps tag -> (tag, name, kind) as ``dicom._FIELDS``."""
+    try:
+        return _scan(_Reader(fh, size), fields)
+    except (_Decline, struct.error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | None:
+    buf, off = r.view(0, 132)
+    if buf[off + 128 : off + 132] != b"DICM":
+        return None
+    pos = 132
+    meta: dict[int, str] = {}
+    while pos + 8 <= r.size:
+        buf, off = r.view(pos, 8)
+        group, elem, vr, length = _HEAD.unpack_from(buf, off)
+        if group != 2:
+            break
+        if vr in _VR_LONG:
+            buf, off = r.view(pos, 12)
+            (length,) = _LONG.unpack_from(buf, off + 8)
+            pos += 12
+        elif vr in _VR_SHORT:
+            pos += 8
+        else:
+            return None
+        if length == _UNDEFINED:
+            return None
+        if elem in (0x0002, 0x0010):
+            buf, off = r.view(pos, length)
+            meta[elem] = buf[off : off + length].decode("latin-1").strip(" \x00")
+        pos += length
+    ts = meta.get(0x0010, "")
+    if not ts or ts in (_TS_EXPLICIT_BE, _TS_DEFLATED):
+        return None
+    implicit = ts == _TS_IMPLICIT
+    if implicit and pos + 6 <= r.size:
+        buf, off = r.view(pos, 6)
+        if buf[off + 4 : off + 6] in _VR_SHORT or buf[off + 4 : off + 6] in _VR_LONG:
+            return None  # labelled implicit, written explicit: pydicom's call
+    values: dict[str, object] = {}
+    enc: str | None = "latin-1"
+    has_lut = False
+    last = 0x0002FFFF
+    pixel = -1
+    size = r.size
+    while pos < size:
+        buf, off = r.view(pos, 8)
+        if implicit:
+            group, elem, length = _IMPL.unpack_from(buf, off)
+            vr = b""
+            start = pos + 8
+        else:
+            group, elem, vr, length = _HEAD.unpack_from(buf, off)
+            if vr in _VR_LONG:
+                buf, off = r.view(pos, 12)
+                (length,) = _LONG.unpack_from(buf, off + 8)
+                start = pos + 12
+            elif vr in _VR_SHORT:
+                start = pos + 8
+            else:
+                return None
+        tag = group << 16 | elem
+        if tag <= last or group == 0xFFFE:
+            return None
+        last = tag
+        if tag in _PIXEL_TAGS:
+            pixel = pos
+            break
+        if tag in _FUNCTIONAL_GROUPS:
+            return None
+        if tag == _LUT_SEQUENCE:
+            has_lut = True
+        if length == _UNDEFINED:
+            if implicit or vr in (b"SQ", b"UN"):
+                pos = _skip_sequence(r, start, implicit or vr == b"UN")
+                continue
+            return None
+        end = start + length
+        if end > size:
+            return None
+        spec = fields.get(tag)
+        if spec is not None:
+            buf, off = r.view(start, length)
+            raw = buf[off : off + length]
+            name, kind = spec[1], spec[2]
+            if kind == "u":
+                if length == 2:
+                    values[name] = raw[0] | raw[1] << 8
+                elif length == 0:
+                    values[name] = None
+                else:
+                    return None
+            else:
+                if kind == "p" and enc is None:
+                    return None
+                values[name] = (
+                    raw.decode(enc if kind == "p" else "latin-1", "replace").strip(" \x00")  # type: ignore[arg-type]
+                    if raw
+                    else ""
+                )
+                if tag == _CHARSET:
+                    cs = values[name]
+                    enc = (
+                        "utf-8"
+                        if "192" in cs  # type: ignore[operator]
+                        else "latin-1"
+                        if cs in ("", "ISO_IR 100", "ISO_IR 6")
+                        else None
+                    )
+                elif tag == _FRAMES and raw.strip(b" \x00") not in (b"", b"1"):
+                    return None  # multi-frame: functional groups etc. go through pydicom
+        pos = end
+    return FastScan(
+        values=values,
+        transfer_syntax=ts,
+        media_sop_class=meta.get(0x0002, ""),
+        implicit=implicit,
+        has_lut_sequence=has_lut,
+        pixel_element=pixel,
+    )
+
+
+def _skip_sequence(r: _Reader, pos: int, implicit: bool) -> int:
+    """Position after an undefined-length sequence starting at ``pos`` (its first item)."""
+    while True:
+        buf, off = r.view(pos, 8)
+        group, elem, length = _IMPL.unpack_from(buf, off)
+        tag = group << 16 | elem
+        pos += 8
+        if tag == _SEQ_END:
+            return pos
+        if tag != _ITEM:
+            raise _Decline
+        if length != _UNDEFINED:
+            pos += length
+            if pos > r.size:
+                raise _Decline
+            continue
+        pos = _skip_item(r, pos, implicit)
+
+
+def _skip_item(r: _Reader, pos: int, implicit: bool) -> int:
+    """Position after an undefined-length item whose first element is at ``pos``."""
+    while True:
+        buf, off = r.view(pos, 8)
+        if implicit:
+            group, elem, length = _IMPL.unpack_from(buf, off)
+            vr = b""
+            start = pos + 8
+        else:
+            group, elem, vr, length = _HEAD.unpack_from(buf, off)
+            if group == 0xFFFE:  # delimiters carry no VR
+                _, _, length = _IMPL.unpack_from(buf, off)
+                start = pos + 8
+            elif vr in _VR_LONG:
+                buf, off = r.view(pos, 12)
+                (length,) = _LONG.unpack_from(buf, off + 8)
+                start = pos + 12
+            elif vr in _VR_SHORT:
+                start = pos + 8
+            else:
+                raise _Decline
+        tag = group << 16 | elem
+        if tag == _ITEM_END:
+            return start
+        if length == _UNDEFINED:
+            if implicit or vr in (b"SQ", b"UN"):
+                pos = _skip_sequence(r, start, implicit or vr == b"UN")
+                continue
+            raise _Decline
+        pos = start + length
+        if pos > r.size:
+            raise _Decline
