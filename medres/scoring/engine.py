@@ -1,15 +1,26 @@
-"""The streaming scoring loop: items -> decode workers -> batched inference -> ledger.
+"""The streaming scoring loop: items -> decoding -> batched inference -> ledger.
 
 Choices:
 
-- **Decoding in worker processes** (``fork`` on Linux, like PyTorch's DataLoader; the
-  workers never touch CUDA). Items are sent in chunks to amortise inter-process
-  overhead; at most ``max(workers * prefetch, chunks per batch + workers)`` chunks are in
-  flight, which bounds memory and keeps the model fed while it computes (prefetch: the
-  next batch is being decoded during the forward pass of the current one). The decoder's
-  ``prepare()`` (imports, transform build) runs once before the workers are forked, so
-  they inherit it. Results come back in submission
-  order, so a run is deterministic. ``workers=0`` decodes inline (debugging, tests).
+- **Where an item is decoded** is the decoder's call (``decoder.in_process(item)``, when
+  it has one). Items it declares safe (plain uncompressed NIfTI: nibabel/numpy reads,
+  no native decoder, memory bounded by the file size) are decoded inline, in this
+  thread, just before their batch: on a CPU the model then gets every core, and no item
+  pays for inter-process transfer, which costs more than decoding a small NIfTI. (A
+  prefetching decode *thread* was measured and dropped: its torch ops start a second
+  OpenMP team next to the model's and its Python holds the GIL the model's dispatch
+  needs; on 2 cores the forward passes ran several times slower.) Every other item
+  (DICOM, compressed, whatever a custom decoder does not vouch for) goes to worker
+  **processes**, so a crashing decoder cannot take the run down.
+- **Worker processes** use ``fork`` on Linux, like PyTorch's DataLoader (the workers
+  never touch CUDA). Items are sent in chunks to amortise inter-process overhead; at
+  most ``max(workers * prefetch, chunks per batch + workers)`` chunks are in flight
+  (inline chunks count too, they keep the order), which bounds memory and keeps the
+  model fed while it computes. The decoder's ``prepare()`` (imports, transform build)
+  runs once before the workers are forked, so they inherit it. The pool starts before
+  discovery does (``start_pool``), or on demand (``forkserver``) when no item was
+  expected to need it. Results come back in submission order, so a run is
+  deterministic. ``workers=0`` decodes every item inline (debugging, tests).
 - **Items stream**: the loop pulls items from an iterator, so scoring starts before
   discovery ends. Items already in the ledger (or in another shard) never reach here.
 - **Per-item failures are data, not exceptions**: a decoder failure becomes an
@@ -234,15 +245,28 @@ def default_to_probs(logits: Any) -> Any:
 
 
 # -- the loop ------------------------------------------------------------------------------------
-def _chunks(items: Iterable[ScoreItem], size: int) -> Iterator[list[ScoreItem]]:
+def _chunks(
+    items: Iterable[ScoreItem], size: int, here: Callable[[ScoreItem], bool] | None = None
+) -> Iterator[tuple[bool, list[ScoreItem]]]:
+    """``(in_process, chunk)``: at most ``size`` consecutive items that share a route.
+
+    ``here(item)`` tells whether ``item`` may be decoded in this process (else: in a
+    worker process); without it every item goes to the workers.
+    """
     chunk: list[ScoreItem] = []
+    route = False
     for it in items:
+        r = bool(here(it)) if here is not None else False
+        if chunk and r != route:
+            yield route, chunk
+            chunk = []
+        route = r
         chunk.append(it)
         if len(chunk) >= size:
-            yield chunk
+            yield route, chunk
             chunk = []
     if chunk:
-        yield chunk
+        yield route, chunk
 
 
 def _mp_context() -> mp.context.BaseContext:
@@ -250,8 +274,19 @@ def _mp_context() -> mp.context.BaseContext:
     return mp.get_context(method)
 
 
+def _decode_list(
+    decoder: Callable[[ScoreItem], np.ndarray], chunk: Sequence[ScoreItem]
+) -> list[Decoded]:
+    return [decode_one(decoder, it) for it in chunk]
+
+
 class _Decoders:
-    """Ordered, bounded, prefetching decode of item chunks (inline when ``workers == 0``)."""
+    """Ordered, bounded, prefetching decode of item chunks.
+
+    Chunks marked ``in_process`` are decoded inline when they are consumed, the others
+    by ``workers`` processes (started by :meth:`start` or on first need, and fed ahead);
+    with ``workers == 0`` every chunk is decoded inline.
+    """
 
     def __init__(
         self,
@@ -263,7 +298,7 @@ class _Decoders:
         self.decoder = decoder
         self.workers = workers
         # while the model runs on one batch, the chunks of the next one must already be
-        # in flight (one slot is taken by the chunk being consumed), else the workers idle
+        # in flight (one slot is taken by the chunk being consumed), else the decoders idle
         self.max_inflight = max(1, workers * prefetch, per_batch + workers)
         self.pool: ProcessPoolExecutor | None = None
 
@@ -272,7 +307,7 @@ class _Decoders:
 
         With ``fork`` the workers must be forked while no other thread of ours runs
         (a lock held by another thread at fork time stays locked in the child), so the
-        first pool is warmed up before discovery starts; a replacement pool, made while
+        first pool is warmed up before discovery starts; a pool made later, while
         discovery runs, uses ``forkserver`` (``safe``).
         """
         ctx = _mp_context()
@@ -298,16 +333,15 @@ class _Decoders:
             proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, chunks: Iterable[list[ScoreItem]]) -> Iterator[list[Decoded]]:
+    def run(self, chunks: Iterable[tuple[bool, list[ScoreItem]]]) -> Iterator[list[Decoded]]:
         if self.workers <= 0:
-            for chunk in chunks:
-                yield [decode_one(self.decoder, it) for it in chunk]
+            for _, chunk in chunks:
+                yield _decode_list(self.decoder, chunk)
             return
-        self.start()
-        pending: deque[tuple[list[ScoreItem], Future]] = deque()
+        pending: deque[tuple[bool, list[ScoreItem], Future | None]] = deque()
         try:
-            for chunk in chunks:
-                pending.append((chunk, self._submit(chunk)))
+            for here, chunk in chunks:
+                pending.append((here, chunk, self._submit(here, chunk)))
                 while len(pending) >= self.max_inflight:
                     yield self._result(*pending.popleft(), pending)
             while pending:
@@ -319,8 +353,12 @@ class _Decoders:
             self.pool.shutdown(wait=True)
             self.pool = None
 
-    def _submit(self, chunk: list[ScoreItem]) -> Future:
-        assert self.pool is not None
+    def _submit(self, here: bool, chunk: list[ScoreItem]) -> Future | None:
+        """The future of a worker-decoded chunk; ``None`` for one decoded inline."""
+        if here:
+            return None
+        if self.pool is None:  # no item was expected to need the workers
+            self.pool = self._new_pool(safe=True)
         try:
             return self.pool.submit(_decode_chunk, chunk)
         except BrokenProcessPool:
@@ -329,16 +367,23 @@ class _Decoders:
             return self.pool.submit(_decode_chunk, chunk)
 
     def _result(
-        self, chunk: list[ScoreItem], fut: Future, pending: deque[tuple[list[ScoreItem], Future]]
+        self,
+        here: bool,
+        chunk: list[ScoreItem],
+        fut: Future | None,
+        pending: deque[tuple[bool, list[ScoreItem], Future | None]],
     ) -> list[Decoded]:
+        if fut is None:
+            return _decode_list(self.decoder, chunk)
         try:
             return fut.result()
         except BrokenProcessPool:
             log.warning("a decode worker died; retrying its %d items one by one", len(chunk))
             out = self._isolate(chunk)
-            # every other in-flight chunk died with the pool: resubmit them to a fresh one
-            for i, (c, _) in enumerate(list(pending)):
-                pending[i] = (c, self._submit(c))
+            # every other chunk in flight in the pool died with it: resubmit them
+            for i, (h, c, _) in enumerate(list(pending)):
+                if not h:
+                    pending[i] = (h, c, self._submit(h, c))
             return out
 
     def _isolate(self, chunk: list[ScoreItem]) -> list[Decoded]:
@@ -397,12 +442,18 @@ def run_items(
     keep_top: int | None = None,
     rank_fn: Callable[[np.ndarray], float] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    start_pool: bool = True,
 ) -> LoopStats:
     """Decode, predict and commit every item; returns counts and timings.
 
     ``label_fn`` maps one row of probabilities to the predicted label. ``keep_top``
     keeps the inputs of the ``keep_top`` items ranked highest by ``rank_fn(probs)`` (0 =
     all) in ``stats.kept`` (for Grad-CAM), with a bounded heap.
+
+    The decoder may have ``prepare()`` (called once, before the workers are forked) and
+    ``in_process(item) -> bool`` (items it can decode safely in this process; see the
+    module docstring). ``start_pool=False`` starts the worker processes only if an item
+    needs them (pass it when the caller knows that none will).
     """
     import heapq
 
@@ -456,9 +507,11 @@ def run_items(
     prepare = getattr(decoder, "prepare", None)
     if callable(prepare):  # imports and set-up once, inherited by the forked workers
         prepare()
-    decoders.start()  # fork the workers before the discovery thread starts
+    if start_pool:
+        decoders.start()  # fork the workers before the discovery thread starts
     stats.start_s = time.perf_counter() - ts
-    it_decoded = decoders.run(_chunks(items, chunk_size))
+    here = getattr(decoder, "in_process", None) if workers > 0 else None
+    it_decoded = decoders.run(_chunks(items, chunk_size, here if callable(here) else None))
     while True:
         tw = time.perf_counter()
         try:

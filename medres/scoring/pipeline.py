@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,13 @@ from medres.scoring.ledger import (
     parse_shard,
     shard_of,
 )
-from medres.scoring.sources import discover_items, is_manifest_source, manifest_items
+from medres.scoring.sources import (
+    ItemStream,
+    discover_items,
+    is_manifest_source,
+    is_plain_nifti,
+    manifest_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +197,18 @@ class MedresDecoder:
 
         return load_nifti(Path(item.payload[0]), item.payload[1] if len(item.payload) > 1 else "")
 
+    def in_process(self, item: ScoreItem) -> bool:
+        """Whether ``item`` may be decoded in the scoring process rather than a worker.
+
+        True for an uncompressed ``.nii`` file: ingest's NIfTI reader is nibabel and
+        numpy (no native decoder that can crash the interpreter) and what it reads is
+        bounded by the file size. DICOM (native pixel decoders) and compressed files
+        (a gzip bomb) go to the isolated workers.
+        """
+        if item.kind == "error":
+            return True  # nothing to decode
+        return item.kind == "nifti" and is_plain_nifti(str(item.payload[0]))
+
     def prepare(self) -> None:
         """Import the readers and build the transforms (the engine calls this before it
         forks the workers, so that they inherit both instead of each paying for them)."""
@@ -204,6 +223,8 @@ class MedresDecoder:
 
         self.prepare()
         img = self.load(item)
+        # C order before the float32 cast: the transposing copy moves 2-byte voxels, not 4
+        img.array = np.ascontiguousarray(img.array)
         with _track_meta(self._track_meta):
             out = self._tf({"image": image_to_metatensor(img)})
         x = out["image"]
@@ -232,7 +253,8 @@ def load_model(model_dir: Path, device: str) -> tuple[Any, dict[str, Any]]:
     return load_model_dir(model_dir, device=device)
 
 
-def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> Iterator[ScoreItem]:
+def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> ItemStream:
+    """The items of ``config.sources``, listed now (see :class:`ItemStream`)."""
     sources = list(config.sources)
     if not sources:
         raise ConfigError("no SOURCE given; pass folders, archives or a manifest.csv")
@@ -242,11 +264,10 @@ def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> Iterator[Score
                 f"SOURCE argument {i + 1} ({s.name!r}) does not exist; check the path"
             )
     if is_manifest_source(sources):
-        yield from manifest_items(sources[0], split=config.split)
-        return
+        return manifest_items(sources[0], split=config.split)
     if config.split:
         raise ConfigError("--split applies to a manifest.csv SOURCE only; drop it for folders")
-    yield from discover_items(
+    return discover_items(
         sources,
         key=key,
         scratch=scratch,
@@ -332,19 +353,17 @@ def score(
         to_probs=probs_for_task(task),
         dims=int(dims) if dims else None,
     )
-    with _cpu_threads(device, config.workers):
-        return _score(config, model, meta, mhash, decoder, predictor, shard, device)
+    return _score(config, model, meta, mhash, decoder, predictor, shard, device)
 
 
 @contextlib.contextmanager
 def _cpu_threads(device: str, workers: int) -> Iterator[None]:
-    """On CPU the model gets (cores - decode workers) threads, at least 1, restored after.
+    """On CPU the model gets (cores - decode processes) threads, at least 1, restored after.
 
-    Decode workers and the model share the cores; more threads than cores makes
-    OpenMP spin-wait and can cut throughput several-fold on a busy machine. (Giving the
-    model the cores that idle workers leave, measured per run, was tried: on the shared
-    2-core test machine a 2-thread model was slower than a 1-thread one, so it was
-    dropped.)
+    Decode processes and the model share the cores; more threads than cores makes
+    OpenMP spin-wait and can cut throughput several-fold on a busy machine. Without
+    decode processes (plain NIfTI inputs: decoded by a thread of this process, see
+    :mod:`medres.scoring.engine`) the model gets every core.
     """
     import torch
 
@@ -397,10 +416,18 @@ def _score(
         scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=out))
         try:
             refs: dict[str, tuple[str, str, str]] | None = {} if config.dicom_out else None
-            with progress.task("scoring", total=None, unit="img") as bar:
-                items = background(
-                    _filtered(iter_items(config, key, scratch), done, shard, summary, bar, refs)
-                )
+            t_list = time.perf_counter()
+            stream = iter_items(config, key, scratch)
+            listing_s = time.perf_counter() - t_list
+            # decode processes only for inputs the decoder cannot read safely in-process
+            pool = config.workers > 0 and not (
+                stream.plain_nifti and callable(getattr(decoder, "in_process", None))
+            )
+            with (
+                _cpu_threads(device, config.workers if pool else 0),
+                progress.task("scoring", total=None, unit="img") as bar,
+            ):
+                items = background(_filtered(stream, done, shard, summary, bar, refs))
                 stats = run_items(
                     items,
                     decoder,
@@ -415,6 +442,7 @@ def _score(
                     keep_top=config.cam,
                     rank_fn=_rank_fn(meta, config.cam_class),
                     on_progress=bar.advance,
+                    start_pool=pool,
                 )
             if refs:  # before the scratch (extracted archive members) goes away
                 summary.outputs["dicom"] = _write_srs(ledger, mhash, refs, info, out / "dicom")
@@ -424,7 +452,7 @@ def _score(
             ledger, out, mhash, keep_ids=config.keep_ids, aggregate=config.aggregate
         )
         counts = ledger.counts(mhash)
-    _fill(summary, stats, counts)
+    _fill(summary, stats, counts, listing_s)
     if config.cam is not None and stats.kept:
         from medres.scoring.cam import write_cams
 
@@ -530,10 +558,14 @@ def _clean_stale_scratch(out: Path) -> None:
             continue
 
 
-def _fill(summary: ScoreSummary, stats: LoopStats, counts: dict[str, int]) -> None:
+def _fill(
+    summary: ScoreSummary, stats: LoopStats, counts: dict[str, int], listing_s: float
+) -> None:
+    """Counts and timing; ``seconds`` is the listing of the sources plus the loop."""
     summary.scored = stats.scored
     summary.errors = stats.errors
-    summary.seconds = stats.seconds
-    summary.items_per_s = stats.items_per_s
+    summary.seconds = stats.seconds + listing_s
+    done = stats.scored + stats.errors
+    summary.items_per_s = done / summary.seconds if summary.seconds > 0 else 0.0
     summary.total_ok = counts.get("ok", 0)
     summary.total_errors = counts.get("error", 0)

@@ -11,6 +11,9 @@ Choices:
   stack of (SeriesInstanceUID, stack index), for a NIfTI file of (source path, size).
   The shard of an item is computed from the same identity with an unkeyed hash, so
   machines with different keys still split the work identically.
+- The listing (walk, archive extraction, manifest read) happens when the stream is made,
+  so scoring knows before decoding anything whether it needs isolated decode workers
+  (:attr:`ItemStream.plain_nifti`).
 - NIfTI files are yielded as soon as they are listed; DICOM files are grouped into
   stacks once their headers are read, so scoring of NIfTI/early items starts while
   the DICOM headers are still being scanned.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +60,30 @@ def item_key(identity: str, key: bytes) -> str:
     return pseudonym(identity, key, prefix=ITEM_PREFIX)
 
 
-def manifest_items(path: Path, *, split: str | None = None) -> Iterator[ScoreItem]:
+def is_plain_nifti(name: str) -> bool:
+    """An uncompressed ``.nii`` name (decoded in-process by scoring; see ``in_process``)."""
+    return name.lower().endswith(".nii")
+
+
+@dataclass
+class ItemStream:
+    """The items of the SOURCE arguments: listed when made, produced while iterated.
+
+    The listing (folder walk, archive extraction, manifest read) is done by the
+    constructor functions below, so ``plain_nifti`` is known before any item is decoded:
+    True when every input is an uncompressed ``.nii`` file (no DICOM, nothing
+    compressed, no file to classify by content), i.e. when scoring needs no isolated
+    decode workers. Iterating reads DICOM headers, groups stacks and yields the items.
+    """
+
+    items: Iterator[ScoreItem]
+    plain_nifti: bool
+
+    def __iter__(self) -> Iterator[ScoreItem]:
+        return self.items
+
+
+def manifest_items(path: Path, *, split: str | None = None) -> ItemStream:
     """Items from a manifest's rows (``image_id`` kept; ``split`` filters rows)."""
     from medres.manifest import read_manifest
 
@@ -66,17 +93,21 @@ def manifest_items(path: Path, *, split: str | None = None) -> Iterator[ScoreIte
         raise ScoringError(
             f"{path.name}: no rows with split={split!r}; check --split (train/val/test)"
         )
-    for row in rows:
-        p = man.resolve(row)
-        yield ScoreItem(
-            key=row["image_id"],
-            identity=row["image_id"],
-            source=row.get("source", "") or row["image_path"],
-            kind="nifti",
-            payload=(str(p), row.get("source", "") or row["image_path"]),
-            study_key=row.get("study_key", ""),
-            series_key=row.get("series_key", ""),
-        )
+    paths = [man.resolve(row) for row in rows]
+
+    def produce() -> Iterator[ScoreItem]:
+        for row, p in zip(rows, paths, strict=True):
+            yield ScoreItem(
+                key=row["image_id"],
+                identity=row["image_id"],
+                source=row.get("source", "") or row["image_path"],
+                kind="nifti",
+                payload=(str(p), row.get("source", "") or row["image_path"]),
+                study_key=row.get("study_key", ""),
+                series_key=row.get("series_key", ""),
+            )
+
+    return ItemStream(produce(), all(is_plain_nifti(p.name) for p in paths))
 
 
 def discover_items(
@@ -86,8 +117,12 @@ def discover_items(
     scratch: Path,
     exclude: list[Path] | None = None,
     source_paths: str = "identity",
-) -> Iterator[ScoreItem]:
-    """Items from folders/files/archives via ingest's discovery and DICOM grouping."""
+) -> ItemStream:
+    """Items from folders/files/archives via ingest's discovery and DICOM grouping.
+
+    The discovery (walk, archive extraction) runs now; headers are scanned while the
+    stream is iterated.
+    """
     from medres.ingest.discover import discover, root_prefixes
 
     redactor = PathRedactor(key, source_paths, root_names=[p for p in root_prefixes(sources) if p])
@@ -101,13 +136,17 @@ def discover_items(
             if is_nifti(f.source):
                 yield nifti_item(f.path, f.source, f.size, key, redactor)
 
-    early = not candidates or redactor.mode == "keep"  # nothing to learn from headers
-    if early:
-        yield from listed()
-    if candidates:
-        yield from dicom_items(
-            candidates, key=key, redactor=redactor, after_scan=None if early else listed
-        )
+    def produce() -> Iterator[ScoreItem]:
+        early = not candidates or redactor.mode == "keep"  # nothing to learn from headers
+        if early:
+            yield from listed()
+        if candidates:
+            yield from dicom_items(
+                candidates, key=key, redactor=redactor, after_scan=None if early else listed
+            )
+
+    plain = not candidates and all(is_plain_nifti(f.source) for f in found.files)
+    return ItemStream(produce(), plain)
 
 
 def nifti_item(

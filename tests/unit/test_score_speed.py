@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ import torch
 
 from medres.errors import IngestError
 from medres.ingest import nifti
-from medres.scoring.engine import Predictor, ScoreItem, _Decoders
+from medres.phi import KEY_FILE
+from medres.scoring.engine import Predictor, ScoreItem, _chunks, _Decoders
 from medres.scoring.pipeline import MedresDecoder
 from medres.transforms import build_transforms, image_to_metatensor
 
@@ -121,3 +125,90 @@ def test_predictor_formats_model_up_front_and_prefetch_covers_a_batch():
     assert p(np.zeros((2, 1, 5, 5, 5), np.float32)).shape == (2, 2)
     # 64 items in chunks of 16 with 2 workers: the next batch's 4 chunks stay in flight
     assert _Decoders(lambda it: np.zeros(1), 2, 2, per_batch=4).max_inflight >= 4 + 2
+
+
+class PidDecoder:
+    """Returns an image holding the pid of the process that decoded it."""
+
+    def __init__(self, here_keys: tuple[str, ...] = ()) -> None:
+        self.here_keys = here_keys
+
+    def in_process(self, item: ScoreItem) -> bool:
+        return item.key in self.here_keys
+
+    def __call__(self, item: ScoreItem) -> np.ndarray:
+        return np.full((1, 4, 4), float(os.getpid()), np.float32)
+
+
+def test_items_routed_in_process_are_decoded_here_and_keep_their_order():
+    items = [ScoreItem(f"img-{i}", f"id{i}", f"f{i}.nii", "nifti") for i in range(10)]
+    here = ("img-0", "img-1", "img-2", "img-6", "img-9")
+    chunks = list(_chunks(items, 2, PidDecoder(here).in_process))
+    assert [r for r, _ in chunks] == [True, True, False, False, True, False, True]
+    assert [it.key for _, c in chunks for it in c] == [it.key for it in items]
+    decs = _Decoders(PidDecoder(here), workers=1, prefetch=2, per_batch=1)
+    decs.start()
+    out = [d for batch in decs.run(chunks) for d in batch]
+    assert [d.item.key for d in out] == [it.key for it in items]
+    pids = {d.item.key: int(d.array.flat[0]) for d in out}
+    assert all((pids[k] == os.getpid()) == (k in here) for k in pids)
+
+
+def test_medres_decoder_keeps_dicom_and_compressed_inputs_isolated():
+    dec = MedresDecoder(_pre(2))
+    nii = ScoreItem("a", "a", "a.nii", "nifti", payload=("/x/a.NII", "a.nii"))
+    gz = ScoreItem("b", "b", "b.nii.gz", "nifti", payload=("/x/b.nii.gz", "b.nii.gz"))
+    dcm = ScoreItem("c", "c", "c", "dicom", payload=None)
+    bad = ScoreItem("d", "d", "d", "error", code="not_dicom")
+    assert [dec.in_process(it) for it in (nii, gz, dcm, bad)] == [True, False, False, True]
+
+
+def test_plain_nifti_runs_start_no_worker_pool_and_give_the_model_every_core(tmp_path, monkeypatch):
+    """Plain .nii inputs: no decode process, the model gets all cores; scores unchanged."""
+    from medres.scoring import ScoreConfig, score
+    from medres.scoring import pipeline as pl
+    from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+
+    model = write_model_dir(tmp_path / "m", image_size=(12, 12))
+    write_nifti_folder(tmp_path / "imgs", 6, (12, 12))
+    seen: list[int] = []
+    real = pl._cpu_threads
+
+    def spy(device, workers):
+        seen.append(workers)
+        return real(device, workers)
+
+    monkeypatch.setattr(pl, "_cpu_threads", spy)
+    ref = score(ScoreConfig(model, (tmp_path / "imgs",), tmp_path / "ref", workers=0))
+
+    def no_pool(self, *, safe=False):
+        raise AssertionError("a worker pool was started for plain NIfTI inputs")
+
+    monkeypatch.setattr(_Decoders, "_new_pool", no_pool)
+    (tmp_path / "out").mkdir()
+    shutil.copy(tmp_path / "ref" / KEY_FILE, tmp_path / "out" / KEY_FILE)  # same image_ids
+    got = score(ScoreConfig(model, (tmp_path / "imgs",), tmp_path / "out", workers=2))
+    assert (ref.scored, got.scored, seen) == (6, 6, [0, 0])
+    assert (tmp_path / "ref" / "scores.csv").read_text() == (
+        tmp_path / "out" / "scores.csv"
+    ).read_text()
+
+
+@pytest.mark.parametrize(
+    ("names", "plain"),
+    [(("a.nii", "b.nii"), True), (("a.nii", "b.nii.gz"), False), (("a.nii", "c.dcm"), False)],
+)
+def test_item_stream_knows_before_decoding_whether_workers_are_needed(tmp_path, names, plain):
+    from medres.scoring.demo_data import write_dicom_2d
+    from medres.scoring.sources import discover_items
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in names:
+        if name.endswith(".dcm"):
+            write_dicom_2d(src / name, study_uid="1.2.3", series_uid="1.2.3.4", size=4)
+        else:
+            nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), src / name)
+    stream = discover_items([src], key=b"k" * 32, scratch=tmp_path / "s")
+    assert stream.plain_nifti is plain
+    assert len(list(stream)) == len(names)
