@@ -583,7 +583,13 @@ def score_cmd(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ledger + CSVs).")],
     workers: Annotated[
-        int, typer.Option("--workers", "-j", help="Decode worker processes (0 = inline).")
+        int,
+        typer.Option(
+            "--workers",
+            "-j",
+            help="Decode worker processes for DICOM and compressed inputs; plain .nii is read "
+            "in the main process either way (0 = everything inline).",
+        ),
     ] = 2,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 32,
     precision: Annotated[
