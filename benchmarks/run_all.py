@@ -49,7 +49,12 @@ class Row:
     ok: bool | None
 
     def cells(self) -> list[str]:
-        v = "n/a" if self.value is None else f"{self.value:.2f}"
+        if self.value is None:
+            v = "n/a"
+        elif self.value and abs(self.value) < 0.01:
+            v = f"{self.value:.1e}"  # e.g. a max |dp| of 7e-4 must not print as 0.00
+        else:
+            v = f"{self.value:.2f}"
         mark = {True: "yes", False: "NO", None: "-"}[self.ok]
         return [self.benchmark, self.case, self.measure, v, self.target, mark]
 
