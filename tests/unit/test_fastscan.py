@@ -82,6 +82,29 @@ def test_synthetic_sets_equal(synth_ct_messy, synth_xray, monkeypatch: pytest.Mo
     assert accepted >= 0.8 * len(files), (accepted, len(files))
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "mr", "shape": (16, 16, 6), "oblique": 1.0},
+        {"kind": "us", "shape": (24, 20)},
+        {"kind": "sc", "shape": (24, 20)},
+        {"kind": "ct", "shape": (16, 16, 6), "multiframe": True},
+        {"kind": "ct", "shape": (16, 16, 6), "compression": "rle"},
+        {"kind": "ct", "shape": (16, 16, 6), "compression": "jpegls"},
+        {"kind": "ct", "shape": (16, 16, 6), "phi_canary": True},
+    ],
+    ids=["mr-oblique", "us", "sc", "enhanced-multiframe", "rle", "jpegls", "phi-canary"],
+)
+def test_other_synthetic_kinds_equal(
+    synth_factory, spec: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = synth_factory(n_patients=2, seed=21, **spec)
+    files = [p for p in sorted(Path(res.data_dir).rglob("*")) if p.is_file()]
+    assert files
+    for p in files:
+        _assert_same(p, monkeypatch)
+
+
 def _ct(path: Path, syntax: str = ExplicitVRLittleEndian, **extra: object) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
