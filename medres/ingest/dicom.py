@@ -4,10 +4,11 @@ Three stages, each usable on its own:
 
 1. :func:`scan_header` reads one file up to (not into) its pixel data and returns a
    picklable :class:`DicomHeader`. Well-formed files are walked by the lean parser in
-   :mod:`medres.ingest.fastscan` (about 3x faster than ``dcmread(stop_before_pixels=True)``,
-   tested equal to it); everything else goes through pydicom. It also reads the 8/12-byte header of the PixelData
-   element, so it knows whether pixel data exists, where it starts and how long it is,
-   without decoding it. A file whose PixelData is gone (e.g. a compressed file cut short)
+   :mod:`medres.ingest.fastscan` (about 3x faster than
+   ``dcmread(stop_before_pixels=True)``, tested equal to it); everything else goes
+   through pydicom. It also reads the 8/12-byte header of the PixelData element, so it
+   knows whether pixel data exists, where it starts and how long it is, without decoding
+   it. A file whose PixelData is gone (e.g. a compressed file cut short)
    or shorter than ``rows*cols*frames*samples*bits/8`` is rejected here, with a code.
 2. :func:`group_stacks` groups headers by study + series and splits a series into stacks
    (orientation cluster, localizer image type, repeated acquisitions). The largest stack is
