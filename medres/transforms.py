@@ -196,17 +196,39 @@ class LoadNiftid(MapTransform):
 
 # ------------------------------------------------------------------------------ spatial helpers
 class Orientd(MapTransform):
-    """Reorient 3D images to ``axcodes``; 2D images are left alone (ingest orients them)."""
+    """Reorient 3D images to ``axcodes``; 2D images are left alone (ingest orients them).
+
+    Without metadata tracking (scoring), an image whose affine is already diagonal and
+    positive is passed on as the plain tensor that ``Orientation`` would return for it
+    (the same voxels, no copy) without computing the orientation, which costs more than
+    the rest of the step. With tracking on (training) ``Orientation`` always runs, so
+    every item records the same applied operations.
+    """
 
     def __init__(self, keys: KeysCollection, axcodes: str) -> None:
         super().__init__(keys)
+        self.axcodes = axcodes
         self.op = Orientation(axcodes=axcodes, labels=None)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.data import get_track_meta
+
+        from medres.ingest.nifti import is_ras_diagonal
+
         d = dict(data)
         for key in self.key_iterator(d):
-            if d[key].ndim == 4:
-                d[key] = self.op(d[key])
+            x = d[key]
+            if x.ndim != 4:
+                continue
+            if (
+                self.axcodes == "RAS"
+                and not get_track_meta()
+                and isinstance(x, MetaTensor)
+                and is_ras_diagonal(x.affine)
+            ):
+                d[key] = x.as_tensor()
+            else:
+                d[key] = self.op(x)
         return d
 
 

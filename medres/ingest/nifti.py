@@ -25,6 +25,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ from medres.ingest.image import LoadedImage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_nifti", "load_nifti", "write_image"]
+__all__ = ["is_nifti", "is_ras_diagonal", "load_nifti", "write_image"]
 
 _NO_CATCH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -141,6 +142,16 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
     return _canonical(data, affine, codes, src)
 
 
+def is_ras_diagonal(affine: Any) -> bool:
+    """True when the affine's 3x3 part is diagonal and positive: voxel axes already run
+    along +R, +A, +S, so the closest canonical orientation is the identity (the exact
+    answer of ``nibabel.orientations.io_orientation``, without its SVD, which costs more
+    than reading a small image)."""
+    m = np.asarray(affine, dtype=float)[:3, :3]
+    d = np.diag(m)
+    return bool(np.all(d > 0) and np.count_nonzero(m) == 3)
+
+
 def _canonical(
     data: np.ndarray, affine: np.ndarray, codes: tuple[int, int], src: str
 ) -> LoadedImage:
@@ -171,9 +182,10 @@ def _canonical(
         )
 
         try:
-            ornt = io_orientation(affine)
-            data = apply_orientation(data, ornt)
-            affine = affine @ inv_ornt_aff(ornt, spatial)
+            if not is_ras_diagonal(affine):  # already RAS+ on its axes: nothing to do
+                ornt = io_orientation(affine)
+                data = apply_orientation(data, ornt)
+                affine = affine @ inv_ornt_aff(ornt, spatial)
         except (ValueError, OrientationError):
             # a nearly degenerate affine (two axes almost parallel): no closest RAS+ axis
             raise IngestError(

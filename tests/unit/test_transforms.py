@@ -154,3 +154,41 @@ def test_invalid_preprocessing_is_config_error(change, needle):
     base = {"dims": 2, "in_channels": 1, "image_size": (16, 16), "intensity": "range"}
     with pytest.raises(ConfigError, match=needle):
         build_transforms(TransformSpec(**{**base, **change}), train=False)
+
+
+def test_orientd_skips_identity_only_without_metadata() -> None:
+    """A RAS-diagonal image without metadata tracking gets exactly what Orientation gives
+    (same voxels, plain tensor); other affines, and tracking on, run Orientation."""
+    import torch
+    from monai.data import MetaTensor, set_track_meta
+    from monai.transforms import Orientation
+
+    from medres.ingest.nifti import is_ras_diagonal
+    from medres.transforms import Orientd
+
+    diag = torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0], dtype=torch.float64))
+    flipped = diag.clone()
+    flipped[0, 0] = -0.7
+    x = torch.randn(1, 5, 6, 7)
+    ref_op = Orientation(axcodes="RAS", labels=None)
+    tf = Orientd("image", "RAS")
+    try:
+        for track in (False, True):
+            set_track_meta(track)
+            for aff in (diag, flipped):
+                img = MetaTensor(x.clone(), affine=aff.clone())
+                got = tf({"image": img})["image"]
+                want = ref_op(MetaTensor(x.clone(), affine=aff.clone()))
+                assert type(got) is type(want)
+                assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+                if track:
+                    assert torch.equal(got.affine, want.affine)
+                    assert len(got.applied_operations) == len(want.applied_operations) == 1
+    finally:
+        set_track_meta(True)
+    assert is_ras_diagonal(diag) and not is_ras_diagonal(flipped)
+    perm = torch.zeros(4, 4, dtype=torch.float64)
+    perm[0, 1] = perm[1, 0] = perm[2, 2] = perm[3, 3] = 1.0
+    shear = diag.clone()
+    shear[0, 2] = 0.1
+    assert not is_ras_diagonal(perm) and not is_ras_diagonal(shear)
