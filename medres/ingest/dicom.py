@@ -78,7 +78,7 @@ from pydicom.pixels import get_decoder
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.ingest.fastscan import fast_scan
+from medres.ingest.fastscan import charset_encoding, fast_scan
 from medres.ingest.image import LoadedImage
 
 log = logging.getLogger(__name__)
@@ -636,14 +636,7 @@ def _extract(ds: Any) -> dict[str, Any]:
                     else ""
                 )
                 if name == "charset":
-                    cs = out[name]
-                    enc = (
-                        "utf-8"
-                        if "192" in cs
-                        else "latin-1"
-                        if cs in ("", "ISO_IR 100", "ISO_IR 6")
-                        else None
-                    )
+                    enc = charset_encoding(out[name])
                 continue
         try:
             v = ds[tag].value
@@ -658,14 +651,7 @@ def _extract(ds: Any) -> dict[str, Any]:
         else:
             out[name] = "\\".join(str(x) for x in v)
         if name == "charset":
-            cs = out[name]
-            enc = (
-                "utf-8"
-                if "192" in cs
-                else "latin-1"
-                if cs in ("", "ISO_IR 100", "ISO_IR 6")
-                else None
-            )
+            enc = charset_encoding(out[name])
     return out
 
 

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["FastScan", "fast_scan"]
+__all__ = ["FastScan", "charset_encoding", "fast_scan"]
 
 _CHUNK = 16384
 _UNDEFINED = 0xFFFFFFFF
@@ -54,6 +54,15 @@ _VR_SHORT = frozenset(
 _HEAD = struct.Struct("<HH2sH")  # group, element, VR, short length (explicit VR)
 _IMPL = struct.Struct("<HHL")  # group, element, length (implicit VR; also items)
 _LONG = struct.Struct("<L")
+
+
+def charset_encoding(charset: str) -> str | None:
+    """The codec for text in a dataset whose SpecificCharacterSet is ``charset``: UTF-8
+    (ISO_IR 192), Latin-1 (default, ISO_IR 100, ISO_IR 6), else ``None`` (pydicom's own
+    conversion is needed)."""
+    if "192" in charset:
+        return "utf-8"
+    return "latin-1" if charset in ("", "ISO_IR 100", "ISO_IR 6") else None
 
 
 class _Decline(Exception):
@@ -148,23 +157,8 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
     pixel = -1
     size = r.size
     while pos < size:
-        buf, off = r.view(pos, 8)
-        if implicit:
-            group, elem, length = _IMPL.unpack_from(buf, off)
-            vr = b""
-            start = pos + 8
-        else:
-            group, elem, vr, length = _HEAD.unpack_from(buf, off)
-            if vr in _VR_LONG:
-                buf, off = r.view(pos, 12)
-                (length,) = _LONG.unpack_from(buf, off + 8)
-                start = pos + 12
-            elif vr in _VR_SHORT:
-                start = pos + 8
-            else:
-                return None
-        tag = group << 16 | elem
-        if tag <= last or group == 0xFFFE:
+        tag, vr, length, start = _element(r, pos, implicit)
+        if tag <= last or tag >> 16 == 0xFFFE:
             return None
         last = tag
         if tag in _PIXEL_TAGS:
@@ -203,14 +197,7 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
                     else ""
                 )
                 if tag == _CHARSET:
-                    cs = values[name]
-                    enc = (
-                        "utf-8"
-                        if "192" in cs  # type: ignore[operator]
-                        else "latin-1"
-                        if cs in ("", "ISO_IR 100", "ISO_IR 6")
-                        else None
-                    )
+                    enc = charset_encoding(values[name])  # type: ignore[arg-type]
                 elif tag == _FRAMES and raw.strip(b" \x00") not in (b"", b"1"):
                     return None  # multi-frame: functional groups etc. go through pydicom
         pos = end
@@ -222,6 +209,26 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
         has_lut_sequence=has_lut,
         pixel_element=pixel,
     )
+
+
+def _element(r: _Reader, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:
+    """(tag, VR, value length, value offset) of the element header at ``pos``.
+
+    Item and delimiter tags (group FFFE) carry no VR in either encoding; an explicit VR
+    that is not a known one declines the file.
+    """
+    buf, off = r.view(pos, 8)
+    group, elem, vr, length = _HEAD.unpack_from(buf, off)
+    if implicit or group == 0xFFFE:
+        _, _, length = _IMPL.unpack_from(buf, off)
+        return group << 16 | elem, b"", length, pos + 8
+    if vr in _VR_LONG:
+        buf, off = r.view(pos, 12)
+        (length,) = _LONG.unpack_from(buf, off + 8)
+        return group << 16 | elem, vr, length, pos + 12
+    if vr in _VR_SHORT:
+        return group << 16 | elem, vr, length, pos + 8
+    raise _Decline
 
 
 def _skip_sequence(r: _Reader, pos: int, implicit: bool) -> int:
@@ -246,25 +253,7 @@ def _skip_sequence(r: _Reader, pos: int, implicit: bool) -> int:
 def _skip_item(r: _Reader, pos: int, implicit: bool) -> int:
     """Position after an undefined-length item whose first element is at ``pos``."""
     while True:
-        buf, off = r.view(pos, 8)
-        if implicit:
-            group, elem, length = _IMPL.unpack_from(buf, off)
-            vr = b""
-            start = pos + 8
-        else:
-            group, elem, vr, length = _HEAD.unpack_from(buf, off)
-            if group == 0xFFFE:  # delimiters carry no VR
-                _, _, length = _IMPL.unpack_from(buf, off)
-                start = pos + 8
-            elif vr in _VR_LONG:
-                buf, off = r.view(pos, 12)
-                (length,) = _LONG.unpack_from(buf, off + 8)
-                start = pos + 12
-            elif vr in _VR_SHORT:
-                start = pos + 8
-            else:
-                raise _Decline
-        tag = group << 16 | elem
+        tag, vr, length, start = _element(r, pos, implicit)
         if tag == _ITEM_END:
             return start
         if length == _UNDEFINED:
