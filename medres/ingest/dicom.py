@@ -505,11 +505,7 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
     with fh:
         try:
             size = os.fstat(fh.fileno()).st_size
-            pre = fh.read(132)
-            force = not (len(pre) == 132 and pre[128:132] == b"DICM")
-            if force and (len(pre) < 8 or pre[:2] not in _FIRST_GROUPS):
-                raise InvalidDicomError("no DICM preamble and no plausible first element")
-            fast = None if force else fast_scan(fh, size, _FIELD_BY_TAG)
+            fast = fast_scan(fh, size, _FIELD_BY_TAG)  # checks the DICM preamble itself
             if fast is not None:
                 pix = None
                 if fast.pixel_element >= 0:
@@ -522,11 +518,16 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
                     fast.transfer_syntax,
                     pix,
                     size,
-                    media_sop_class=lambda: fast.media_sop_class,
+                    media_sop_class=fast.media_sop_class,
                     has_lut_sequence=fast.has_lut_sequence,
                     functional_groups=None,
                 )
             else:
+                fh.seek(0)
+                pre = fh.read(132)
+                force = not (len(pre) == 132 and pre[128:132] == b"DICM")
+                if force and (len(pre) < 8 or pre[:2] not in _FIRST_GROUPS):
+                    raise InvalidDicomError("no DICM preamble and no plausible first element")
                 fh.seek(0)
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=force)
                 hdr = _header_from_dataset(ds, fh, path, src, size)
@@ -688,7 +689,7 @@ def _header_from_dataset(ds: Any, fh: BinaryIO, path: Path, src: str, size: int)
         tsyntax,
         pix,
         size,
-        media_sop_class=lambda: _meta_get(ds, "MediaStorageSOPClassUID"),
+        media_sop_class=_meta_get(ds, "MediaStorageSOPClassUID"),
         has_lut_sequence=0x00283000 in ds._dict,
         functional_groups=lambda nframes: _functional_groups(ds, nframes),
         has_per_frame=0x52009230 in ds._dict,
@@ -703,7 +704,7 @@ def _header_from_values(
     pix: tuple[str, int, int] | None,
     size: int,
     *,
-    media_sop_class: Callable[[], str],
+    media_sop_class: str,
     has_lut_sequence: bool,
     functional_groups: Callable[[int], dict[str, Any]] | None,
     has_per_frame: bool = False,
@@ -717,7 +718,7 @@ def _header_from_values(
     get = x.get
     sop_class = get("sop_class", "")
     if not sop_class:
-        sop_class = media_sop_class()
+        sop_class = media_sop_class
     rows = get("rows") or 0
     cols = get("cols") or 0
     nf = _num(get("frames"))

@@ -123,6 +123,9 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
         return None
     pos = 132
     meta: dict[int, str] = {}
+    # the meta group is always explicit VR; the group is checked before the VR because
+    # the first dataset element after it may be implicit (no VR bytes), so _element,
+    # which declines unknown VRs, cannot read this boundary
     while pos + 8 <= r.size:
         buf, off = r.view(pos, 8)
         group, elem, vr, length = _HEAD.unpack_from(buf, off)
