@@ -159,26 +159,7 @@ class TruthRow:
         def f(v: float | None) -> str:
             return "" if v is None else f"{v:.4f}"
 
-        return {
-            **{
-                k: str(getattr(self, k))
-                for k in (
-                    "patient_id",
-                    "study_uid",
-                    "series_uid",
-                    "label",
-                    "kind",
-                    "modality",
-                    "defect",
-                    "defect_detail",
-                    "n_lesions",
-                    "photometric",
-                    "manufacturer",
-                    "accession",
-                    "series_index",
-                    "n_files",
-                )
-            },
+        formatted = {
             "lesion_x": f(self.lesion_x),
             "lesion_y": f(self.lesion_y),
             "lesion_z": f(self.lesion_z),
@@ -190,6 +171,7 @@ class TruthRow:
             "oblique": "1" if self.oblique else "0",
             "paths": ";".join(self.paths),
         }
+        return {k: formatted[k] if k in formatted else str(getattr(self, k)) for k in TRUTH_FIELDS}
 
     @classmethod
     def from_csv(cls, d: dict[str, str]) -> TruthRow:
