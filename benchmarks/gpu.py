@@ -132,8 +132,8 @@ def bench_loader(
     import nibabel as nib
     import numpy as np
 
-    from medres.data import EpochSampler, build_loader, make_dataset
-    from medres.transforms import build_transforms
+    from medres.train.data import EpochSampler, build_loader, make_dataset
+    from medres.train.transforms import build_transforms
 
     rng = np.random.default_rng(0)
     items = []

@@ -8,7 +8,7 @@ Workloads (synthetic NIfTI written to a temp folder, ResNet-18, untrained):
 
 Variants, run alternately (medres, naive, ceiling, medres, ...), median of ``--repeats``:
 
-- ``medres``: :func:`medres.scoring.score` into a fresh OUT_DIR (discovery, decoding,
+- ``medres``: :func:`medres.score.score` into a fresh OUT_DIR (discovery, decoding,
   batched inference, ledger commits; the rate excludes the model load and the CSV
   export; ``e2e`` in the table includes both);
 - ``naive``: for each file ``monai.transforms.LoadImage`` + the model's saved inference
@@ -53,8 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medres.scoring import ScoreConfig, score
-from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+from medres.score import ScoreConfig, score
+from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_medres(
 def run_naive(model, pre: dict, files: list[Path], precision: str) -> float:
     from monai.transforms import LoadImage
 
-    from medres.transforms import build_transforms
+    from medres.train.transforms import build_transforms
 
     load = LoadImage(image_only=True, ensure_channel_first=True)
     tf = build_transforms(pre, train=False, load=False)
@@ -145,7 +145,7 @@ def run_naive(model, pre: dict, files: list[Path], precision: str) -> float:
 
 def preload(pre: dict, files: list[Path]) -> torch.Tensor:
     from medres.ingest.nifti import load_nifti
-    from medres.transforms import build_transforms, image_to_metatensor
+    from medres.train.transforms import build_transforms, image_to_metatensor
 
     tf = build_transforms(pre, train=False, load=False)
     xs = [
@@ -168,7 +168,7 @@ def run_ceiling(model, x: torch.Tensor, precision: str, batch: int) -> tuple[flo
 
 
 def bench(wl: Workload, root: Path, args: argparse.Namespace) -> list[Result]:
-    from medres.models.io import load_model_dir
+    from medres.models.modeldir import load_model_dir
 
     work = root / wl.name
     model_dir = write_model_dir(

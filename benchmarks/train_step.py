@@ -4,7 +4,7 @@ For each case (ResNet-18 2D at 224^2, ResNet-18 3D at 96^3 by default) the same 
 optimizer settings and in-memory batches are trained alternately by
 
 * ``bare``: ``zero_grad; loss = ce(model(x), y); backward; step`` in a plain loop;
-* ``medres``: :func:`medres.engine.train_one_epoch` (LR schedule, loss accounting,
+* ``medres``: :func:`medres.train.engine.train_one_epoch` (LR schedule, loss accounting,
   progress hooks, timing, accumulation/clipping/AMP branches) over the same batches,
 
 ``--repeats`` times, swapping which goes first every repeat (median samples/s of each;
@@ -38,9 +38,15 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medres.config import TrainSpec, TransformSpec
-from medres.engine import TrainState, make_loss, make_optimizer, make_scheduler, train_one_epoch
 from medres.models import build_model
+from medres.train.engine import (
+    TrainState,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
+from medres.train.spec import TrainSpec, TransformSpec
 
 
 def _batches(dims: int, size: int, batch: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -123,8 +129,8 @@ def data_share(dims: int, size: int, batch: int, steps: int, workers: int) -> di
     """Fraction of an epoch spent waiting for batches on the cached medres input path."""
     import nibabel as nib
 
-    from medres.data import EpochSampler, build_loader, make_dataset, seed_loader_epoch
-    from medres.transforms import build_transforms
+    from medres.train.data import EpochSampler, build_loader, make_dataset, seed_loader_epoch
+    from medres.train.transforms import build_transforms
 
     n = batch * steps
     with tempfile.TemporaryDirectory() as tmp:

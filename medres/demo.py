@@ -90,11 +90,11 @@ def _timed(result: DemoResult, stage: str, fn: Callable[[], Any]) -> Any:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Synthesize -> ingest -> train -> evaluate -> score; return paths, AUC and timings."""
-    from medres.evaluation import EvaluateConfig, run_evaluate
+    from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
     from medres.ingest.pipeline import IngestConfig, run_ingest
-    from medres.scoring.pipeline import ScoreConfig, score
+    from medres.score.pipeline import ScoreConfig, score
     from medres.synth import SynthSpec, generate
-    from medres.training import build_spec, run_train
+    from medres.train.run import build_spec, run_train
 
     cfg = config.resolved()
     out = cfg.out

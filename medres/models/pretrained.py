@@ -26,7 +26,7 @@ from torch import nn
 
 from medres.errors import ModelError, WeightsError
 from medres.models import adapt
-from medres.models.io import read_state_dict
+from medres.models.modeldir import read_state_dict
 from medres.models.resnet import model_config, unwrap
 from medres.models.weights import (
     NAMED_SOURCES,

@@ -53,8 +53,8 @@ from typing import Any
 
 from medres import progress
 from medres.errors import WeightsError
+from medres.io import sha256_file
 from medres.models.registry import get_arch, list_archs
-from medres.utils import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ import numpy as np
 
 from medres import progress
 from medres.errors import ConfigError, ManifestError
+from medres.io import atomic_write_json, atomic_write_text
 from medres.synth import phantom as P
 from medres.synth import spec as S
 from medres.synth import writers as W
 from medres.synth.spec import SynthSpec
-from medres.utils import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

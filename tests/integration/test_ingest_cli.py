@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from medres.cli import app
+from medres.dataset.manifest import MANIFEST_COLUMNS, read_manifest
 from medres.errors import IngestError
-from medres.ingest.pipeline import IngestConfig, IsolatedPool, run_ingest
-from medres.manifest import MANIFEST_COLUMNS, read_manifest
+from medres.ingest.pipeline import IngestConfig, run_ingest
+from medres.workers import IsolatedPool
 
 runner = CliRunner()
 CANARY_NAME = "CANARYNAME^Zeta"

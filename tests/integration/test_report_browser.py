@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from medres.evaluation import EvaluateConfig, run_evaluate
+from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
 
 pytestmark = pytest.mark.browser
 

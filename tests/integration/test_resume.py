@@ -60,9 +60,9 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, cache):
 
 
 def test_resume_with_a_different_model_is_refused(tmp_path):
-    from medres.config import PipelineSpec, apply_overrides
     from medres.errors import TrainError
-    from medres.training import run_train
+    from medres.train.run import run_train
+    from medres.train.spec import PipelineSpec, apply_overrides
 
     manifest = make_dataset(tmp_path / "ds", n=10, size=16)
     base = {

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from medres.phi import KEY_FILE, load_or_create_key
-from medres.scoring import ScoreConfig, score
-from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+from medres.score import ScoreConfig, score
+from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 pytestmark = pytest.mark.reliability
 

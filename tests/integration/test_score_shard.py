@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 from medres.phi import KEY_FILE, load_or_create_key
-from medres.scoring import ScoreConfig, score
-from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+from medres.score import ScoreConfig, score
+from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 N = 60
 

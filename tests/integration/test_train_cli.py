@@ -14,8 +14,8 @@ from train_data import make_dataset
 from typer.testing import CliRunner
 
 from medres.cli import app
-from medres.config import load_pipeline
 from medres.ingest.image import LoadedImage
+from medres.train.spec import load_pipeline
 
 runner = CliRunner()
 FAST = ["--set", "train.threads=1", "--set", "data.cache=none"]
@@ -91,7 +91,7 @@ def test_model_json_and_prediction_columns(trained):
 def test_scoring_path_reproduces_predictions(trained):
     """model.json preprocessing + image_to_metatensor (the scoring path) == predictions_test.csv."""
     from medres.models import load_model_dir
-    from medres.transforms import build_transforms, image_to_metatensor
+    from medres.train.transforms import build_transforms, image_to_metatensor
 
     manifest, out, _ = trained
     model, meta = load_model_dir(out / "model")
@@ -156,8 +156,8 @@ def test_patient_in_two_splits_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["multiclass", "multilabel"])
 def test_multiclass_and_multilabel_runs(tmp_path, kind):
-    from medres.config import PipelineSpec, apply_overrides
-    from medres.training import run_train
+    from medres.train.run import run_train
+    from medres.train.spec import PipelineSpec, apply_overrides
 
     manifest = make_dataset(
         tmp_path / "ds",

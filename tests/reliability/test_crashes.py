@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from train_data import make_dataset
 
 from medres.phi import KEY_FILE, load_or_create_key
-from medres.scoring import ScoreConfig, score
-from medres.scoring import ledger as ledger_mod
-from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+from medres.score import ScoreConfig, score
+from medres.score import ledger as ledger_mod
+from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 pytestmark = pytest.mark.reliability
 

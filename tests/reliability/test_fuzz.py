@@ -10,7 +10,7 @@ per frame).
 How the cases run (cheap per case, so a few thousand fit in CI):
 
 * mutated files are written to one folder; header scans go through ingest's
-  :class:`~medres.ingest.pipeline.IsolatedPool` in chunks (``scan_task``, exactly what
+  :class:`~medres.workers.IsolatedPool` in chunks (``scan_task``, exactly what
   ``run_ingest`` sends to its workers);
 * each header is grouped on its own in this process (``group_stacks``, which ingest runs in
   its main process: an exception there would abort a whole ingest, so it is checked
@@ -54,7 +54,9 @@ from pydicom.data import get_testdata_files
 from medres.errors import IngestError
 from medres.ingest import dicom
 from medres.ingest.codes import Code
-from medres.ingest.pipeline import SKIP_CODES, DecodeJob, IsolatedPool, decode_task, scan_task
+from medres.ingest.pipeline import SKIP_CODES
+from medres.ingest.tasks import DecodeJob, decode_task, scan_task
+from medres.workers import IsolatedPool
 
 pytestmark = pytest.mark.reliability
 
@@ -364,7 +366,7 @@ def test_ingest_cli_on_mutated_set(mutated_set: Path, tmp_path: Path):
 
 
 def test_score_cli_on_mutated_set(mutated_set: Path, tmp_path: Path):
-    from medres.scoring.demo_data import write_model_dir
+    from medres.score.demo_data import write_model_dir
 
     model = write_model_dir(tmp_path / "model", image_size=(16, 16))
     out = tmp_path / "scores"

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from medres.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from medres.errors import TrainError
+from medres.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
 
 class Payload:

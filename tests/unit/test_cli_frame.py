@@ -3,8 +3,8 @@ from typer.testing import CliRunner
 from medres import __version__
 from medres.cli import app
 from medres.errors import MedresError
+from medres.io import atomic_write_text
 from medres.phi import load_or_create_key, pseudonym
-from medres.utils import atomic_write_text
 
 runner = CliRunner()
 

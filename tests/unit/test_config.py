@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medres.config import (
+from medres.errors import ConfigError
+from medres.train.spec import (
     SECTIONS,
     PipelineSpec,
     TransformSpec,
@@ -19,7 +20,6 @@ from medres.config import (
     parse_set_options,
     spec_field_names,
 )
-from medres.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = REPO / "pipelines"
@@ -141,7 +141,7 @@ def test_readme_documents_exactly_the_dataclass_fields():
 
 
 def test_every_field_has_a_docstring():
-    from medres.config import field_docs
+    from medres.train.spec import field_docs
 
     missing = [f"{s}.{n}" for s, rows in field_docs().items() for n, _, doc in rows if not doc]
     assert not missing

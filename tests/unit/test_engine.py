@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from medres.config import TrainSpec
-from medres.data import EpochSampler, LabelInfo, check_leakage, sample_weights
-from medres.engine import (
+from medres.errors import ConfigError, TrainError
+from medres.train.data import EpochSampler, LabelInfo, check_leakage, sample_weights
+from medres.train.engine import (
     TrainState,
     compute_metric,
     evaluate,
@@ -23,7 +23,7 @@ from medres.engine import (
     resolve_amp,
     train_one_epoch,
 )
-from medres.errors import ConfigError, TrainError
+from medres.train.spec import TrainSpec
 
 
 class TinyNet(nn.Module):
@@ -254,7 +254,7 @@ def test_leakage_guard_names_the_pseudonymous_key():
 
 def test_amp_resolution_on_cpu():
     cpu = torch.device("cpu")
-    from medres.engine import _cpu_has_amx
+    from medres.train.engine import _cpu_has_amx
 
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if _cpu_has_amx() else None)
     assert resolve_amp("none", cpu) is None

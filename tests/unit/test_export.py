@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from medres.cli import app
+from medres.dataset.export import class_order, export_dataset, export_monai_datalist, export_nnunet
+from medres.dataset.manifest import write_manifest
 from medres.errors import ConfigError, ManifestError
-from medres.export import class_order, export_dataset, export_monai_datalist, export_nnunet
-from medres.manifest import write_manifest
 
 runner = CliRunner()
 
@@ -140,7 +140,7 @@ def test_datalist_multilabel(tmp_path: Path):
 
 def _rewrite(manifest: Path, **changes: dict[str, str]) -> Path:
     """Rewrite rows of ``manifest``: ``changes[image_id] = {column: value}``."""
-    from medres.manifest import read_manifest
+    from medres.dataset.manifest import read_manifest
 
     m = read_manifest(manifest)
     rows = [{**r, **changes.get(r["image_id"], {})} for r in m.rows]
@@ -149,7 +149,7 @@ def _rewrite(manifest: Path, **changes: dict[str, str]) -> Path:
 
 def test_datalist_unsplit_rows_go_to_training(manifest: Path, tmp_path: Path, caplog):
     _rewrite(manifest, **{"img-0000000000000010": {"split": ""}})
-    with caplog.at_level("WARNING", logger="medres.export"):
+    with caplog.at_level("WARNING", logger="medres.dataset.export"):
         res = export_monai_datalist(manifest, tmp_path / "u.json")
     assert res.counts == {"training": 4, "validation": 2, "test": 1}
     assert "1 manifest row(s) have no split" in caplog.text

@@ -1,4 +1,4 @@
-"""The lean header walk (medres.ingest.fastscan) gives exactly what the pydicom path gives.
+"""The lean header walk (medres.ingest.dicom.fastscan) gives exactly what the pydicom path gives.
 
 Every file is scanned twice: as shipped (lean walk where it applies) and with the lean walk
 switched off (pydicom ``dcmread``). The headers, or the coded errors, must be equal. The
@@ -28,7 +28,8 @@ from pydicom.uid import (
 )
 
 from medres.errors import IngestError
-from medres.ingest import dicom, fastscan
+from medres.ingest import dicom
+from medres.ingest.dicom import fastscan
 from medres.ingest.dicom import _FIELD_BY_TAG, scan_header
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medres.errors import ScoringError
-from medres.scoring.ledger import (
+from medres.score.ledger import (
     Ledger,
     ModelInfo,
     Record,

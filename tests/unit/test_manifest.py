@@ -1,4 +1,4 @@
-"""medres.manifest: schema order, round trip, validation errors that name the line."""
+"""medres.dataset.manifest: schema order, round trip, validation errors that name the line."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
+from medres.dataset.manifest import MANIFEST_COLUMNS, column_order, read_manifest, write_manifest
 from medres.errors import ManifestError
-from medres.manifest import MANIFEST_COLUMNS, column_order, read_manifest, write_manifest
 
 
 def _row(i: int, **kw: str) -> dict[str, str]:

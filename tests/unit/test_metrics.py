@@ -1,4 +1,4 @@
-"""medres.metrics against sklearn, brute-force O(n^2) DeLong, published values and simulation."""
+"""medres.evaluate.metrics against sklearn, brute-force O(n^2) DeLong, published values and simulation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from medres import metrics as M
+from medres.evaluate import metrics as M
 
 
 def _data(n: int, prevalence: float, seed: int, decimals: int | None = 1):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 from medres.errors import ConfigError, ModelError
-from medres.model_export import (
+from medres.models.export import (
     ATOL,
     export_model,
     export_monai_bundle,
@@ -34,7 +34,7 @@ SIZES = {2: [16, 16], 3: [8, 8, 8]}
 
 def _preprocessing(dims: int, in_channels: int) -> dict:
     """A resolved medres TransformSpec, as training saves it in model.json."""
-    from medres.config import TransformSpec
+    from medres.train.spec import TransformSpec
 
     spec = TransformSpec(
         dims=dims, in_channels=in_channels, image_size=tuple(SIZES[dims]), intensity="range"
@@ -204,7 +204,7 @@ def test_monai_bundle_loads_and_matches(loaded, tmp_path: Path, dims: int):
         device="cpu",
     )
     # the bundle's preprocessing replays medres's transforms on NIfTI files
-    from medres.transforms import build_transforms
+    from medres.train.transforms import build_transforms
 
     rng = np.random.default_rng(dims)
     img_shape = (20, 24) if dims == 2 else (10, 12, 9)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medres.errors import WeightsError
-from medres.models import io as model_io
+from medres.models import modeldir as model_io
 from medres.models import read_state_dict
 
 

@@ -218,7 +218,7 @@ def test_ingest_mode_all_and_unknown_mode(named_tree, tmp_path):
 
 
 def test_score_sources_are_redacted_with_the_tokens_of_all_headers(named_tree, tmp_path):
-    from medres.scoring.sources import discover_items
+    from medres.score.sources import discover_items
 
     items = list(discover_items([named_tree], key=KEY, scratch=tmp_path / "s"))
     by_kind = {(it.kind, it.source) for it in items}

@@ -1,4 +1,4 @@
-"""medres.report: self-contained HTML with real embedded plots, escaped text, no identifiers."""
+"""medres.evaluate.report: self-contained HTML with real embedded plots, escaped text, no identifiers."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from medres.evaluation import EvaluateConfig, run_evaluate
-from medres.report import render_report
+from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
+from medres.evaluate.report import render_report
 
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 

@@ -13,9 +13,9 @@ import torch
 from medres.errors import IngestError
 from medres.ingest import nifti
 from medres.phi import KEY_FILE
-from medres.scoring.engine import Predictor, ScoreItem, _chunks, _Decoders
-from medres.scoring.pipeline import MedresDecoder
-from medres.transforms import build_transforms, image_to_metatensor
+from medres.score.engine import Predictor, ScoreItem, _chunks, _Decoders
+from medres.score.pipeline import MedresDecoder
+from medres.train.transforms import build_transforms, image_to_metatensor
 
 SHEARED = np.array([[0, 0, 2.0, 1], [0, -1, 0.2, 2], [1.3, 0, 0, 3], [0, 0, 0, 1]])
 
@@ -79,8 +79,8 @@ def test_truncated_nii_keeps_its_error_code(tmp_path):
 
 
 def _pre(dims: int, **kw) -> dict:
-    from medres.config import TransformSpec
-    from medres.transforms import preprocessing_dict
+    from medres.train.spec import TransformSpec
+    from medres.train.transforms import preprocessing_dict
 
     size = (12,) * dims
     spec = TransformSpec(
@@ -165,9 +165,9 @@ def test_medres_decoder_keeps_dicom_and_compressed_inputs_isolated():
 
 def test_plain_nifti_runs_start_no_worker_pool_and_give_the_model_every_core(tmp_path, monkeypatch):
     """Plain .nii inputs: no decode process, the model gets all cores; scores unchanged."""
-    from medres.scoring import ScoreConfig, score
-    from medres.scoring import pipeline as pl
-    from medres.scoring.demo_data import write_model_dir, write_nifti_folder
+    from medres.score import ScoreConfig, score
+    from medres.score import pipeline as pl
+    from medres.score.demo_data import write_model_dir, write_nifti_folder
 
     model = write_model_dir(tmp_path / "m", image_size=(12, 12))
     write_nifti_folder(tmp_path / "imgs", 6, (12, 12))
@@ -199,8 +199,8 @@ def test_plain_nifti_runs_start_no_worker_pool_and_give_the_model_every_core(tmp
     [(("a.nii", "b.nii"), True), (("a.nii", "b.nii.gz"), False), (("a.nii", "c.dcm"), False)],
 )
 def test_item_stream_knows_before_decoding_whether_workers_are_needed(tmp_path, names, plain):
-    from medres.scoring.demo_data import write_dicom_2d
-    from medres.scoring.sources import discover_items
+    from medres.score.demo_data import write_dicom_2d
+    from medres.score.sources import discover_items
 
     src = tmp_path / "src"
     src.mkdir()

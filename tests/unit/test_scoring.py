@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medres.errors import ConfigError, IngestError
-from medres.scoring.engine import (
+from medres.score.engine import (
     Predictor,
     ScoreItem,
     background,
@@ -17,7 +17,7 @@ from medres.scoring.engine import (
     default_to_probs,
     run_items,
 )
-from medres.scoring.ledger import Ledger, ModelInfo, predict_label
+from medres.score.ledger import Ledger, ModelInfo, predict_label
 
 H = "cd" * 32
 CLASSES = ["0", "1"]
@@ -172,7 +172,7 @@ def test_background_streams_and_propagates_errors() -> None:
 @pytest.mark.parametrize("dims,shape", [(2, (1, 32, 32)), (3, (1, 16, 16, 16))])
 def test_grad_cam_overlay_png(tmp_path, dims, shape) -> None:
     from medres.models.resnet import build_model
-    from medres.scoring.cam import grad_cam, overlay_png, rank_class
+    from medres.score.cam import grad_cam, overlay_png, rank_class
 
     torch.manual_seed(0)
     model = build_model("resnet18", dims, 1, 2, stem="small")
@@ -204,8 +204,8 @@ def test_keep_top_keeps_only_the_highest_ranked(tmp_path) -> None:
 
 def test_score_resume_and_retry_errors(tmp_path) -> None:
     """Errors are committed (not retried on resume) until --retry-errors; one row per item."""
-    from medres.scoring import ScoreConfig, score
-    from medres.scoring.demo_data import write_nifti_folder
+    from medres.score import ScoreConfig, score
+    from medres.score.demo_data import write_nifti_folder
 
     write_nifti_folder(tmp_path / "imgs", 5, (8, 8))
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from monai.transforms import Randomizable
 
-from medres.config import TransformSpec
 from medres.errors import ConfigError
 from medres.ingest.image import LoadedImage
-from medres.transforms import build_transforms, image_to_metatensor, preprocessing_dict
+from medres.train.spec import TransformSpec
+from medres.train.transforms import build_transforms, image_to_metatensor, preprocessing_dict
 
 
 def _affine(dims: int) -> np.ndarray:
@@ -164,7 +164,7 @@ def test_orientd_skips_identity_only_without_metadata() -> None:
     from monai.transforms import Orientation
 
     from medres.ingest.nifti import is_ras_diagonal
-    from medres.transforms import Orientd
+    from medres.train.transforms import Orientd
 
     diag = torch.diag(torch.tensor([0.7, 0.8, 2.5, 1.0], dtype=torch.float64))
     flipped = diag.clone()

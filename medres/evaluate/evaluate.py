@@ -38,10 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from medres import metrics as M
 from medres import progress
 from medres.errors import ConfigError, EvaluationError
-from medres.utils import atomic_write_text
+from medres.evaluate import metrics as M
+from medres.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _macro_headline(name: str, extra: dict[str, Any], cfg: EvaluateConfig) -> di
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     """Evaluate a run dir or predictions CSV and write ``metrics.json`` and ``report.html``."""
-    from medres.report import render_report
+    from medres.evaluate.report import render_report
 
     _check_config(config)
     with progress.task("evaluate", total=3, unit="step") as step:
@@ -212,7 +212,7 @@ def _manifest_columns(
     try:
         import yaml
 
-        from medres.manifest import read_manifest
+        from medres.dataset.manifest import read_manifest
 
         spec = yaml.safe_load((run / "pipeline.yaml").read_text(encoding="utf-8")) or {}
         manifest = Path(str((spec.get("data") or {}).get("manifest") or ""))

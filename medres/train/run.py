@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medres.config import PipelineSpec, dump_pipeline
 from medres.errors import ConfigError, TrainError
+from medres.train.spec import PipelineSpec, dump_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def build_spec(
     pipeline: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> PipelineSpec:
     """Load the pipeline YAML (or the defaults) and apply ``{"section.field": value}`` overrides."""
-    from medres.config import apply_overrides, load_pipeline
+    from medres.train.spec import apply_overrides, load_pipeline
 
     spec = load_pipeline(pipeline) if pipeline else PipelineSpec()
     return apply_overrides(spec, overrides or {})
@@ -155,8 +155,8 @@ def _check_ranges(spec: PipelineSpec) -> None:
 
 def resolve_spec(spec: PipelineSpec, manifest: Any) -> tuple[PipelineSpec, Any]:
     """Fill every auto field from the manifest; returns (resolved spec, LabelInfo)."""
-    from medres.data import resolve_labels
     from medres.models import resolve_stem, weights_meta
+    from medres.train.data import resolve_labels
 
     _check_ranges(spec)
     labels = resolve_labels(manifest, spec.data)
@@ -226,7 +226,7 @@ def resolve_spec(spec: PipelineSpec, manifest: Any) -> tuple[PipelineSpec, Any]:
         ),
         eval=replace(spec.eval, batch_size=spec.eval.batch_size or spec.train.batch_size),
     )
-    from medres.transforms import transform_spec_from
+    from medres.train.transforms import transform_spec_from
 
     transform_spec_from(resolved.transforms)  # validates
     return resolved, labels
@@ -317,8 +317,8 @@ class DataBundle:
 
 
 def _cache_root(spec: PipelineSpec, run_dir: Path) -> Path:
-    from medres.data import preprocessing_hash
-    from medres.transforms import preprocessing_dict
+    from medres.train.data import preprocessing_hash
+    from medres.train.transforms import preprocessing_dict
 
     base = Path(spec.data.cache_dir) if spec.data.cache_dir else run_dir / "cache"
     return base / preprocessing_hash(preprocessing_dict(spec.transforms))
@@ -327,7 +327,7 @@ def _cache_root(spec: PipelineSpec, run_dir: Path) -> Path:
 def _build_data(
     spec: PipelineSpec, manifest: Any, labels: Any, rt: Runtime, run_dir: Path
 ) -> DataBundle:
-    from medres.data import (
+    from medres.train.data import (
         EpochSampler,
         build_loader,
         class_counts,
@@ -335,7 +335,7 @@ def _build_data(
         make_items,
         sample_weights,
     )
-    from medres.transforms import build_transforms
+    from medres.train.transforms import build_transforms
 
     d = spec.data
     train_items = make_items(manifest, d.train_split, labels)
@@ -476,7 +476,7 @@ def _write_predictions(
     idx: np.ndarray,
     threshold: float,
 ) -> None:
-    from medres.utils import atomic_write_text
+    from medres.io import atomic_write_text
 
     cols = [
         "image_id",
@@ -513,7 +513,7 @@ def _write_predictions(
 
 # ---------------------------------------------------------------------------------------- run
 def _prepare_run_dir(run_dir: Path, resume: bool, rt: Runtime) -> Path:
-    from medres.checkpoint import LAST
+    from medres.train.checkpoint import LAST
 
     last = run_dir / "checkpoints" / LAST
     if resume and not last.is_file():
@@ -555,9 +555,10 @@ def run_train(
     Raises ConfigError/ManifestError/TrainError/WeightsError for user-fixable problems
     (leakage, empty splits, a run dir that already holds a run, bad resume state, ...).
     """
-    from medres import checkpoint as ckpt
-    from medres.data import check_leakage, load_manifest, seed_loader_epoch
-    from medres.engine import (
+    from medres.models import set_backbone_trainable
+    from medres.train import checkpoint as ckpt
+    from medres.train.data import check_leakage, load_manifest, seed_loader_epoch
+    from medres.train.engine import (
         TrainState,
         fit,
         make_loss,
@@ -566,7 +567,6 @@ def run_train(
         resolve_amp,
         unwrap,
     )
-    from medres.models import set_backbone_trainable
 
     t_start = time.perf_counter()
     run_dir = Path(out_dir)
@@ -636,7 +636,7 @@ def run_train(
                     },
                 )
             ckpt.save_checkpoint(last_path, _state_payload(st, spec_dict))
-            from medres.utils import atomic_write_text
+            from medres.io import atomic_write_text
 
             atomic_write_text(run_dir / "history.csv", _history_csv(st.history))
             if tb is not None:
@@ -680,8 +680,8 @@ def run_train(
 
 
 def _state_payload(st: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
-    from medres.checkpoint import capture_rng
-    from medres.engine import unwrap
+    from medres.train.checkpoint import capture_rng
+    from medres.train.engine import unwrap
 
     return {
         "epoch": st.epoch,
@@ -699,8 +699,8 @@ def _state_payload(st: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _restore(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], path: Path) -> None:
-    from medres.checkpoint import restore_rng
-    from medres.engine import unwrap
+    from medres.train.checkpoint import restore_rng
+    from medres.train.engine import unwrap
 
     diff = _diff(_comparable(saved.get("pipeline") or {}), _comparable(spec_dict))
     if diff:
@@ -740,11 +740,11 @@ def _finish(
     t_start: float,
 ) -> TrainResult:
     """Best checkpoint -> predictions_val/test.csv and the model dir."""
-    from medres.checkpoint import BEST, load_checkpoint
-    from medres.data import EpochSampler, build_loader, make_dataset, make_items
-    from medres.engine import compute_metric, predict_probs
     from medres.models import save_model_dir
-    from medres.transforms import build_transforms, preprocessing_dict
+    from medres.train.checkpoint import BEST, load_checkpoint
+    from medres.train.data import EpochSampler, build_loader, make_dataset, make_items
+    from medres.train.engine import compute_metric, predict_probs
+    from medres.train.transforms import build_transforms, preprocessing_dict
 
     best_path = run_dir / "checkpoints" / BEST
     if best_path.is_file():

@@ -3,7 +3,7 @@
 Choices:
 
 - The model directory is loaded with ``medres.models.load_model_dir`` and its saved
-  ``preprocessing`` is replayed with ``medres.transforms.build_transforms(...,
+  ``preprocessing`` is replayed with ``medres.train.transforms.build_transforms(...,
   train=False, load=False)`` on ``image_to_metatensor(LoadedImage)``: the same code
   path as training and evaluation, never a second copy.
 - The model hash is sha256 over the weights file then ``model.json``; the ledger is
@@ -36,7 +36,7 @@ import numpy as np
 from medres import progress
 from medres.errors import ConfigError, ScoringError
 from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key
-from medres.scoring.engine import (
+from medres.score.engine import (
     LoopStats,
     Predictor,
     ScoreItem,
@@ -44,7 +44,7 @@ from medres.scoring.engine import (
     default_to_probs,
     run_items,
 )
-from medres.scoring.ledger import (
+from medres.score.ledger import (
     AGGREGATES,
     LEDGER_NAME,
     Ledger,
@@ -55,7 +55,7 @@ from medres.scoring.ledger import (
     parse_shard,
     shard_of,
 )
-from medres.scoring.sources import (
+from medres.score.sources import (
     ItemStream,
     discover_items,
     is_manifest_source,
@@ -213,13 +213,13 @@ class MedresDecoder:
         """Import the readers and build the transforms (the engine calls this before it
         forks the workers, so that they inherit both instead of each paying for them)."""
         import medres.ingest.nifti  # noqa: F401
-        from medres.transforms import build_transforms
+        from medres.train.transforms import build_transforms
 
         if self._tf is None:
             self._tf = build_transforms(self.preprocessing, train=False, load=False)
 
     def __call__(self, item: ScoreItem) -> np.ndarray:
-        from medres.transforms import image_to_metatensor
+        from medres.train.transforms import image_to_metatensor
 
         self.prepare()
         img = self.load(item)
@@ -249,7 +249,7 @@ def load_model(model_dir: Path, device: str) -> tuple[Any, dict[str, Any]]:
     try:
         from medres.models import load_model_dir
     except ImportError:  # the package may not re-export it
-        from medres.models.io import load_model_dir
+        from medres.models.modeldir import load_model_dir
     return load_model_dir(model_dir, device=device)
 
 
@@ -363,7 +363,7 @@ def _cpu_threads(device: str, workers: int) -> Iterator[None]:
     Decode processes and the model share the cores; more threads than cores makes
     OpenMP spin-wait and can cut throughput several-fold on a busy machine. Without
     decode processes (plain NIfTI inputs: decoded by a thread of this process, see
-    :mod:`medres.scoring.engine`) the model gets every core.
+    :mod:`medres.score.engine`) the model gets every core.
     """
     import torch
 
@@ -454,7 +454,7 @@ def _score(
         counts = ledger.counts(mhash)
     _fill(summary, stats, counts, listing_s)
     if config.cam is not None and stats.kept:
-        from medres.scoring.cam import write_cams
+        from medres.score.cam import write_cams
 
         summary.outputs["cam"] = write_cams(
             model, stats.top(), out / "cam", meta=meta, class_name=config.cam_class, device=device
@@ -521,7 +521,7 @@ def probs_for_task(task: str) -> Any:
 def _write_srs(
     ledger: Ledger, mhash: str, refs: dict[str, tuple[str, str, str]], info: ModelInfo, out: Path
 ) -> Path:
-    from medres.scoring.dicom_out import SeriesResult, write_study_srs
+    from medres.score.dicom_out import SeriesResult, write_study_srs
 
     results = [
         SeriesResult(
@@ -536,7 +536,7 @@ def _write_srs(
 
 def _rank_fn(meta: dict[str, Any], class_name: str | None) -> Any:
     """Items are ranked for ``--cam`` by the positive (or chosen) class, else their top class."""
-    from medres.scoring.cam import rank_class
+    from medres.score.cam import rank_class
 
     idx = rank_class(meta, class_name)
     if idx is None:

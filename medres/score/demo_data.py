@@ -29,10 +29,10 @@ def write_model_dir(
     """A seeded, untrained model dir (``weights.safetensors`` + ``model.json``)."""
     import torch
 
-    from medres.config import TransformSpec
-    from medres.models.io import save_model_dir
+    from medres.models.modeldir import save_model_dir
     from medres.models.resnet import build_model
-    from medres.transforms import preprocessing_dict
+    from medres.train.spec import TransformSpec
+    from medres.train.transforms import preprocessing_dict
 
     torch.manual_seed(seed)
     model = build_model(arch, dims, in_channels, len(classes), stem=stem, image_size=image_size)

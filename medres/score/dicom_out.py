@@ -74,7 +74,7 @@ def write_study_srs(
     import pydicom
     from pydicom.uid import generate_uid
 
-    from medres.utils import atomic_open
+    from medres.io import atomic_open
 
     by_study: dict[str, list[SeriesResult]] = {}
     for r in results:

@@ -1,4 +1,4 @@
-"""MONAI dict transforms built from a :class:`~medres.config.TransformSpec`.
+"""MONAI dict transforms built from a :class:`~medres.train.spec.TransformSpec`.
 
 One code path for training, evaluation and scoring: :func:`build_transforms` turns the
 resolved preprocessing (saved in ``model.json``) into a ``monai.transforms.Compose`` on key
@@ -58,8 +58,8 @@ from monai.transforms import (
     Spacing,
 )
 
-from medres.config import TransformSpec, section_from_dict
 from medres.errors import ConfigError
+from medres.train.spec import TransformSpec, section_from_dict
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Three stages, each usable on its own:
 
 1. :func:`scan_header` reads one file up to (not into) its pixel data and returns a
    picklable :class:`DicomHeader`. Well-formed files are walked by the lean parser in
-   :mod:`medres.ingest.fastscan` (about 3x faster than
+   :mod:`medres.ingest.dicom.fastscan` (about 3x faster than
    ``dcmread(stop_before_pixels=True)``, tested equal to it); everything else goes
    through pydicom. It also reads the 8/12-byte header of the PixelData element, so it
    knows whether pixel data exists, where it starts and how long it is, without decoding
@@ -78,7 +78,7 @@ from pydicom.pixels import get_decoder
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.ingest.fastscan import charset_encoding, fast_scan
+from medres.ingest.dicom.fastscan import charset_encoding, fast_scan
 from medres.ingest.image import LoadedImage
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ with ``weights_only=True`` (no pickled objects, no code execution). RNG states a
 as tensors/lists: torch (CPU and every CUDA device), numpy (MT19937 key as an int64
 tensor) and Python's ``random``. The sampler position is ``epoch`` (checkpoints are
 written at epoch boundaries; the next epoch's order is a function of seed and epoch, see
-:mod:`medres.data`).
+:mod:`medres.train.data`).
 
 Files in ``RUN_DIR/checkpoints/``: ``last.pt`` (full state, rewritten every epoch) and
 ``best.pt`` (model weights of the best validation epoch). Writes go to a temp file that is
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from medres.errors import TrainError
-from medres.utils import atomic_open
+from medres.io import atomic_open
 
 log = logging.getLogger(__name__)
 

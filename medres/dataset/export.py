@@ -55,7 +55,7 @@ from typing import Any
 
 from medres import progress
 from medres.errors import ConfigError, ManifestError
-from medres.utils import atomic_open, atomic_write_json
+from medres.io import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,10 @@ class DatasetExportResult:
 def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
     """Read ``manifest.csv`` (or a dataset folder holding one) for export.
 
-    Parsing and row validation are :func:`medres.manifest.read_manifest`'s; on top, the
+    Parsing and row validation are :func:`medres.dataset.manifest.read_manifest`'s; on top, the
     exporters need ``split`` and either ``label`` or ``label_<name>`` columns.
     """
-    from medres.manifest import read_manifest
+    from medres.dataset.manifest import read_manifest
 
     m = read_manifest(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in m.columns]
@@ -126,7 +126,7 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
 def class_order(labels: Sequence[str]) -> tuple[str, ...]:
     """Distinct non-empty labels in training's order: numeric when all parse as numbers,
     else alphabetical (the rule ``medres train`` uses, so indices match a trained model)."""
-    from medres.data import sort_classes
+    from medres.train.data import sort_classes
 
     return sort_classes({lab for lab in labels if lab != ""})
 

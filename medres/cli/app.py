@@ -439,9 +439,9 @@ def train_cmd(
     ] = None,
 ) -> None:
     """Train a 2D/3D ResNet on an ingested manifest."""
-    from medres.config import parse_set_options
     from medres.errors import ConfigError
-    from medres.training import build_spec, run_train
+    from medres.train.run import build_spec, run_train
+    from medres.train.spec import parse_set_options
 
     overrides = parse_set_options(set_)
     flags = {
@@ -515,7 +515,7 @@ def evaluate_cmd(
     ] = False,
 ) -> None:
     """ROC/AUC with confidence intervals, operating points, calibration and an HTML report."""
-    from medres.evaluation import EvaluateConfig, run_evaluate
+    from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
 
     result = run_evaluate(
         EvaluateConfig(
@@ -649,7 +649,7 @@ def score_cmd(
     ] = "identity",
 ) -> None:
     """Score folders/archives of scans with a trained model; re-running resumes."""
-    from medres.scoring import ScoreConfig, score
+    from medres.score import ScoreConfig, score
 
     summary = score(
         ScoreConfig(
@@ -697,7 +697,7 @@ def score_merge_cmd(
     ] = None,
 ) -> None:
     """Unite the ledgers of sharded runs (conflicts abort) and export scores.csv once."""
-    from medres.scoring import merge
+    from medres.score import merge
 
     report = merge(out_dirs, out, keep_ids=keep_ids, aggregate=aggregate)
     out_console.print(
@@ -821,7 +821,7 @@ def export_cmd(
     nnU-Net is a segmentation tool: for classification manifests only the imaging side is
     exported and the class labels go to classification_labels.csv beside dataset.json.
     """
-    from medres.export import export_dataset
+    from medres.dataset.export import export_dataset
 
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     result = export_dataset(
@@ -863,7 +863,7 @@ def export_model_cmd(
     The export is reloaded and its outputs compared with the PyTorch model's (to 1e-4).
     """
     from medres.errors import ConfigError
-    from medres.model_export import export_model
+    from medres.models.export import export_model
 
     size = None
     if input_size:

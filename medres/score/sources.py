@@ -1,4 +1,4 @@
-"""Turn SOURCE arguments into a stream of :class:`~medres.scoring.engine.ScoreItem`.
+"""Turn SOURCE arguments into a stream of :class:`~medres.score.engine.ScoreItem`.
 
 Choices:
 
@@ -37,7 +37,7 @@ from medres.errors import ScoringError
 from medres.ingest.codes import Code
 from medres.ingest.identity import IMAGE_ID_PREFIX, stack_identity, unique_image_id
 from medres.phi import PathRedactor, pseudonym
-from medres.scoring.engine import ScoreItem
+from medres.score.engine import ScoreItem
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ItemStream:
 
 def manifest_items(path: Path, *, split: str | None = None) -> ItemStream:
     """Items from a manifest's rows (``image_id`` kept; ``split`` filters rows)."""
-    from medres.manifest import read_manifest
+    from medres.dataset.manifest import read_manifest
 
     man = read_manifest(path)
     rows = man.select(split) if split else man.rows
@@ -173,7 +173,7 @@ def dicom_items(
 ) -> Iterator[ScoreItem]:
     """Classify by content and group DICOM files into stacks with ingest's code.
 
-    ``medres.ingest.pipeline.scan_task`` tells NIfTI (by content) from DICOM and reads
+    ``medres.ingest.tasks.scan_task`` tells NIfTI (by content) from DICOM and reads
     the DICOM header; ``medres.ingest.dicom.group_stacks`` groups and validates series.
     A series may span folders, so stacks are formed after all headers are read (headers
     only: fast); NIfTI files were already yielded and are being scored meanwhile.
@@ -187,7 +187,7 @@ def dicom_items(
 
     from medres.errors import IngestError
     from medres.ingest import dicom
-    from medres.ingest.pipeline import common_source, scan_task
+    from medres.ingest.tasks import common_source, scan_task
 
     headers = []
     held: list[Any] = []  # NIfTI by content: yielded once the tokens are known

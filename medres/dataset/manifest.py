@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medres.errors import ManifestError
-from medres.utils import atomic_write_text
+from medres.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

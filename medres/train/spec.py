@@ -5,7 +5,7 @@ plain data (``yaml.safe_load``; no tags, no code). Every field can be overridden
 CLI with ``--set section.field=value`` (values are parsed as YAML scalars/lists, then
 coerced to the field's type). Fields left at their "auto" value (``0``, ``""``,
 ``"auto"``, empty tuple) are resolved from the manifest by
-:func:`medres.training.resolve_spec`; the resolved spec is what a run writes to
+:func:`medres.train.run.resolve_spec`; the resolved spec is what a run writes to
 ``pipeline.yaml``, so a run can be replayed from it exactly.
 
 Choices: unknown sections/fields are errors (a typo must not silently train with a
@@ -358,7 +358,7 @@ def dump_pipeline(spec: PipelineSpec, path: str | os.PathLike[str] | None = None
     """YAML text of ``spec`` (sections and fields in declaration order); written atomically."""
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None)
     if path is not None:
-        from medres.utils import atomic_write_text
+        from medres.io import atomic_write_text
 
         atomic_write_text(path, text)
     return text

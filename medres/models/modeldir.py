@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from medres.errors import ModelError, WeightsError
-from medres.utils import atomic_write_json, sha256_file
+from medres.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from medres import progress
-from medres.config import TrainSpec
 from medres.errors import ConfigError
+from medres.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ import numpy as np
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.scoring.ledger import Ledger, Record
+from medres.score.ledger import Ledger, Record
 
 log = logging.getLogger(__name__)
 

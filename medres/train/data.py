@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from medres.config import DataSpec
 from medres.errors import ConfigError, ManifestError, TrainError
+from medres.train.spec import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ BALANCE_MODES = ("none", "sampler", "weights")
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Any:
-    """Read and validate the manifest (``medres.manifest.read_manifest``)."""
-    from medres.manifest import read_manifest
+    """Read and validate the manifest (``medres.dataset.manifest.read_manifest``)."""
+    from medres.dataset.manifest import read_manifest
 
     return read_manifest(path)
 

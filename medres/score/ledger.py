@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medres.errors import ScoringError
-from medres.utils import atomic_open
+from medres.io import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ Choices made here:
   ``network_data_format`` for ``image`` and ``pred``, and the full ``model.json`` under
   ``medres``), ``configs/inference.json`` (MONAI's standard
   evaluator layout: ``network_def``, checkpoint loading, preprocessing through
-  ``medres.transforms.build_transforms`` with the saved spec read from the metadata,
+  ``medres.train.transforms.build_transforms`` with the saved spec read from the metadata,
   softmax/sigmoid post-processing, a ``ClassificationSaver`` writing
   ``eval/predictions.csv``, over the NIfTI files in ``dataset_dir``; its ``dataset``,
   ``network`` and ``postprocessing`` reproduce medres's own predictions, and running the
@@ -413,7 +413,7 @@ def bundle_metadata(meta: dict[str, Any], shape: Sequence[int], name: str) -> di
         "task": f"{meta.get('arch', 'resnet')} {meta.get('dims', '')}D image classification ({task})",
         "description": (
             "Exported from a medres run. Inputs are images after medres preprocessing "
-            "(configs/inference.json builds it with medres.transforms); outputs are logits, "
+            "(configs/inference.json builds it with medres.train.transforms); outputs are logits, "
             "turned into probabilities by the post-processing (softmax, or sigmoid for "
             "multi-label). Research use; validate before any clinical use."
         ),
@@ -433,13 +433,13 @@ def bundle_inference(
 ) -> dict[str, Any]:
     """``configs/inference.json``: MONAI's standard evaluator workflow around the model.
 
-    Preprocessing replays medres's saved spec (``medres.transforms.build_transforms``,
+    Preprocessing replays medres's saved spec (``medres.train.transforms.build_transforms``,
     ``train=False``), so running it needs medres (and pytorch-ignite for the evaluator).
     """
     multilabel = meta.get("task") == "multilabel"
     activation = {"sigmoid": True} if multilabel else {"softmax": True}
     return {
-        "imports": ["$import glob", "$import os", "$import medres.transforms"],
+        "imports": ["$import glob", "$import os", "$import medres.train.transforms"],
         "bundle_root": ".",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "ckpt_path": "$@bundle_root + '/models/model.pt'",
@@ -452,7 +452,7 @@ def bundle_inference(
         "network_def": network_def,
         "network": "$@network_def.to(@device)",
         "preprocessing": {
-            "_target_": "medres.transforms.build_transforms",
+            "_target_": "medres.train.transforms.build_transforms",
             "preprocessing": "@medres_preprocessing",
             "train": False,
         },
@@ -539,7 +539,7 @@ def export_monai_bundle(
         raise ConfigError(
             f"{root}: folder is not empty and is not a bundle; choose an empty or new folder"
         )
-    from medres.utils import atomic_write_json, atomic_write_text
+    from medres.io import atomic_write_json, atomic_write_text
 
     network_def = _network_def(model, meta, shape)
     metadata = bundle_metadata(meta, shape, root.name)

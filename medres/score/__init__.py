@@ -6,7 +6,7 @@ Public API: :func:`score` with :class:`ScoreConfig`, :func:`merge` (ledgers),
 
 from __future__ import annotations
 
-from medres.scoring.ledger import (
+from medres.score.ledger import (
     Ledger,
     MergeReport,
     Record,
@@ -15,7 +15,7 @@ from medres.scoring.ledger import (
     parse_shard,
     shard_of,
 )
-from medres.scoring.pipeline import ScoreConfig, ScoreSummary, merge, model_hash, score
+from medres.score.pipeline import ScoreConfig, ScoreSummary, merge, model_hash, score
 
 __all__ = [
     "Ledger",

@@ -1,6 +1,6 @@
 """Classification metrics with confidence intervals: ROC/AUC, DeLong, bootstrap, calibration.
 
-Pure numpy/scipy functions on arrays; no file I/O (``medres.evaluation`` reads inputs and
+Pure numpy/scipy functions on arrays; no file I/O (``medres.evaluate.evaluate`` reads inputs and
 writes ``metrics.json``). The statistical choices, so that a reviewer can check them
 against the references:
 

@@ -1,0 +1,1 @@
+"""Evaluation: metrics with confidence intervals, inputs, the evaluation run and the HTML report."""

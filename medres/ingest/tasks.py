@@ -1,0 +1,126 @@
+"""Ingest's worker tasks and their records: what one supervised worker does with one input.
+
+``scan_task`` reads one file's header (DICOM or NIfTI); ``decode_task`` decodes and writes
+one stack or NIfTI file. Both are module-level so that :class:`medres.workers.IsolatedPool`
+workers import them by name. This is ingest's public API for other stages (scoring reads
+files with the same tasks); the orchestration lives in :mod:`medres.ingest.pipeline`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medres.errors import IngestError
+from medres.ingest.codes import Code
+from medres.ingest.labels import id_keys
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Header-scan outcome for one file: ``kind`` is ``dicom`` (with ``header``) or ``nifti``."""
+
+    kind: str
+    header: Any = None
+
+
+def scan_task(item: tuple[Path, str]) -> ScanResult:
+    """Classify one file by content and scan its DICOM header (pixels not read).
+
+    DICOM is tried first (one open per DICOM file); only a file that is not DICOM is
+    checked for a NIfTI header.
+    """
+    from medres.ingest import dicom, nifti
+
+    path, source = item
+    try:
+        return ScanResult("dicom", dicom.scan_header(path, source))
+    except IngestError as exc:
+        if str(exc.code) == Code.NOT_DICOM.value and nifti.is_nifti(path):
+            return ScanResult("nifti")
+        raise
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One image to decode and write: a DICOM stack or a NIfTI file."""
+
+    kind: str  # "dicom" | "nifti"
+    payload: Any  # Stack | (path, source)
+    image_id: str
+    out_path: Path
+    rel_path: str
+    key: bytes
+    min_slices: int
+    sources: tuple[str, ...]
+    group: str = ""
+
+
+def decode_task(job: DecodeJob) -> dict[str, Any]:
+    """Decode one image, write it atomically as NIfTI and return its manifest record."""
+    from medres.ingest import dicom, nifti
+
+    if job.kind == "nifti":
+        path, source = job.payload
+        img = nifti.load_nifti(Path(path), source)
+    else:
+        img = dicom.load_stack(job.payload)
+    # DICOM stacks are checked by group_stacks' GeometryPolicy(min_slices); NIfTI here
+    if job.kind == "nifti" and img.dims == 3 and img.n_slices < job.min_slices:
+        raise IngestError(
+            f"{job.sources[0]}: 3D volume with {img.n_slices} slice(s), fewer than "
+            f"--min-slices {job.min_slices}; lower --min-slices to keep it",
+            code=Code.TOO_FEW_SLICES.value,
+        )
+    nifti.write_image(img, job.out_path)  # atomic (temp file + os.replace)
+    keys = id_keys(
+        job.key,
+        patient_id=img.patient_id,
+        study_uid=img.study_uid,
+        series_uid=img.series_uid,
+        accession=img.accession,
+    )
+    return {
+        "image_id": job.image_id,
+        "image_path": job.rel_path,
+        "source": common_source(job.sources),
+        "dims": str(img.dims),
+        "channels": str(img.channels),
+        "shape": "x".join(str(s) for s in img.shape),
+        "spacing": "x".join(_num(s) for s in img.spacing),
+        "modality": img.modality or "",
+        "manufacturer": img.manufacturer or "",
+        "body_part": img.body_part or "",
+        "sex": img.sex or "",
+        "age": "" if img.age is None else _num(img.age),
+        **keys,
+        "n_slices": str(img.n_slices),
+        "warnings": ";".join(dict.fromkeys(w.replace(";", ",") for w in img.warnings)),
+        "sources": list(job.sources),
+    }
+
+
+def _num(v: float) -> str:
+    return f"{float(v):.6g}"
+
+
+def common_source(sources: Sequence[str]) -> str:
+    """The manifest ``source`` of an image: its one file, else the deepest common folder
+    (``p01/ct`` for ``p01/ct/1.dcm`` ... ``p01/ct/90.dcm``; ``a.zip`` for members at its top)."""
+    if len(sources) == 1:
+        return sources[0]
+    tokens = [re.split(r"([/!])", s) for s in sources]
+    common: list[str] = []
+    for parts in zip(*tokens, strict=False):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    # keep whole components only: drop a trailing separator or partial component
+    if len(common) % 2 == 0:
+        common = common[:-1]
+    if not common or any(len(t) == len(common) for t in tokens):
+        return sorted(sources)[0]
+    return "".join(common)

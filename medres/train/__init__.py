@@ -1,0 +1,1 @@
+"""Training: pipeline spec, transforms, data loading, the engine, checkpoints and the run."""
