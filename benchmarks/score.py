@@ -52,9 +52,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/helpers
+
+from helpers.models import write_model_dir, write_nifti_folder
 
 from medres.score import ScoreConfig, score
-from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def bench(wl: Workload, root: Path, args: argparse.Namespace) -> list[Result]:
     imgs = work / "imgs"
     files = write_nifti_folder(imgs, wl.n, wl.stored)
     model, meta = load_model_dir(model_dir)
-    pre = meta["preprocessing"]
+    pre = meta.preprocessing
     x = preload(pre, files)
     precisions = ["fp32"] + (["bf16"] if wl.name == "2d224" or args.bf16_all else [])
     results = []

@@ -13,6 +13,10 @@ Stages (each one the same library call the matching CLI command makes):
 Defaults are chosen so that the 2D demo finishes in a few minutes on 2 CPU cores with a
 test AUC around 0.95+ on the synthetic task; ``--dims 3`` runs the 3D CT variant (32^3
 volumes, longer).
+
+Owns: :class:`DemoConfig`, :class:`DemoResult` and one step function per stage. Imports:
+``medres.errors`` at the top; the stages (``synth``, ``ingest``, ``train``, ``evaluate``,
+``score``) lazily inside each step, so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -90,16 +94,22 @@ def _timed(result: DemoResult, stage: str, fn: Callable[[], Any]) -> Any:
 
 def run_demo(config: DemoConfig) -> DemoResult:
     """Synthesize -> ingest -> train -> evaluate -> score; return paths, AUC and timings."""
-    from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
-    from medres.ingest.pipeline import IngestConfig, run_ingest
-    from medres.score.pipeline import ScoreConfig, score
-    from medres.synth import SynthSpec, generate
-    from medres.train.run import build_spec, run_train
-
     cfg = config.resolved()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    res = DemoResult(out=cfg.out)
+    synth_train, synth_hold = _synth(cfg, res)
+    manifest = _ingest(cfg, res, synth_train)
+    _train(cfg, res, manifest)
+    _evaluate(cfg, res)
+    _score(cfg, res, Path(synth_hold.archive or synth_hold.data_dir))
+    return res
+
+
+def _synth(cfg: DemoConfig, res: DemoResult) -> tuple[Any, Any]:
+    """The training set and the held-out set (a zip archive); both count as ``synth``."""
+    from medres.synth import SynthSpec, generate
+
     out = cfg.out
-    out.mkdir(parents=True, exist_ok=True)
-    res = DemoResult(out=out)
     d2 = cfg.dims == 2
     kind = "xray" if d2 else "ct"
     shape: tuple[int, ...] = (cfg.image_size * 2,) * 2 if d2 else (cfg.image_size * 2,) * 3
@@ -115,15 +125,20 @@ def run_demo(config: DemoConfig) -> DemoResult:
     t0 = time.perf_counter()
     synth_hold = generate(hold_spec, out / "synth" / "holdout", overwrite=True)
     res.timings["synth"] += time.perf_counter() - t0
+    return synth_train, synth_hold
 
-    dataset = out / "dataset"
+
+def _ingest(cfg: DemoConfig, res: DemoResult, synth_train: Any) -> Path:
+    """Ingest the training set with its labels; return the manifest path."""
+    from medres.ingest.pipeline import IngestConfig, run_ingest
+
     report = _timed(
         res,
         "ingest",
         lambda: run_ingest(
             IngestConfig(
                 sources=(synth_train.data_dir,),
-                out_dir=dataset,
+                out_dir=cfg.out / "dataset",
                 labels=synth_train.labels_csv,
                 workers=cfg.workers,
                 seed=cfg.seed,
@@ -131,10 +146,16 @@ def run_demo(config: DemoConfig) -> DemoResult:
         ),
     )
     res.n_images = report.n_images
+    return Path(report.manifest_path)
 
-    run_dir = out / "run"
+
+def _train(cfg: DemoConfig, res: DemoResult, manifest: Path) -> None:
+    """A ResNet-18 from scratch on the manifest, into ``out/run``."""
+    from medres.train.run import build_spec, run_train
+
+    run_dir = cfg.out / "run"
     overrides: dict[str, Any] = {
-        "data.manifest": str(report.manifest_path),
+        "data.manifest": str(manifest),
         "model.arch": "resnet18",
         "model.weights": "none",
         "train.epochs": cfg.epochs,
@@ -147,7 +168,13 @@ def run_demo(config: DemoConfig) -> DemoResult:
     res.run_dir = run_dir
     res.val_auc = trained.best_val_auc
 
-    eval_dir = out / "eval"
+
+def _evaluate(cfg: DemoConfig, res: DemoResult) -> None:
+    """Evaluate the run's test split into ``out/eval``; keep the AUC and its CI."""
+    from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
+
+    run_dir = cfg.out / "run"
+    eval_dir = cfg.out / "eval"
     evaluated = _timed(
         res,
         "evaluate",
@@ -162,14 +189,19 @@ def run_demo(config: DemoConfig) -> DemoResult:
         res.auc_ci = (ci[0], ci[1]) if ci else None
     res.n_test = int(evaluated.metrics.get("n", 0))
 
-    archive = synth_hold.archive or synth_hold.data_dir
+
+def _score(cfg: DemoConfig, res: DemoResult, archive: Path) -> None:
+    """Score the held-out archive with the trained model into ``out/scores``."""
+    from medres.score.pipeline import ScoreConfig, score
+
+    out = cfg.out
     scored = _timed(
         res,
         "score",
         lambda: score(
             ScoreConfig(
-                model_dir=run_dir / "model",
-                sources=(Path(archive),),
+                model_dir=out / "run" / "model",
+                sources=(archive,),
                 out_dir=out / "scores",
                 device=cfg.device,
             )
@@ -177,4 +209,3 @@ def run_demo(config: DemoConfig) -> DemoResult:
     )
     res.n_scored, res.n_score_errors = scored.total_ok, scored.total_errors
     res.scores = scored.outputs.get("scores", out / "scores" / "scores.csv")
-    return res

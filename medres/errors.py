@@ -3,6 +3,8 @@
 Every error a user can cause is a :class:`MedresError` subclass whose message names the
 file, field or UID, the cause and the fix, on one line and without patient identity. The
 CLI catches ``MedresError`` only, prints the message on stderr and exits 1.
+
+Owns: :class:`MedresError` and one subclass per stage. Imports: nothing (the lowest module).
 """
 
 from __future__ import annotations

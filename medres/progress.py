@@ -2,13 +2,16 @@
 
 Library functions wrap long loops in :func:`track` or open a :func:`task`. Nothing is
 shown unless the CLI has switched rendering on with :func:`enable` (it owns the console);
-in library use and in tests both are silent no-ops apart from the iteration itself.
+in library use both are silent no-ops apart from the iteration itself. Tests that drive
+the CLI keep bars off through a fixture (``tests/conftest.py``), not through a check here.
+
+Owns: the one switch (:func:`enable` / :func:`disable`) and the bar layout.
+Imports: rich only (core layer; no other ``medres`` module).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -35,12 +38,14 @@ def enable(console: Console | None = None) -> None:
 
 
 def disable() -> None:
+    """Stop rendering progress bars (library calls become silent again)."""
     global _console
     _console = None
 
 
 def enabled() -> bool:
-    return _console is not None and (_console.is_terminal or "pytest" not in sys.modules)
+    """Whether :func:`enable` switched rendering on."""
+    return _console is not None
 
 
 def _progress() -> Progress:

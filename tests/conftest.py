@@ -92,6 +92,26 @@ def synth_ct_messy(synth_factory):
 
 
 @pytest.fixture(autouse=True)
+def _progress_bars_on_terminals_only(monkeypatch: pytest.MonkeyPatch):
+    """The CLI switches progress bars on (``progress.enable``) at every invocation. Under
+    ``CliRunner`` stderr is a captured buffer, and bars rendered there would be mixed into
+    the output tests assert on: let ``enable`` take effect only on a real terminal."""
+    from rich.console import Console
+
+    from medres import progress
+
+    enable = progress.enable
+
+    def enable_on_terminal(console: Console | None = None) -> None:
+        console = console or Console(stderr=True)
+        if console.is_terminal:
+            enable(console)
+
+    monkeypatch.setattr(progress, "enable", enable_on_terminal)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _restore_medres_logger():
     """The CLI configures the `medres` logger (handlers, no propagation), also from
     module-scoped fixtures; reset it around every test so caplog sees library logs."""

@@ -37,6 +37,11 @@ Two formats, chosen by name from :data:`DATASET_EXPORTERS`:
     saves space on the same file system (falls back to a copy across devices) and
     ``link="symlink"`` writes absolute symlinks. Uncompressed ``.nii`` sources are gzipped
     on the way so that every case has the single ``file_ending`` ``.nii.gz``.
+
+Owns the exporters and their registry. Manifests are read with
+:func:`medres.dataset.manifest.read_manifest` and the class order is
+:func:`medres.dataset.manifest.class_order`. May import: the core and
+:mod:`medres.dataset.manifest` (nibabel/numpy lazily, to split colour channels).
 """
 
 from __future__ import annotations
@@ -54,8 +59,18 @@ from pathlib import Path
 from typing import Any
 
 from medres import progress
+from medres.dataset.manifest import Manifest, class_order, read_manifest
 from medres.errors import ConfigError, ManifestError
 from medres.io import atomic_open, atomic_write_json
+
+__all__ = [
+    "DATASET_EXPORTERS",
+    "DatasetExportResult",
+    "class_order",
+    "export_dataset",
+    "export_monai_datalist",
+    "export_nnunet",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +78,6 @@ SPLIT_KEYS = {"train": "training", "val": "validation", "test": "test"}
 LINK_MODES = ("copy", "hardlink", "symlink")
 REQUIRED_COLUMNS = ("image_id", "image_path", "split")
 NNUNET_MARKER = "medres_export"
-
-
-@dataclass(frozen=True)
-class ManifestData:
-    """What the exporters need from a manifest: rows, their folder and the label columns."""
-
-    path: Path
-    root: Path
-    rows: list[dict[str, str]]
-    columns: tuple[str, ...]
-    label_columns: tuple[str, ...]
-
-    def resolve(self, row: dict[str, str]) -> Path:
-        p = Path(row["image_path"])
-        return p if p.is_absolute() else self.root / p
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,12 @@ class DatasetExportResult:
 
 
 # --- manifest access ---------------------------------------------------------------------
-def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
+def _read_exportable(path: str | os.PathLike[str]) -> Manifest:
     """Read ``manifest.csv`` (or a dataset folder holding one) for export.
 
-    Parsing and row validation are :func:`medres.dataset.manifest.read_manifest`'s; on top, the
-    exporters need ``split`` and either ``label`` or ``label_<name>`` columns.
+    Parsing and row validation are :func:`~medres.dataset.manifest.read_manifest`'s; on top,
+    the exporters need ``split`` and either ``label`` or ``label_<name>`` columns, and rows.
     """
-    from medres.dataset.manifest import read_manifest
-
     m = read_manifest(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in m.columns]
     if not m.label_columns:
@@ -113,36 +111,22 @@ def load_manifest(path: str | os.PathLike[str]) -> ManifestData:
         )
     if not m.rows:
         raise ManifestError(f"{m.path}: the manifest has no rows; ingest some images first")
-    return ManifestData(
-        path=m.path,
-        root=m.root,
-        rows=m.rows,
-        columns=m.columns,
-        label_columns=m.label_columns if m.multilabel else (),
-    )
+    return m
 
 
 # --- labels ------------------------------------------------------------------------------
-def class_order(labels: Sequence[str]) -> tuple[str, ...]:
-    """Distinct non-empty labels in training's order: numeric when all parse as numbers,
-    else alphabetical (the rule ``medres train`` uses, so indices match a trained model)."""
-    from medres.train.data import sort_classes
-
-    return sort_classes({lab for lab in labels if lab != ""})
-
-
 def _label_names(label_columns: Sequence[str]) -> tuple[str, ...]:
     return tuple(c[len("label_") :] for c in label_columns)
 
 
-def _row_label(m: ManifestData, row: dict[str, str], index: dict[str, int]) -> Any:
+def _row_label(m: Manifest, row: dict[str, str], index: dict[str, int]) -> Any:
     """The datalist label of one row: class index, list of 0/1, or None when unlabelled."""
-    if m.label_columns:
-        values = [row.get(c, "") for c in m.label_columns]
+    if m.multilabel_columns:
+        values = [row.get(c, "") for c in m.multilabel_columns]
         if any(v == "" for v in values):
             return None
         out = []
-        for c, v in zip(m.label_columns, values, strict=True):
+        for c, v in zip(m.multilabel_columns, values, strict=True):
             if v not in ("0", "1"):
                 raise ManifestError(
                     f"{m.path}: {row['image_id']} has {c}={v!r}; multi-label columns hold 0 or 1"
@@ -160,8 +144,8 @@ def _row_label(m: ManifestData, row: dict[str, str], index: dict[str, int]) -> A
     return index[lab]
 
 
-def _resolve_classes(m: ManifestData, classes: Sequence[str] | None) -> tuple[str, ...]:
-    if m.label_columns:
+def _resolve_classes(m: Manifest, classes: Sequence[str] | None) -> tuple[str, ...]:
+    if m.multilabel_columns:
         return ()
     if classes:
         dup = [c for c, n in Counter(classes).items() if n > 1]
@@ -171,8 +155,8 @@ def _resolve_classes(m: ManifestData, classes: Sequence[str] | None) -> tuple[st
     return class_order([r.get("label", "") for r in m.rows])
 
 
-def _task(m: ManifestData, classes: Sequence[str]) -> str:
-    if m.label_columns:
+def _task(m: Manifest, classes: Sequence[str]) -> str:
+    if m.multilabel_columns:
         return "multilabel"
     return "binary" if len(classes) == 2 else "multiclass"
 
@@ -190,7 +174,7 @@ def export_monai_datalist(
     ``out`` is a ``.json`` file, or a folder that receives ``datalist.json``. See the
     module docstring for the layout and the choices made.
     """
-    m = load_manifest(manifest)
+    m = _read_exportable(manifest)
     out_path = Path(out)
     if out_path.is_dir() or out_path.suffix.lower() != ".json":
         out_path = out_path / "datalist.json"
@@ -230,7 +214,7 @@ def export_monai_datalist(
         "description": f"medres export of {m.path.name}",
         "task": _task(m, cls),
         "classes": list(cls),
-        "label_names": list(_label_names(m.label_columns)),
+        "label_names": list(_label_names(m.multilabel_columns)),
         "numTraining": len(sections["training"]),
         "numValidation": len(sections["validation"]),
         "numTest": len(sections["test"]),
@@ -244,7 +228,7 @@ def export_monai_datalist(
         path=out_path,
         counts=counts,
         classes=cls,
-        label_names=_label_names(m.label_columns),
+        label_names=_label_names(m.multilabel_columns),
         skipped_unlabelled=skipped,
         files=(out_path,),
     )
@@ -299,7 +283,7 @@ def _split_channels(src: Path, dsts: Sequence[Path]) -> None:
         nib.save(part, str(dst))
 
 
-def _channels(m: ManifestData) -> int:
+def _channels(m: Manifest) -> int:
     counts = {r.get("channels", "") or "1" for r in m.rows}
     if len(counts) > 1:
         raise ManifestError(
@@ -312,7 +296,7 @@ def _channels(m: ManifestData) -> int:
     return int(value)
 
 
-def _channel_names(m: ManifestData, n: int) -> dict[str, str]:
+def _channel_names(m: Manifest, n: int) -> dict[str, str]:
     """nnU-Net picks normalisation by channel name: ``CT`` gets CT normalisation."""
     if n == 3:
         return {"0": "R", "1": "G", "2": "B"}
@@ -356,6 +340,75 @@ def _prepare_out_dir(out: Path) -> None:
         )
 
 
+def _export_case(m: Manifest, row: dict[str, str], out_dir: Path, n_ch: int, link: str) -> str:
+    """Put one row's image (one file per channel) under imagesTr/ or imagesTs/; its split."""
+    src = m.resolve(row)
+    if not src.is_file():
+        raise ManifestError(
+            f"{m.path}: image {row['image_id']} not found at {row['image_path']}; "
+            "re-run `medres ingest` or fix image_path"
+        )
+    split = row.get("split", "") or "train"
+    case = row["image_id"]
+    target = out_dir / ("imagesTs" if split == "test" else "imagesTr")
+    dsts = [target / f"{case}_{c:04d}.nii.gz" for c in range(n_ch)]
+    if n_ch == 1:
+        _place(src, dsts[0], link)
+    else:
+        _split_channels(src, dsts)
+    return split
+
+
+def _side_row(
+    m: Manifest, row: dict[str, str], split: str, index: dict[str, int]
+) -> dict[str, str]:
+    """One row of ``classification_labels.csv``."""
+    case = row["image_id"]
+    side = {"case": case, "image_id": case, "split": split}
+    if m.multilabel_columns:
+        side.update({c: row.get(c, "") for c in m.multilabel_columns})
+    else:
+        lab = row.get("label", "")
+        side["label"] = lab
+        side["label_index"] = str(_row_label(m, row, index)) if lab else ""
+    return side
+
+
+def _dataset_json(
+    m: Manifest, out_dir: Path, n_ch: int, cls: tuple[str, ...], counts: dict[str, int], link: str
+) -> dict[str, Any]:
+    """nnU-Net's ``dataset.json``, with medres's own fields under :data:`NNUNET_MARKER`."""
+    return {
+        "channel_names": _channel_names(m, n_ch),
+        "labels": {"background": 0},
+        "numTraining": counts["training"] + counts["validation"],
+        "file_ending": ".nii.gz",
+        "name": out_dir.name,
+        "description": (
+            "medres export, imaging side only: image-level class labels are in "
+            "classification_labels.csv (nnU-Net segmentation labels are not part of it)"
+        ),
+        NNUNET_MARKER: {
+            "manifest": m.path.name,
+            "task": _task(m, cls),
+            "classes": list(cls),
+            "label_names": list(_label_names(m.multilabel_columns)),
+            "numTest": counts["test"],
+            "link": link,
+        },
+    }
+
+
+def _write_side_file(path: Path, m: Manifest, rows: list[dict[str, str]]) -> None:
+    fields = ["case", "image_id", "split"] + (
+        list(m.multilabel_columns) if m.multilabel_columns else ["label", "label_index"]
+    )
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def export_nnunet(
     manifest: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -370,83 +423,39 @@ def export_nnunet(
     """
     if link not in LINK_MODES:
         raise ConfigError(f"unknown link mode {link!r}; choose one of {', '.join(LINK_MODES)}")
-    m = load_manifest(manifest)
+    m = _read_exportable(manifest)
     out_dir = Path(out)
     _prepare_out_dir(out_dir)
     n_ch = _channels(m)
     cls = _resolve_classes(m, classes)
     index = {c: i for i, c in enumerate(cls)}
-    tr, ts = out_dir / "imagesTr", out_dir / "imagesTs"
-    tr.mkdir(parents=True, exist_ok=True)
-    ts.mkdir(parents=True, exist_ok=True)
+    (out_dir / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out_dir / "imagesTs").mkdir(parents=True, exist_ok=True)
     counts = {"training": 0, "validation": 0, "test": 0}
     fold: dict[str, list[str]] = {"train": [], "val": []}
     side_rows: list[dict[str, str]] = []
     for row in progress.track(m.rows, "nnU-Net export", unit="img"):
-        src = m.resolve(row)
-        if not src.is_file():
-            raise ManifestError(
-                f"{m.path}: image {row['image_id']} not found at {row['image_path']}; "
-                "re-run `medres ingest` or fix image_path"
-            )
-        split = row.get("split", "") or "train"
-        case = row["image_id"]
-        target = ts if split == "test" else tr
-        dsts = [target / f"{case}_{c:04d}.nii.gz" for c in range(n_ch)]
-        if n_ch == 1:
-            _place(src, dsts[0], link)
-        else:
-            _split_channels(src, dsts)
+        split = _export_case(m, row, out_dir, n_ch, link)
         counts[SPLIT_KEYS[split]] += 1
         if split != "test":
-            fold["val" if split == "val" else "train"].append(case)
-        side = {"case": case, "image_id": case, "split": split}
-        if m.label_columns:
-            side.update({c: row.get(c, "") for c in m.label_columns})
-        else:
-            lab = row.get("label", "")
-            side["label"] = lab
-            side["label_index"] = str(_row_label(m, row, index)) if lab else ""
-        side_rows.append(side)
-    num_training = counts["training"] + counts["validation"]
-    dataset = {
-        "channel_names": _channel_names(m, n_ch),
-        "labels": {"background": 0},
-        "numTraining": num_training,
-        "file_ending": ".nii.gz",
-        "name": out_dir.name,
-        "description": (
-            "medres export, imaging side only: image-level class labels are in "
-            "classification_labels.csv (nnU-Net segmentation labels are not part of it)"
-        ),
-        NNUNET_MARKER: {
-            "manifest": m.path.name,
-            "task": _task(m, cls),
-            "classes": list(cls),
-            "label_names": list(_label_names(m.label_columns)),
-            "numTest": counts["test"],
-            "link": link,
-        },
-    }
-    atomic_write_json(out_dir / "dataset.json", dataset)
+            fold["val" if split == "val" else "train"].append(row["image_id"])
+        side_rows.append(_side_row(m, row, split, index))
+    atomic_write_json(out_dir / "dataset.json", _dataset_json(m, out_dir, n_ch, cls, counts, link))
     atomic_write_json(out_dir / "splits_final.json", [fold])
     side_path = out_dir / "classification_labels.csv"
-    fields = ["case", "image_id", "split"] + (
-        list(m.label_columns) if m.label_columns else ["label", "label_index"]
-    )
-    with atomic_open(side_path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
-        w.writeheader()
-        w.writerows(side_rows)
+    _write_side_file(side_path, m, side_rows)
     log.info(
-        "wrote nnU-Net dataset %s (%d training, %d test)", out_dir, num_training, counts["test"]
+        "wrote nnU-Net dataset %s (%d training, %d test)",
+        out_dir,
+        counts["training"] + counts["validation"],
+        counts["test"],
     )
     return DatasetExportResult(
         format="nnunet",
         path=out_dir,
         counts=counts,
         classes=cls,
-        label_names=_label_names(m.label_columns),
+        label_names=_label_names(m.multilabel_columns),
         files=(out_dir / "dataset.json", out_dir / "splits_final.json", side_path),
     )
 

@@ -12,6 +12,12 @@ The schema is documented in ``data_manifests/README.md``. Choices made here:
   file, the line and the fix.
 * ``image_path`` is relative to the manifest's folder (absolute paths are accepted when
   reading hand-made manifests).
+* Class order (:func:`sort_classes`, :func:`class_order`): numeric when every label parses
+  as a number, else alphabetical. Training, evaluation and the exporters all use it, so a
+  class index means the same everywhere.
+
+Owns the manifest schema, its reading, writing and validation, and the class order. May
+import: the core only (``medres.errors``, ``medres.io``).
 """
 
 from __future__ import annotations
@@ -81,6 +87,25 @@ class Manifest:
     @property
     def multilabel(self) -> bool:
         return self.label_columns != ("label",) and bool(self.label_columns)
+
+    @property
+    def multilabel_columns(self) -> tuple[str, ...]:
+        """The ``label_<name>`` columns of a multi-label manifest; ``()`` otherwise."""
+        return self.label_columns if self.multilabel else ()
+
+
+def sort_classes(values: Iterable[str]) -> tuple[str, ...]:
+    """Class order used everywhere: numeric when every label is a number, else alphabetical."""
+    try:
+        return tuple(sorted(values, key=float))
+    except ValueError:
+        return tuple(sorted(values))
+
+
+def class_order(labels: Iterable[str]) -> tuple[str, ...]:
+    """Distinct non-empty labels in :func:`sort_classes` order (the order ``medres train``
+    gives a model's outputs, so indices match a trained model)."""
+    return sort_classes({lab for lab in labels if lab != ""})
 
 
 def label_columns_of(columns: Iterable[str]) -> tuple[str, ...]:

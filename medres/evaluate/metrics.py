@@ -1,8 +1,9 @@
 """Classification metrics with confidence intervals: ROC/AUC, DeLong, bootstrap, calibration.
 
-Pure numpy/scipy functions on arrays; no file I/O (``medres.evaluate.evaluate`` reads inputs and
-writes ``metrics.json``). The statistical choices, so that a reviewer can check them
-against the references:
+Pure numpy functions on arrays; no file I/O (``medres.evaluate.inputs`` reads inputs,
+``medres.evaluate.evaluate`` writes ``metrics.json``). May import: numpy and the standard
+library only (scikit-learn stays in the evaluators and the tests). The statistical
+choices, so that a reviewer can check them against the references:
 
 * **AUC** is the Mann-Whitney statistic ``U / (n1 n0)`` with tied positive/negative pairs
   counting 1/2. It equals ``sklearn.metrics.roc_auc_score`` and the trapezoidal area under
@@ -549,3 +550,8 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, floa
         return None
     lo, hi = np.quantile(v, [(1 - level) / 2, 1 - (1 - level) / 2])
     return (float(lo), float(hi))
+
+
+def ci_pair(ci: tuple[float, float] | None) -> list[float] | None:
+    """A CI as metrics.json writes it: ``[lo, hi]`` floats, or ``None``."""
+    return None if ci is None else [float(ci[0]), float(ci[1])]

@@ -1,6 +1,7 @@
 """The stable set of rejection codes used in ``errors.csv`` (ingest and score).
 
 These strings are a public contract: scripts filter on them. Add codes, never rename.
+This module owns the codes and their one-line descriptions; it imports nothing of medres.
 """
 
 from __future__ import annotations

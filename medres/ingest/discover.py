@@ -1,5 +1,8 @@
 """Discovery: turn SOURCE arguments (folders, files, archives) into a flat list of inputs.
 
+Owns walking folders, naming ``source`` strings, and the safe extraction of archives
+(limits, unsafe members). Imports: ``medres.errors`` and ``ingest.codes`` only.
+
 Choices made here:
 
 * **Nothing is classified by content in this module.** Discovery only lists and stats

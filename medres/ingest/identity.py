@@ -2,6 +2,7 @@
 
 Ingest (``manifest.csv``) and score (``scores.csv``, ledger keys) both call it, so the
 same DICOM stack or NIfTI file gets the same ``image_id`` under the same dataset key.
+Imports: ``medres.phi`` only.
 """
 
 from __future__ import annotations

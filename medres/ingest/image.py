@@ -1,4 +1,8 @@
-"""The in-memory image that every reader returns and every writer/consumer takes."""
+"""The in-memory image that every reader returns and every writer/consumer takes.
+
+Owns :class:`LoadedImage` and the output dtype rule shared by the DICOM decoder and the
+NIfTI reader and writer (:func:`to_output_dtype`). Imports numpy only.
+"""
 
 from __future__ import annotations
 
@@ -51,3 +55,22 @@ class LoadedImage:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.array.shape[: self.spatial_ndim])
+
+
+def to_output_dtype(a: np.ndarray) -> np.ndarray:
+    """int16 when every value is integral and fits, else float32."""
+    if a.dtype == np.int16:
+        return a
+    if a.size == 0:
+        return a.astype(np.int16)
+    if a.dtype.kind in "iub":
+        lo, hi = a.min(), a.max()
+        if lo >= -32768 and hi <= 32767:
+            return a.astype(np.int16)
+        return a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        return a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if lo >= -32768 and hi <= 32767 and np.array_equal(a, np.round(a)):
+        return a.astype(np.int16)
+    return a.astype(np.float32)

@@ -1,4 +1,6 @@
-"""Labels join and patient-grouped splits.
+"""Labels: read a labels CSV, join it onto image records, assign patient-grouped splits.
+
+Imports: core only (``medres.errors``, ``medres.phi``).
 
 Choices made here:
 
@@ -102,20 +104,30 @@ class LabelTable:
     has_split: bool = False
     n_rows: int = 0
 
-    def lookup(self, record: Mapping[str, object]) -> tuple[str, LabelEntry] | None:
-        """The entry for an image record (``patient_key`` ... and ``sources``), or ``None``."""
+    def lookup(self, record: Mapping[str, object] | object) -> tuple[str, LabelEntry] | None:
+        """The entry for an image record (``patient_key`` ... and ``sources``), or ``None``.
+
+        ``record``: an :class:`~medres.ingest.records.ImageRecord` or a mapping of its fields.
+        """
         if self.key_column == "path":
             best: tuple[int, str, LabelEntry] | None = None
-            for src in record.get("sources", []) or []:  # type: ignore[union-attr]
+            for src in _field(record, "sources") or []:  # type: ignore[union-attr]
                 for depth, cand in enumerate(path_candidates(str(src))):
                     e = self.entries.get(cand)
                     if e is not None and (best is None or depth < best[0]):
                         best = (depth, cand, e)
                         break
             return None if best is None else (best[1], best[2])
-        k = str(record.get(ID_KEYS[self.key_column][0], "") or "")
+        k = str(_field(record, ID_KEYS[self.key_column][0]) or "")
         e = self.entries.get(k) if k else None
         return None if e is None else (k, e)
+
+
+def _field(record: Mapping[str, object] | object, name: str) -> object:
+    """A record's field, whether it is an ``ImageRecord`` or a mapping."""
+    if isinstance(record, Mapping):
+        return record.get(name, "")
+    return getattr(record, name, "")
 
 
 def read_labels(path: Path, key: bytes, key_column: str | None = None) -> LabelTable:
@@ -227,8 +239,8 @@ class JoinResult:
     unlabelled_images: int
 
 
-def join_labels(records: Sequence[Mapping[str, object]], table: LabelTable) -> JoinResult:
-    """Attach labels (and any given split) to each image record."""
+def join_labels(records: Sequence[Mapping[str, object] | object], table: LabelTable) -> JoinResult:
+    """Attach labels (and any given split) to each image record (see :meth:`LabelTable.lookup`)."""
     used: set[str] = set()
     labels: list[dict[str, str]] = []
     given: list[str] = []

@@ -15,6 +15,9 @@ Choices made (docs/architecture.md, "Canonical image on disk"):
   CT. The suffix chooses the format: uncompressed ``.nii`` is several times cheaper to
   write and read than ``.nii.gz`` (gzip level 1 is used when asked for). The write is
   atomic (temp file, then ``os.replace``).
+
+Imports only :mod:`medres.ingest.image` and :mod:`medres.ingest.codes` (nibabel lazily);
+the DICOM reader imports this module to write its images, never the other way round.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import numpy as np
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.ingest.image import LoadedImage
+from medres.ingest.image import LoadedImage, to_output_dtype
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +69,6 @@ def is_nifti(path: Path) -> bool:
             if size == 540 and len(head) >= 12 and head[4:8] in (b"n+2\x00", b"ni2\x00"):
                 return True
     return False
-
-
-def _to_output_dtype(a: np.ndarray) -> np.ndarray:
-    from medres.ingest.dicom import _to_output_dtype as conv
-
-    return conv(a)
 
 
 def load_nifti(path: Path, source: str = "") -> LoadedImage:
@@ -198,7 +195,7 @@ def _canonical(
         dims = 2
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         warnings.append("non_finite_values")
-    values = _to_output_dtype(np.asarray(data))
+    values = to_output_dtype(np.asarray(data))
     return LoadedImage(
         array=values,
         affine=affine,
@@ -298,7 +295,7 @@ def _write_nii(nimg: object, arr: np.ndarray, path: str) -> None:
     """Single-file NIfTI-1: 348-byte header, 4 zero extension bytes, voxels in F order.
 
     Writes the F-ordered voxels straight from the array's buffer (no ``tobytes`` copy when
-    the array is already F-contiguous, which :func:`~medres.ingest.dicom.load_stack` makes).
+    the array is already F-contiguous, which :func:`~medres.ingest.dicom.stack.load_stack` makes).
     """
     hdr = nimg.header  # type: ignore[attr-defined]
     hdr.set_data_offset(352)
@@ -330,7 +327,7 @@ def write_image(img: LoadedImage, path: Path) -> None:
         )
     arr = img.array
     if arr.dtype not in (np.int16, np.float32):
-        arr = _to_output_dtype(arr)
+        arr = to_output_dtype(arr)
     affine = np.asarray(img.affine, dtype=float)
     nimg = nib.Nifti1Image(arr, affine)
     hdr = nimg.header

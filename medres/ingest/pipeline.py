@@ -1,5 +1,12 @@
 """``run_ingest``: sources -> dataset folder (images/, manifest.csv, errors.csv, ingest.json).
 
+This module owns the orchestration only; each concern lives in its own module:
+:mod:`~medres.ingest.config` (options, report), :mod:`~medres.ingest.accounting` (per-file
+ledger), :mod:`~medres.ingest.cache` (incremental cache), :mod:`~medres.ingest.plan`
+(headers -> decode jobs), :mod:`~medres.ingest.tasks` (worker tasks),
+:mod:`~medres.ingest.records` (image records), :mod:`~medres.ingest.outputs` (files written).
+Imports: core, ``medres.dataset.manifest`` and the ingest modules above.
+
 Stages (each a small function below): discover inputs and extract archives
 (:mod:`medres.ingest.discover`) -> scan headers in parallel worker processes -> group DICOM
 into stacks (:func:`medres.ingest.dicom.group_stacks`) -> decode and write each stack or
@@ -9,7 +16,7 @@ labels and assign patient-grouped splits -> write the outputs atomically.
 Choices made here:
 
 * **Isolation.** Header scans and decodes run in worker processes supervised by
-  :class:`IsolatedPool`: a worker that crashes (segfault, ``os._exit``, OOM kill) or
+  :class:`medres.workers.IsolatedPool`: a worker that crashes (segfault, ``os._exit``, OOM kill) or
   exceeds the per-file time limit is killed and replaced; the item it was on (published in
   shared memory) is rejected (``decode_failed`` / ``timeout``) and the rest of its chunk is
   re-queued. Workers come from a ``forkserver`` (``spawn`` where there is none) with the
@@ -26,10 +33,10 @@ Choices made here:
   its headers are not read and its images are not decoded. Any file that is new or changed
   is scanned; if its header belongs to a trusted series, that series is read again. Series
   rejected whole are remembered too, unless a failure may be transient
-  (:data:`_TRANSIENT_CODES`). A change of version, ``--min-slices`` or ``--compress`` voids
+  (:data:`medres.ingest.cache.TRANSIENT_CODES`). A change of version, ``--min-slices`` or ``--compress`` voids
   the cache.
 * **Accounting.** Every discovered file ends in exactly one of ``used`` (behind an image in
-  the manifest), ``rejected`` or ``skipped`` (benign: :data:`SKIP_CODES`); ``errors.csv``
+  the manifest), ``rejected`` or ``skipped`` (benign: :data:`~medres.ingest.accounting.SKIP_CODES`); ``errors.csv``
   holds one row for every file that is not used, and ``ingest.json`` records the counts.
 * **Privacy.** Raw identifiers stay in worker/main memory only: pseudonyms are computed
   right after the header is read. ``ingest.json`` records SOURCE arguments by base name
@@ -45,152 +52,57 @@ Choices made here:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
-import json
 import logging
 import math
-import os
-import platform
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from medres import __version__, progress
-from medres.dataset.manifest import MANIFEST_NAME, write_manifest
-from medres.errors import ConfigError, IngestError
-from medres.ingest.codes import Code
-from medres.ingest.discover import ArchiveLimits, InputFile, Rejected, discover, root_prefixes
-from medres.ingest.identity import nifti_identity, stack_identity, unique_image_id
-from medres.ingest.labels import (
-    assign_splits,
-    check_fractions,
-    join_labels,
-    read_labels,
+from medres import progress
+from medres.dataset.manifest import MANIFEST_NAME
+from medres.errors import IngestError
+from medres.ingest.accounting import SKIP_CODES, Ledger
+from medres.ingest.cache import (
+    CACHE_NAME,
+    TRANSIENT_CODES,
+    Cache,
+    CacheGroup,
+    Trusted,
+    cache_settings,
+    group_id,
+    load_cache,
+    reuse_trusted,
+    save_cache,
+    trusted_groups,
 )
-from medres.ingest.tasks import DecodeJob, ScanResult, common_source, decode_task, scan_task
-from medres.io import atomic_open, atomic_write_json
-from medres.phi import (
-    KEY_FILE,
-    SOURCE_PATH_MODES,
-    PathRedactor,
-    load_or_create_key,
-    pseudonym,
+from medres.ingest.config import (
+    IMAGES_DIR,
+    SCRATCH_DIR,
+    IngestConfig,
+    IngestReport,
+    check_config,
 )
+from medres.ingest.discover import Discovery, InputFile, Rejected, discover, root_prefixes
+from medres.ingest.labels import LabelTable, assign_splits, join_labels, read_labels
+from medres.ingest.outputs import (
+    ERRORS_NAME,
+    INGEST_JSON,
+    manifest_rows,
+    write_ingest_json,
+    write_outputs,
+)
+from medres.ingest.plan import PlannedJob, plan_jobs
+from medres.ingest.records import ImageRecord
+from medres.ingest.tasks import DecodeJob, ScanResult, decode_task, scan_task
+from medres.io import LOCK_NAME, output_lock
+from medres.phi import PathRedactor, load_or_create_key
 from medres.workers import Failure, IsolatedPool, default_workers, isolated_map
 
 log = logging.getLogger(__name__)
-
-ERRORS_NAME = "errors.csv"
-INGEST_JSON = "ingest.json"
-CACHE_NAME = ".medres_cache.json"
-IMAGES_DIR = "images"
-SCRATCH_DIR = ".medres_scratch"
-LOCK_NAME = ".medres_lock"
-SKIP_CODES = frozenset({Code.NOT_IMAGE.value, Code.DUPLICATE_INPUT.value, Code.EXTRA_STACK.value})
-_CACHE_VERSION = 3
-_SRC_MARK = "\x1f\x1f"  # a rejection message's own source, in the cache
-# failures that may not happen again (load, memory, a crashed worker): never cached
-_TRANSIENT_CODES = frozenset({Code.TIMEOUT.value, Code.DECODE_FAILED.value, Code.UNREADABLE.value})
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """Everything ``medres ingest`` needs; built once by the CLI (or by library users).
-
-    ``workers``: worker processes (0 = one per core; 1 still isolates in one worker;
-    ``isolate=False`` runs everything in this process, for tests and debugging).
-    ``min_slices``: 3D stacks with fewer slices are rejected (``too_few_slices``).
-    ``file_timeout_s``: per header/decode item; ``worker_memory_mb``: address-space limit
-    per worker (``None`` = none). ``incremental``: reuse unchanged images of a previous run.
-    ``source_paths``: how ``source`` paths are written (:class:`medres.phi.PathRedactor`
-    mode: ``identity``, ``all`` or ``keep``).
-    """
-
-    sources: tuple[Path, ...]
-    out_dir: Path
-    labels: Path | None = None
-    label_key: str | None = None
-    workers: int = 0
-    val_frac: float = 0.15
-    test_frac: float = 0.15
-    seed: int = 0
-    min_slices: int = 3
-    compress: bool = False
-    file_timeout_s: float = 120.0
-    worker_memory_mb: int | None = None
-    incremental: bool = True
-    isolate: bool = True
-    limits: ArchiveLimits = field(default_factory=ArchiveLimits)
-    source_paths: str = "identity"
-
-
-@dataclass(frozen=True)
-class IngestReport:
-    """What one ingest run produced; the CLI prints it as the summary table."""
-
-    out_dir: Path
-    manifest_path: Path
-    errors_path: Path
-    n_images: int
-    images_by_modality: dict[str, int]
-    rejections_by_code: dict[str, int]
-    files: dict[str, int]
-    splits: dict[str, int]
-    label_columns: tuple[str, ...]
-    unmatched_labels: int
-    unlabelled_images: int
-    timing: dict[str, float]
-    elapsed_s: float
-
-
-# ---------------------------------------------------------------------------------------
-# stages
-
-
-@dataclass
-class _Ledger:
-    """Per-file status: every discovered source ends used, rejected or skipped."""
-
-    status: dict[str, tuple[str, str, str]] = field(
-        default_factory=dict
-    )  # source -> (state, code, msg)
-    seen: int = 0
-
-    def reject(self, source: str, code: str, message: str) -> None:
-        code = str(code)
-        state = "skipped" if code in SKIP_CODES else "rejected"
-        self.status.setdefault(source, (state, code, message))
-
-    def use(self, source: str) -> None:
-        self.status[source] = ("used", "", "")
-
-    def counts(self) -> dict[str, int]:
-        c = Counter(s for s, _, _ in self.status.values())
-        return {
-            "seen": self.seen,
-            "used": c["used"],
-            "rejected": c["rejected"],
-            "skipped": c["skipped"],
-        }
-
-    def error_rows(self, redactor: PathRedactor | None = None) -> list[dict[str, str]]:
-        """One row per file not used; sources and messages redacted by ``redactor``."""
-        rows = [
-            {"source": src, "code": code, "message": msg}
-            for src, (state, code, msg) in sorted(self.status.items())
-            if state != "used"
-        ]
-        if redactor is not None:
-            for r in rows:
-                r["message"] = redactor.redact_text(r["message"], (r["source"],))
-                r["source"] = redactor.redact(r["source"])
-        return rows
 
 
 def run_ingest(config: IngestConfig) -> IngestReport:
@@ -201,218 +113,147 @@ def run_ingest(config: IngestConfig) -> IngestReport:
     (errors.csv and ingest.json are written first so the reasons can be read).
     """
     t0 = time.monotonic()
-    timing: dict[str, float] = {}
-    _check_config(config)
+    check_config(config)
     out = config.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    with _out_dir_lock(out):
-        return _run(config, t0, timing)
+    with output_lock(out, command="ingest"):
+        return _run(config, t0)
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share."""
+
+    config: IngestConfig
+    key: bytes
+    redactor: PathRedactor
+    workers: int
+    ledger: Ledger = field(default_factory=Ledger)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The images of a run (decoded now or reused) and the file counts behind them."""
+
+    records: list[ImageRecord]
+    cached_files: int
+    scanned: int
+
+
+@dataclass(frozen=True)
+class _Labelled:
+    """Per image (in record order): its labels and split."""
+
+    labels: list[dict[str, str]]
+    splits: list[str]
+    label_columns: tuple[str, ...]
+    unmatched: int = 0
+    unlabelled: int = 0
+
+
+def _run(config: IngestConfig, t0: float) -> IngestReport:
+    out = config.out_dir
+    key = load_or_create_key(out)
+    roots = [p for p in root_prefixes(list(config.sources)) if p]
+    redactor = PathRedactor(key, config.source_paths, root_names=roots)
+    table = read_labels(config.labels, key, config.label_key) if config.labels else None
+    run = _Run(config, key, redactor, config.workers or default_workers())
+    images = _read_images(run)
+    with _timed(run.timing, "write_s"):
+        records = sorted(images.records, key=lambda r: r.image_id)
+        labelled = _label_and_split(records, table, config)
+        rows = manifest_rows(records, labelled.labels, labelled.splits, redactor)
+        error_rows = run.ledger.error_rows(redactor)
+        write_outputs(out, out / MANIFEST_NAME, rows, labelled.label_columns, error_rows)
+    report = _report(run, images, rows, error_rows, labelled, table, t0)
+    write_ingest_json(out / INGEST_JSON, config, report, run.workers, table, redactor)
+    if not rows:
+        raise IngestError(
+            f"no usable image found in {len(config.sources)} source(s) "
+            f"({report.files['seen']} files, {report.files['rejected']} rejected); see "
+            f"{report.errors_path.name} for the reason per file",
+            code="nothing_usable",
+        )
+    return report
 
 
 @contextlib.contextmanager
-def _out_dir_lock(out: Path) -> Iterator[None]:
-    """One ingest at a time per output folder (``.medres_lock`` holds the owner's pid)."""
-    lock = out / LOCK_NAME
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or "0")
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()  # stale: its owner is gone
-                continue
-            except PermissionError:
-                pass
-            raise ConfigError(
-                f"another `medres ingest` (pid {pid}) is writing to --out {out.name!r}; wait for "
-                f"it to finish, or delete {LOCK_NAME} there if it is gone"
-            ) from None
-    else:  # pragma: no cover - lost the race twice
-        raise ConfigError(f"cannot lock --out {out.name!r}; retry")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
+def _timed(timing: dict[str, float], name: str) -> Iterator[None]:
+    t = time.monotonic()
+    yield
+    timing[name] = time.monotonic() - t
 
 
-def _run(config: IngestConfig, t0: float, timing: dict[str, float]) -> IngestReport:
-    out = config.out_dir
-    key = load_or_create_key(out)
-    redactor = PathRedactor(
-        key, config.source_paths, root_names=[p for p in root_prefixes(list(config.sources)) if p]
-    )
-    table = read_labels(config.labels, key, config.label_key) if config.labels else None
-    workers = config.workers or default_workers()
-    scratch = out / SCRATCH_DIR
+def _read_images(run: _Run) -> _Images:
+    """Discover, scan, plan and decode in one worker pool; the scratch folder (extracted
+    archives) lives exactly as long as the pool."""
+    config = run.config
+    scratch = config.out_dir / SCRATCH_DIR
     shutil.rmtree(scratch, ignore_errors=True)
-    ledger = _Ledger()
     pool = IsolatedPool(
-        workers,
+        run.workers,
         timeout_s=config.file_timeout_s,
         isolate=config.isolate,
         memory_mb=config.worker_memory_mb,
     )
     try:
-        t = time.monotonic()
-        with progress.task("Finding inputs", total=None, unit="files") as bar:
-            found = discover(
-                list(config.sources),
-                scratch,
-                limits=config.limits,
-                exclude=[out],
-                on_input=bar.advance,
-            )
-        ledger.seen = found.seen
-        for r in found.rejected:
-            ledger.reject(r.source, r.code, r.message)
-        timing["discover_s"] = time.monotonic() - t
-
-        t = time.monotonic()
-        cache = (
-            _load_cache(out, _cache_settings(config), found.files, key)
-            if config.incremental
-            else _Cache()
-        )
-        redactor.add_hashed(cache.tokens)
-        trusted = _trusted_groups(cache, found.files, out)
-        headers, niftis, scanned = _scan_untrusted(found.files, trusted, cache, key, pool, ledger)
-        for h in headers:
-            redactor.add_header(h)
-        timing["scan_s"] = time.monotonic() - t
-
-        t = time.monotonic()
-        jobs, groups = _plan(headers, niftis, found.files, config, key, ledger)
-        timing["group_s"] = time.monotonic() - t
-
-        t = time.monotonic()
-        new_cache = _reuse_trusted(trusted, cache, ledger)
-        records = list(new_cache.units.values())
-        cached_files = sum(len(r.get("sources", [])) for r in records)
-        decoded, reused = _decode(jobs, groups, cache, new_cache, config, pool, ledger)
-        records += decoded
-        cached_files += reused
-        _save_cache(out, new_cache, _cache_settings(config), key, redactor)
-        timing["decode_s"] = time.monotonic() - t
-        for f in found.files:  # the invariant seen == used + rejected + skipped, whatever happens
-            if f.source not in ledger.status:
-                log.warning("an input was not accounted for by any stage; reported as rejected")
-                ledger.reject(f.source, Code.DECODE_FAILED.value, f"{f.source}: not processed")
+        found = _discover_stage(run, scratch)
+        cache, trusted, headers, niftis, scanned = _scan_stage(run, found.files, pool)
+        with _timed(run.timing, "group_s"):
+            jobs, groups = plan_jobs(headers, niftis, found.files, config, run.key, run.ledger)
+        with _timed(run.timing, "decode_s"):
+            records, cached_files = _decode_stage(run, jobs, groups, cache, trusted, pool)
+        run.ledger.account_rest(f.source for f in found.files)
     except BaseException:
         pool.close(kill=True)  # Ctrl-C or a bug: do not wait for busy workers
         raise
     finally:
         pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
-
-    t = time.monotonic()
-    records.sort(key=lambda r: r["image_id"])
-    label_columns: tuple[str, ...] = ("label",)
-    unmatched = unlabelled = 0
-    labels: list[dict[str, str]] = [{"label": ""} for _ in records]
-    given = [""] * len(records)
-    if table is not None:
-        joined = join_labels(records, table)
-        labels, given = joined.labels, joined.given_splits
-        label_columns = table.label_columns
-        unmatched, unlabelled = joined.unmatched_rows, joined.unlabelled_images
-    groups = [r["patient_key"] or f"image:{r['image_id']}" for r in records]
-    strata = ["|".join(lab[c] for c in label_columns) for lab in labels]
-    splits = assign_splits(
-        groups,
-        strata,
-        given,
-        val_frac=config.val_frac,
-        test_frac=config.test_frac,
-        seed=config.seed,
-    )
-    rows = []
-    for rec, lab, sp in zip(records, labels, splits, strict=True):
-        row = {k: v for k, v in rec.items() if k not in ("sources", "accession_key", "group")}
-        row["source"] = redactor.redact(str(row.get("source", "")))
-        row.update(lab)
-        row["split"] = sp
-        rows.append(row)
-    manifest_path = out / MANIFEST_NAME
-    errors_path = out / ERRORS_NAME
-    # always rewritten (header only when empty) so that a stale manifest never survives
-    write_manifest(manifest_path, rows, label_columns)
-    error_rows = ledger.error_rows(redactor)
-    _write_errors(errors_path, error_rows)
-    _prune_images(out, {r["image_path"] for r in rows})
-    timing["write_s"] = time.monotonic() - t
-    elapsed = time.monotonic() - t0
-    timing["total_s"] = elapsed
-
-    files = ledger.counts()
-    files["cached"] = cached_files
-    files["scanned"] = scanned
-    report = IngestReport(
-        out_dir=out,
-        manifest_path=manifest_path,
-        errors_path=errors_path,
-        n_images=len(rows),
-        images_by_modality=dict(sorted(Counter(r["modality"] or "unknown" for r in rows).items())),
-        rejections_by_code=dict(sorted(Counter(e["code"] for e in error_rows).items())),
-        files=files,
-        splits=dict(Counter(splits)),
-        label_columns=label_columns if table is not None else (),
-        unmatched_labels=unmatched,
-        unlabelled_images=unlabelled,
-        timing={k: round(v, 3) for k, v in timing.items()},
-        elapsed_s=round(elapsed, 3),
-    )
-    _write_ingest_json(out / INGEST_JSON, config, report, workers, table, redactor)
-    if not rows:
-        raise IngestError(
-            f"no usable image found in {len(config.sources)} source(s) "
-            f"({files['seen']} files, {files['rejected']} rejected); see {errors_path.name} "
-            "for the reason per file",
-            code="nothing_usable",
-        )
-    return report
+    return _Images(records, cached_files, scanned)
 
 
-def _check_config(config: IngestConfig) -> None:
-    if not config.sources:
-        raise ConfigError("no SOURCE given; pass folders, files or archives to ingest")
-    check_fractions(config.val_frac, config.test_frac)
-    if config.source_paths not in SOURCE_PATH_MODES:
-        raise ConfigError(
-            f"--source-paths {config.source_paths!r} is not known; use one of "
-            f"{', '.join(SOURCE_PATH_MODES)}"
-        )
-    if config.workers < 0:
-        raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")
-    if config.min_slices < 1:
-        raise ConfigError(f"--min-slices {config.min_slices} must be at least 1")
-    if config.worker_memory_mb is not None and config.worker_memory_mb < 256:
-        raise ConfigError(
-            f"--worker-memory-mb {config.worker_memory_mb} is too small; use at least 256 "
-            "(a worker needs ~200 MiB before it reads any file)"
-        )
-    if config.file_timeout_s <= 0:
-        raise ConfigError("--file-timeout must be positive (seconds)")
-    if config.out_dir.exists() and not config.out_dir.is_dir():
-        raise ConfigError(
-            f"--out {config.out_dir.name!r} exists and is not a folder; choose a folder"
-        )
-    for i, src in enumerate(config.sources):
-        if not src.exists():
-            raise ConfigError(
-                f"SOURCE argument {i + 1} ({src.name!r}) does not exist; check the path"
+def _discover_stage(run: _Run, scratch: Path) -> Discovery:
+    """List every input (archives extracted into ``scratch``); rejections go to the ledger."""
+    config = run.config
+    with _timed(run.timing, "discover_s"):
+        with progress.task("Finding inputs", total=None, unit="files") as bar:
+            found = discover(
+                list(config.sources),
+                scratch,
+                limits=config.limits,
+                exclude=[config.out_dir],
+                on_input=bar.advance,
             )
+        run.ledger.seen = found.seen
+        for r in found.rejected:
+            run.ledger.reject(r.source, r.code, r.message)
+    return found
+
+
+def _scan_stage(
+    run: _Run, files: list[InputFile], pool: IsolatedPool
+) -> tuple[Cache, Trusted, list[Any], list[InputFile], int]:
+    """Load the cache, trust unchanged groups and scan the headers of every other file."""
+    config = run.config
+    with _timed(run.timing, "scan_s"):
+        if config.incremental:
+            cache = load_cache(config.out_dir, cache_settings(config), files, run.key)
+        else:
+            cache = Cache()
+        run.redactor.add_hashed(cache.tokens)
+        trusted = trusted_groups(cache, files, config.out_dir)
+        headers, niftis, scanned = _scan_untrusted(files, trusted, cache, run.key, pool, run.ledger)
+        for h in headers:
+            run.redactor.add_header(h)
+    return cache, trusted, headers, niftis, scanned
 
 
 def _scan(
-    files: list[InputFile], pool: IsolatedPool, ledger: _Ledger
+    files: list[InputFile], pool: IsolatedPool, ledger: Ledger
 ) -> tuple[list[Any], list[InputFile]]:
+    """Header-scan ``files`` in chunks: DICOM headers and NIfTI inputs; failures rejected."""
     items = [(f.path, f.source) for f in files]
     chunk = max(1, min(64, math.ceil(len(items) / (pool.workers * 4))))
     with progress.task("Scanning headers", total=len(items), unit="files") as bar:
@@ -429,252 +270,22 @@ def _scan(
     return headers, niftis
 
 
-def _fingerprint(parts: list[tuple[str, str]], config: IngestConfig) -> str:
-    h = hashlib.sha256()
-    h.update(f"{_CACHE_VERSION}|{__version__}|{config.min_slices}|{config.compress}".encode())
-    for src, fp in sorted(parts):
-        h.update(f"\n{src}\t{fp}".encode())
-    return h.hexdigest()
-
-
-def _plan(
-    headers: list[Any],
-    niftis: list[InputFile],
-    files: list[InputFile],
-    config: IngestConfig,
-    key: bytes,
-    ledger: _Ledger,
-) -> tuple[list[tuple[str, DecodeJob]], dict[str, dict[str, Any]]]:
-    """Group headers into stacks and make one decode job (with its fingerprint) per image.
-
-    Also returns the cache groups: per DICOM series (and per NIfTI file) the fingerprints of
-    all its files and the rejections inside it, so that a later run can trust the whole
-    series without reading its headers.
-    """
-    by_source = {f.source: f for f in files}
-    groups: dict[str, dict[str, Any]] = {}
-    header_group: dict[str, str] = {}
-    for h in headers:
-        gid = _group_id(h, key)
-        header_group[h.source] = gid
-        g = groups.setdefault(gid, {"inputs": {}, "rejections": []})
-        g["inputs"][h.source] = by_source[h.source].fingerprint
-    jobs: list[tuple[str, DecodeJob]] = []
-    suffix = ".nii.gz" if config.compress else ".nii"
-    images = config.out_dir / IMAGES_DIR
-    taken: set[str] = set()
-
-    def make(kind: str, payload: Any, identity: str, sources: tuple[str, ...], gid: str) -> None:
-        image_id, _ = unique_image_id(identity, key, taken)
-        rel = f"{IMAGES_DIR}/{image_id}{suffix}"
-        fp = _fingerprint([(s, by_source[s].fingerprint) for s in sources], config)
-        jobs.append(
-            (
-                fp,
-                DecodeJob(
-                    kind,
-                    payload,
-                    image_id,
-                    images / f"{image_id}{suffix}",
-                    rel,
-                    key,
-                    config.min_slices,
-                    sources,
-                    gid,
-                ),
-            )
-        )
-
-    if headers:
-        from medres.ingest import dicom  # imported only when there is something to group
-
-        policy = dicom.GeometryPolicy(min_slices=config.min_slices)
-        stacks, rejections = dicom.group_stacks(headers, policy)
-        for src, code, message in _rejected_files(headers, stacks, rejections):
-            ledger.reject(src, code, message)
-            gid = header_group.get(src)
-            if gid is not None:
-                groups[gid]["rejections"].append([src, code, message])
-        for stack in stacks:
-            sources = tuple(stack.sources)
-            make("dicom", stack, stack_identity(stack), sources, header_group[sources[0]])
-    for f in niftis:
-        gid = f"nifti|{pseudonym(f.source, key)}"
-        groups[gid] = {"inputs": {f.source: f.fingerprint}, "rejections": []}
-        make("nifti", (f.path, f.source), nifti_identity(f.source), (f.source,), gid)
-    return jobs, groups
-
-
-def _group_id(header: Any, key: bytes) -> str:
-    """The PHI-free cache group of a DICOM header: its (study, series) pseudonyms."""
-    return f"dicom|{pseudonym(header.study_uid, key)}|{pseudonym(header.series_uid, key)}"
-
-
-def _rejected_files(
-    headers: Sequence[Any], stacks: Sequence[Any], rejections: Sequence[Any]
-) -> list[tuple[str, str, str]]:
-    """One (source, code, message) per file that grouping did not put in a kept stack.
-
-    A grouping rejection names its first file and ``n_files``; the other files of its
-    series that no kept stack uses are attributed to the series' rejections in order
-    (``sources`` on a rejection, when present, is used as is).
-    """
-    kept = {src for st in stacks for src in st.sources}
-    left: dict[tuple[str, str], list[str]] = {}
-    for h in sorted(headers, key=lambda h: h.source):
-        if h.source not in kept:
-            left.setdefault((h.study_uid, h.series_uid), []).append(h.source)
-    out: list[tuple[str, str, str]] = []
-    capacity: list[tuple[Any, int]] = []
-    for rej in rejections:
-        series = left.get((rej.study_uid, rej.series_uid), [])
-        explicit = getattr(rej, "sources", None)
-        wanted = list(explicit) if explicit else [rej.source]
-        for src in wanted:
-            if src in series:
-                series.remove(src)
-            out.append((src, str(rej.code), rej.message))
-        capacity.append((rej, 0 if explicit else max(0, int(rej.n_files) - 1)))
-    for rej, cap in capacity:
-        series = left.get((rej.study_uid, rej.series_uid), [])
-        while cap > 0 and series:
-            out.append((series.pop(0), str(rej.code), rej.message))
-            cap -= 1
-    for series in left.values():
-        for src in series:  # not claimed by any rejection: should not happen, but account
-            log.debug("file not in any kept stack nor rejection; reported as extra_stack")
-            out.append(
-                (src, Code.EXTRA_STACK.value, f"{src}: not part of the kept stack of its series")
-            )
-    return out
-
-
-@dataclass
-class _Cache:
-    """``.medres_cache.json``: ``units`` maps an image fingerprint to its manifest record
-    (plus ``sources`` and ``group``); ``groups`` maps a cache group (a DICOM series or a NIfTI
-    file, by pseudonyms) to ``{"inputs": {source: file fingerprint}, "rejections": [...]}``."""
-
-    units: dict[str, dict[str, Any]] = field(default_factory=dict)
-    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tokens: list[str] = field(default_factory=list)  # PathRedactor.hashed_tokens
-
-
-def _cache_settings(config: IngestConfig) -> str:
-    """What a cached image depends on besides its inputs (a change voids the cache)."""
-    return f"{__version__}|min_slices={config.min_slices}|compress={config.compress}"
-
-
-def _src_id(source: str, key: bytes) -> str:
-    """How the cache names a source: a keyed hash (the path may hold PHI)."""
-    return pseudonym(source, key, "src-")
-
-
-def _load_cache(out: Path, settings: str, files: Sequence[InputFile], key: bytes) -> _Cache:
-    """The previous run's cache with its hashed sources mapped back to the current inputs'
-    paths (a hash no current file has stays as is and so never matches)."""
-    path = out / CACHE_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return _Cache()
-    if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
-        return _Cache()
-    if data.get("settings") != settings:
-        return _Cache()
-    units, groups, tokens = data.get("units"), data.get("groups"), data.get("path_tokens")
-    if not isinstance(units, dict) or not isinstance(groups, dict):
-        return _Cache()
-    raw = {_src_id(f.source, key): f.source for f in files}
-    try:
-        for rec in units.values():
-            rec["sources"] = [raw.get(s, s) for s in rec.get("sources", [])]
-            rec["source"] = common_source(rec["sources"]) if rec["sources"] else ""
-        for g in groups.values():
-            g["inputs"] = {raw.get(s, s): fp for s, fp in (g.get("inputs") or {}).items()}
-            g["rejections"] = [
-                [raw.get(s, s), code, str(msg).replace(_SRC_MARK, raw.get(s, s))]
-                for s, code, msg in g.get("rejections", [])
-            ]
-    except (AttributeError, TypeError, ValueError):
-        return _Cache()
-    return _Cache(units, groups, [str(t) for t in tokens] if isinstance(tokens, list) else [])
-
-
-def _save_cache(
-    out: Path, cache: _Cache, settings: str, key: bytes, redactor: PathRedactor
-) -> None:
-    """Write the cache with every source as a keyed hash and rejection messages redacted
-    (their own source as a marker restored on load), plus the redactor's hashed tokens."""
-    units = {
-        fp: {
-            **rec,
-            "source": "",
-            "sources": [_src_id(s, key) for s in rec.get("sources", [])],
-        }
-        for fp, rec in cache.units.items()
-    }
-    groups = {
-        gid: {
-            **g,
-            "inputs": {_src_id(s, key): v for s, v in (g.get("inputs") or {}).items()},
-            "rejections": [
-                [_src_id(s, key), code, redactor.redact_text(str(msg).replace(s, _SRC_MARK))]
-                for s, code, msg in g.get("rejections", [])
-            ],
-        }
-        for gid, g in cache.groups.items()
-    }
-    data = {
-        "version": _CACHE_VERSION,
-        "settings": settings,
-        "units": units,
-        "groups": groups,
-        "path_tokens": redactor.hashed_tokens,
-    }
-    with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-
-
-def _trusted_groups(
-    cache: _Cache, files: list[InputFile], out: Path
-) -> dict[str, list[tuple[str, dict[str, Any]]]]:
-    """Cache groups whose every input is present and unchanged and whose images exist:
-    their headers need not be read again (unless a new file joins the series)."""
-    current = {f.source: f.fingerprint for f in files}
-    by_group: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    broken: set[str] = set()
-    for fp, rec in cache.units.items():
-        gid = rec.get("group", "")
-        if not (out / str(rec.get("image_path", ""))).is_file():
-            broken.add(gid)
-        by_group.setdefault(gid, []).append((fp, rec))
-    trusted = {}
-    for gid, g in cache.groups.items():  # groups without images: series rejected whole
-        if gid in broken or not isinstance(g, dict):
-            continue
-        inputs = g.get("inputs") or {}
-        if inputs and all(current.get(src) == fp for src, fp in inputs.items()):
-            trusted[gid] = by_group.get(gid, [])
-    return trusted
-
-
 def _scan_untrusted(
     files: list[InputFile],
-    trusted: dict[str, list[tuple[str, dict[str, Any]]]],
-    cache: _Cache,
+    trusted: Trusted,
+    cache: Cache,
     key: bytes,
     pool: IsolatedPool,
-    ledger: _Ledger,
+    ledger: Ledger,
 ) -> tuple[list[Any], list[InputFile], int]:
     """Scan every file outside trusted groups; a group that a newly scanned header belongs
     to (a file was added to the series) loses its trust and is scanned too."""
-    skip = {src for gid in trusted for src in cache.groups[gid]["inputs"]}
+    skip = {src for gid in trusted for src in cache.groups[gid].inputs}
     todo = [f for f in files if f.source not in skip]
     headers, niftis = _scan(todo, pool, ledger)
-    touched = {_group_id(h, key) for h in headers} & trusted.keys()
+    touched = {group_id(h, key) for h in headers} & trusted.keys()
     if touched:
-        again = {src for gid in touched for src in cache.groups[gid]["inputs"]}
+        again = {src for gid in touched for src in cache.groups[gid].inputs}
         for gid in touched:
             del trusted[gid]
         more = [f for f in files if f.source in again]
@@ -685,47 +296,40 @@ def _scan_untrusted(
     return headers, niftis, len(todo)
 
 
-def _reuse_trusted(
-    trusted: dict[str, list[tuple[str, dict[str, Any]]]], cache: _Cache, ledger: _Ledger
-) -> _Cache:
-    """Records and rejections of trusted groups, carried over without reading anything."""
-    kept = _Cache()
-    for gid, units in trusted.items():
-        g = cache.groups[gid]
-        kept.groups[gid] = g
-        for fp, rec in units:
-            kept.units[fp] = rec
-            for src in rec.get("sources", []):
-                ledger.use(src)
-        for src, code, message in g.get("rejections", []):
-            ledger.reject(src, code, message)
-    if trusted:
-        log.info("%d series/files unchanged since the last run: headers not re-read", len(trusted))
-    return kept
+def _decode_stage(
+    run: _Run,
+    jobs: list[PlannedJob],
+    groups: dict[str, CacheGroup],
+    cache: Cache,
+    trusted: Trusted,
+    pool: IsolatedPool,
+) -> tuple[list[ImageRecord], int]:
+    """Reuse trusted groups, decode the rest and save the new cache; returns every image's
+    record and the number of files behind reused images."""
+    config = run.config
+    new_cache = reuse_trusted(trusted, cache, run.ledger)
+    records = list(new_cache.units.values())
+    cached_files = sum(len(r.sources) for r in records)
+    decoded, reused = _decode(jobs, groups, cache, new_cache, config, pool, run.ledger)
+    records += decoded
+    save_cache(config.out_dir, new_cache, cache_settings(config), run.key, run.redactor)
+    return records, cached_files + reused
 
 
 def _decode(
-    jobs: list[tuple[str, DecodeJob]],
-    groups: dict[str, dict[str, Any]],
-    cache: _Cache,
-    new_cache: _Cache,
+    jobs: list[PlannedJob],
+    groups: dict[str, CacheGroup],
+    cache: Cache,
+    new_cache: Cache,
     config: IngestConfig,
     pool: IsolatedPool,
-    ledger: _Ledger,
-) -> tuple[list[dict[str, Any]], int]:
+    ledger: Ledger,
+) -> tuple[list[ImageRecord], int]:
     """Decode the jobs whose fingerprint is not cached; returns the records and the number
     of files behind reused images. Fills ``new_cache`` with every image kept."""
-    out = config.out_dir
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    todo: list[tuple[str, DecodeJob]] = []
-    for fp, job in jobs:
-        rec = cache.units.get(fp)
-        if rec is not None and rec.get("image_id") == job.image_id and job.out_path.is_file():
-            records.append({**rec, "group": job.group})
-        else:
-            todo.append((fp, job))
-    cached_files = sum(len(r.get("sources", [])) for r in records)
+    (config.out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    records, todo = _reusable(jobs, cache)
+    cached_files = sum(len(r.sources) for r in records)
     log.info("%d image(s) unchanged since the last run, %d to decode", len(records), len(todo))
     with progress.task("Decoding images", total=len(todo), unit="images") as bar:
         results = pool.map(
@@ -734,112 +338,113 @@ def _decode(
     retry = set()  # groups with a failure that may be transient are not remembered
     for (_fp, job), (ok, val) in zip(todo, results, strict=True):
         if ok:
-            records.append({**val, "group": job.group})
+            records.append(_in_group(val, job.group))
             continue
         for src in job.sources:
             ledger.reject(src, val.code, val.message)
             if job.group in groups:
-                groups[job.group]["rejections"].append([src, val.code, val.message])
-        if val.code in _TRANSIENT_CODES:
+                groups[job.group].rejections.append((src, val.code, val.message))
+        if val.code in TRANSIENT_CODES:
             retry.add(job.group)
     job_fp = {job.image_id: fp for fp, job in jobs}
     for rec in records:
-        for src in rec.get("sources", []):
+        for src in rec.sources:
             ledger.use(src)
-        new_cache.units[job_fp[rec["image_id"]]] = rec
+        new_cache.units[job_fp[rec.image_id]] = rec
     for gid, g in groups.items():
         if gid not in retry:
             new_cache.groups[gid] = g
     return records, cached_files
 
 
-def _write_errors(path: Path, rows: list[dict[str, str]]) -> None:
-    import csv
-
-    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["source", "code", "message"], lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _prune_images(out: Path, keep: set[str]) -> None:
-    """Remove images a previous run wrote that are no longer in the manifest."""
-    images = out / IMAGES_DIR
-    if not images.is_dir():
-        return
-    for p in images.iterdir():
-        rel = f"{IMAGES_DIR}/{p.name}"
-        if rel not in keep and (p.name.startswith("img-") or p.name.startswith(".img-")):
-            with contextlib.suppress(OSError):
-                p.unlink()
+def _reusable(jobs: list[PlannedJob], cache: Cache) -> tuple[list[ImageRecord], list[PlannedJob]]:
+    """Split jobs into cached records whose image is still there and jobs to decode."""
+    records: list[ImageRecord] = []
+    todo: list[PlannedJob] = []
+    for fp, job in jobs:
+        rec = cache.units.get(fp)
+        if rec is not None and rec.image_id == job.image_id and job.out_path.is_file():
+            records.append(_in_group(rec, job.group))
+        else:
+            todo.append((fp, job))
+    return records, todo
 
 
-def _versions() -> dict[str, str]:
-    out = {"medres": __version__, "python": platform.python_version()}
-    for mod in ("pydicom", "nibabel", "numpy"):
-        m = sys.modules.get(mod)
-        if m is None:
-            with contextlib.suppress(Exception):
-                m = importlib.import_module(mod)
-        out[mod] = getattr(m, "__version__", "") if m else ""
-    return out
+def _in_group(rec: ImageRecord, group: str) -> ImageRecord:
+    """``rec`` in cache group ``group``."""
+    return rec if rec.group == group else replace(rec, group=group)
 
 
-def _write_ingest_json(
-    path: Path,
-    config: IngestConfig,
-    report: IngestReport,
-    workers: int,
-    table: Any,
-    redactor: PathRedactor,
-) -> None:
-    settings = {
-        "sources": [redactor.redact(p.name or str(p)) for p in config.sources],
-        "source_paths": config.source_paths,
-        "labels": config.labels.name if config.labels else None,
-        "label_key": table.key_column if table is not None else None,
-        "workers": workers,
-        "val_frac": config.val_frac,
-        "test_frac": config.test_frac,
-        "seed": config.seed,
-        "min_slices": config.min_slices,
-        "compress": config.compress,
-        "file_timeout_s": config.file_timeout_s,
-        "worker_memory_mb": config.worker_memory_mb,
-        "incremental": config.incremental,
-        "isolate": config.isolate,
-        "limits": asdict(config.limits),
-    }
-    atomic_write_json(
-        path,
-        {
-            "format": "medres-ingest/1",
-            "versions": _versions(),
-            "settings": settings,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "timing": report.timing,
-            "files": report.files,
-            "images": report.n_images,
-            "images_by_modality": report.images_by_modality,
-            "rejections_by_code": report.rejections_by_code,
-            "splits": report.splits,
-            "label_columns": list(report.label_columns),
-            "labels": None
-            if table is None
-            else {
-                "key_column": table.key_column,
-                "rows": table.n_rows,
-                "unmatched_rows": report.unmatched_labels,
-                "unlabelled_images": report.unlabelled_images,
-            },
-            "key_file": KEY_FILE,
-        },
+def _label_and_split(
+    records: Sequence[ImageRecord], table: LabelTable | None, config: IngestConfig
+) -> _Labelled:
+    """Join the labels file (if any) and assign patient-grouped, stratified splits."""
+    label_columns: tuple[str, ...] = ("label",)
+    unmatched = unlabelled = 0
+    labels: list[dict[str, str]] = [{"label": ""} for _ in records]
+    given = [""] * len(records)
+    if table is not None:
+        joined = join_labels(records, table)
+        labels, given = joined.labels, joined.given_splits
+        label_columns = table.label_columns
+        unmatched, unlabelled = joined.unmatched_rows, joined.unlabelled_images
+    groups = [r.patient_key or f"image:{r.image_id}" for r in records]
+    strata = ["|".join(lab[c] for c in label_columns) for lab in labels]
+    splits = assign_splits(
+        groups,
+        strata,
+        given,
+        val_frac=config.val_frac,
+        test_frac=config.test_frac,
+        seed=config.seed,
+    )
+    return _Labelled(labels, splits, label_columns, unmatched, unlabelled)
+
+
+def _report(
+    run: _Run,
+    images: _Images,
+    rows: list[dict[str, str]],
+    error_rows: list[dict[str, str]],
+    labelled: _Labelled,
+    table: LabelTable | None,
+    t0: float,
+) -> IngestReport:
+    """The run's summary (also the body of ``ingest.json``)."""
+    out = run.config.out_dir
+    elapsed = time.monotonic() - t0
+    run.timing["total_s"] = elapsed
+    files = run.ledger.counts()
+    files["cached"] = images.cached_files
+    files["scanned"] = images.scanned
+    return IngestReport(
+        out_dir=out,
+        manifest_path=out / MANIFEST_NAME,
+        errors_path=out / ERRORS_NAME,
+        n_images=len(rows),
+        images_by_modality=dict(sorted(Counter(r["modality"] or "unknown" for r in rows).items())),
+        rejections_by_code=dict(sorted(Counter(e["code"] for e in error_rows).items())),
+        files=files,
+        splits=dict(Counter(labelled.splits)),
+        label_columns=labelled.label_columns if table is not None else (),
+        unmatched_labels=labelled.unmatched,
+        unlabelled_images=labelled.unlabelled,
+        timing={k: round(v, 3) for k, v in run.timing.items()},
+        elapsed_s=round(elapsed, 3),
     )
 
 
 __all__ = [
+    "CACHE_NAME",
+    "ERRORS_NAME",
+    "IMAGES_DIR",
+    "INGEST_JSON",
+    "LOCK_NAME",
+    "SCRATCH_DIR",
+    "SKIP_CODES",
     "DecodeJob",
     "Failure",
+    "ImageRecord",
     "IngestConfig",
     "IngestReport",
     "IsolatedPool",

@@ -1,9 +1,11 @@
 """Ingest's worker tasks and their records: what one supervised worker does with one input.
 
 ``scan_task`` reads one file's header (DICOM or NIfTI); ``decode_task`` decodes and writes
-one stack or NIfTI file. Both are module-level so that :class:`medres.workers.IsolatedPool`
-workers import them by name. This is ingest's public API for other stages (scoring reads
-files with the same tasks); the orchestration lives in :mod:`medres.ingest.pipeline`.
+one stack or NIfTI file and returns its :class:`~medres.ingest.records.ImageRecord`. Both
+are module-level so that :class:`medres.workers.IsolatedPool` workers import them by name.
+This is ingest's public API for other stages (scoring reads files with the same tasks); the
+orchestration lives in :mod:`medres.ingest.pipeline`. Imports: core, ``ingest.codes``,
+``ingest.labels``, ``ingest.records``; ``ingest.dicom`` / ``ingest.nifti`` lazily (heavy).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from medres.errors import IngestError
 from medres.ingest.codes import Code
 from medres.ingest.labels import id_keys
+from medres.ingest.records import ImageRecord
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,8 @@ class DecodeJob:
     group: str = ""
 
 
-def decode_task(job: DecodeJob) -> dict[str, Any]:
-    """Decode one image, write it atomically as NIfTI and return its manifest record."""
+def decode_task(job: DecodeJob) -> ImageRecord:
+    """Decode one image, write it atomically as NIfTI and return its record."""
     from medres.ingest import dicom, nifti
 
     if job.kind == "nifti":
@@ -83,24 +86,25 @@ def decode_task(job: DecodeJob) -> dict[str, Any]:
         series_uid=img.series_uid,
         accession=img.accession,
     )
-    return {
-        "image_id": job.image_id,
-        "image_path": job.rel_path,
-        "source": common_source(job.sources),
-        "dims": str(img.dims),
-        "channels": str(img.channels),
-        "shape": "x".join(str(s) for s in img.shape),
-        "spacing": "x".join(_num(s) for s in img.spacing),
-        "modality": img.modality or "",
-        "manufacturer": img.manufacturer or "",
-        "body_part": img.body_part or "",
-        "sex": img.sex or "",
-        "age": "" if img.age is None else _num(img.age),
+    return ImageRecord(
+        image_id=job.image_id,
+        image_path=job.rel_path,
+        source=common_source(job.sources),
+        dims=str(img.dims),
+        channels=str(img.channels),
+        shape="x".join(str(s) for s in img.shape),
+        spacing="x".join(_num(s) for s in img.spacing),
+        modality=img.modality or "",
+        manufacturer=img.manufacturer or "",
+        body_part=img.body_part or "",
+        sex=img.sex or "",
+        age="" if img.age is None else _num(img.age),
         **keys,
-        "n_slices": str(img.n_slices),
-        "warnings": ";".join(dict.fromkeys(w.replace(";", ",") for w in img.warnings)),
-        "sources": list(job.sources),
-    }
+        n_slices=str(img.n_slices),
+        warnings=";".join(dict.fromkeys(w.replace(";", ",") for w in img.warnings)),
+        sources=tuple(job.sources),
+        group=job.group,
+    )
 
 
 def _num(v: float) -> str:

@@ -1,6 +1,14 @@
 """ResNet zoo (2D/3D, MONAI), pretrained weights (ImageNet, inflated, MedicalNet, files) and
 the model directory.
 
+Modules: ``registry`` (architecture names, stem rule, reference costs), ``resnet`` (the
+network), ``weights`` (the published checkpoints and their preprocessing), ``hub`` (cache,
+download, mirrors, checksums), ``statedict`` (reading weight files without executing code),
+``adapt`` (fitting pretrained tensors to a model), ``pretrained`` (``load_pretrained``),
+``modeldir`` (the model directory and its typed ``ModelMeta``), ``catalog`` (``medres
+models`` rows), ``export`` / ``export_formats`` / ``bundle`` (TorchScript, ONNX, MONAI
+bundle). medres.models imports the core only (never train, score or evaluate).
+
 Public API (imported lazily, so ``import medres.models`` does not import torch)::
 
     build_model(arch, dims, in_channels, num_classes, stem="auto", image_size=None) -> nn.Module
@@ -8,8 +16,9 @@ Public API (imported lazily, so ``import medres.models`` does not import torch):
     weights_meta(source, arch, in_channels=None) -> dict
     backbone_parameters(model), head_parameters(model), set_backbone_trainable(model, bool)
     param_groups(model, lr, *, backbone_lr_scale=0.1, weight_decay=0.0) -> list[dict]
-    save_model_dir(path, model, meta) -> Path
-    load_model_dir(path, device="cpu") -> (model, meta)
+    ModelMeta (model.json), ModelMeta.for_model(model, **fields), read_model_meta(path)
+    save_model_dir(path, model, meta: ModelMeta) -> Path
+    load_model_dir(path, device="cpu") -> (model, ModelMeta)
     read_state_dict(path) -> dict[str, Tensor]     (safe: never executes pickled code)
     list_archs(), get_arch(name), resolve_stem(stem, image_size), available_weights(arch, dims)
 """
@@ -33,12 +42,14 @@ _EXPORTS = {
     "LoadReport": "medres.models.pretrained",
     "weights_meta": "medres.models.weights",
     "available_weights": "medres.models.weights",
-    "fetch_weights": "medres.models.weights",
-    "cache_dir": "medres.models.weights",
+    "fetch_weights": "medres.models.hub",
+    "cache_dir": "medres.models.hub",
+    "ModelMeta": "medres.models.modeldir",
+    "read_model_meta": "medres.models.modeldir",
     "save_model_dir": "medres.models.modeldir",
     "load_model_dir": "medres.models.modeldir",
     "read_model_json": "medres.models.modeldir",
-    "read_state_dict": "medres.models.modeldir",
+    "read_state_dict": "medres.models.statedict",
     "list_archs": "medres.models.registry",
     "get_arch": "medres.models.registry",
     "resolve_stem": "medres.models.registry",

@@ -3,20 +3,17 @@
 Pure data (no torch import), so the command answers instantly. Costs are the cached
 :data:`medres.models.registry.REFERENCE_COST` figures (224x224x3 in 2D, 128^3x1 in 3D,
 2 classes, standard stem; FLOPs = 2 x multiply-adds).
+
+Owns the listing rows only. Imports core and the torch-free medres.models modules.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from medres.models.hub import cache_dir, resolve_url
 from medres.models.registry import REFERENCE_COST, REFERENCE_INPUT, check_dims, list_archs
-from medres.models.weights import (
-    WEIGHTS,
-    available_weights,
-    cache_dir,
-    resolve_url,
-    weights_table,
-)
+from medres.models.weights import WEIGHTS, available_weights, weights_table
 
 
 def model_table(dims: int | None = None) -> list[dict[str, Any]]:

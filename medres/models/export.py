@@ -1,9 +1,10 @@
-"""Model exporters: a trained run's model to TorchScript, ONNX or a MONAI bundle.
+"""Model export: a trained run's model to TorchScript, ONNX or a MONAI bundle, by name.
 
-Formats are chosen by name from :data:`MODEL_EXPORTERS`. Every export is checked before it
-is reported done: the file is reloaded (``torch.jit.load``, ``onnxruntime``,
-``monai.bundle.load``) and its outputs on a random batch of two are compared with the
-PyTorch model's; a difference above :data:`ATOL` (1e-4) raises :class:`ModelError`.
+Formats are chosen by name from :data:`MODEL_EXPORTERS`; the exporters live in
+:mod:`medres.models.export_formats` (TorchScript, ONNX) and :mod:`medres.models.bundle`
+(MONAI bundle). Every export is reloaded and its outputs on a random batch of two are
+compared with the PyTorch model's; a difference above :data:`ATOL` (1e-4) raises
+:class:`ModelError`.
 
 Choices made here:
 
@@ -14,63 +15,31 @@ Choices made here:
 * **Output.** The raw network output, ``(N, num_classes)`` logits, named ``logits``;
   apply softmax (binary/multiclass) or sigmoid (multilabel) as ``model.json`` ``task`` says.
   The export keeps the model in eval mode (batch-norm running statistics).
-* **TorchScript** uses ``torch.jit.trace`` (ResNets have no data-dependent control flow)
-  and embeds ``model.json`` as the extra file ``model.json``.
-* **ONNX** uses the TorchScript-based exporter (``dynamo=False``), which needs no
-  ``onnxscript``, at opset :data:`ONNX_OPSET`, with a dynamic batch axis (``batch``) on
-  the input ``image`` and the output ``logits``; ``model.json`` goes into the model's
-  ``metadata_props``.
-* **MONAI bundle** layout: ``configs/metadata.json`` (MONAI's metadata schema fields,
-  ``network_data_format`` for ``image`` and ``pred``, and the full ``model.json`` under
-  ``medres``), ``configs/inference.json`` (MONAI's standard
-  evaluator layout: ``network_def``, checkpoint loading, preprocessing through
-  ``medres.train.transforms.build_transforms`` with the saved spec read from the metadata,
-  softmax/sigmoid post-processing, a ``ClassificationSaver`` writing
-  ``eval/predictions.csv``, over the NIfTI files in ``dataset_dir``; its ``dataset``,
-  ``network`` and ``postprocessing`` reproduce medres's own predictions, and running the
-  evaluator needs pytorch-ignite),
-  ``models/model.pt`` (state dict) and ``models/model.ts`` (TorchScript with the metadata
-  embedded, for ``monai.bundle.load(..., load_ts_module=True)``), ``docs/README.md``.
-  ``network_def`` is a plain ``monai.networks.nets.ResNet`` whenever the model is one
-  (its arguments are read off the module and checked by rebuilding it and loading the
-  weights strictly), so the bundle's network needs only MONAI; otherwise it falls back to
-  ``medres.models.build_model``.
+
+Owns the exporter registry, the run-dir lookup and the input shape. Imports core and
+medres.models only.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medres import __version__
 from medres.errors import ConfigError, ModelError
-
-log = logging.getLogger(__name__)
-
-ATOL = 1e-4
-ONNX_OPSET = 17
-SIZE_KEYS = ("image_size", "spatial_size", "roi_size", "input_size", "size")
-METADATA_SCHEMA = (
-    "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/"
-    "0.8.1/meta_schema_20240725.json"
+from medres.models.bundle import export_monai_bundle, monai_resnet_args, verify_monai_bundle
+from medres.models.export_formats import (
+    ATOL,
+    ONNX_OPSET,
+    ModelExportResult,
+    export_onnx,
+    export_torchscript,
+    find_key,
 )
+from medres.models.modeldir import ModelMeta
 
-
-@dataclass(frozen=True)
-class ModelExportResult:
-    """Summary of one model export and of its reload check."""
-
-    format: str
-    path: Path
-    input_shape: tuple[int, ...]
-    max_abs_diff: float
-    files: tuple[Path, ...] = field(default_factory=tuple)
+SIZE_KEYS = ("image_size", "spatial_size", "roi_size", "input_size", "size")
 
 
 # --- loading the run's model -------------------------------------------------------------
@@ -86,28 +55,28 @@ def find_model_dir(run_dir: str | os.PathLike[str]) -> Path:
     )
 
 
-def load_run_model(run_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
+def load_run_model(run_dir: str | os.PathLike[str]) -> tuple[Any, ModelMeta]:
     """Load the trained model (eval mode, CPU) and its ``model.json`` from a run dir."""
-    from medres.models import load_model_dir
+    from medres.models.modeldir import load_model_dir
 
     model, meta = load_model_dir(find_model_dir(run_dir), device="cpu")
     model.eval()
-    return model, dict(meta)
+    return model, meta
 
 
 # --- sample input ------------------------------------------------------------------------
 def input_shape(
-    meta: dict[str, Any], input_size: Sequence[int] | None = None, batch: int = 1
+    meta: ModelMeta, input_size: Sequence[int] | None = None, batch: int = 1
 ) -> tuple[int, ...]:
-    """``(batch, in_channels, *spatial)`` for ``meta`` (``model.json``); see module docs."""
-    dims = int(meta.get("dims", 2))
-    chans = int(meta.get("in_channels", 1))
+    """``(batch, in_channels, *spatial)`` for the model of ``meta``; see the module docs."""
+    dims = meta.dims
+    chans = meta.in_channels
     size: Any = list(input_size) if input_size else None
-    pre = meta.get("preprocessing") or {}
+    pre = meta.preprocessing
     for key in SIZE_KEYS:
         if size is not None:
             break
-        size = _find_key(pre, key)
+        size = find_key(pre, key)
     if size is None:
         raise ModelError(
             "model.json preprocessing has no image size; pass --input-size N[,N[,N]] "
@@ -121,496 +90,6 @@ def input_shape(
             f"input size {spatial} does not fit a {dims}D model; give {dims} positive sizes"
         )
     return (batch, chans, *spatial)
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    """First value of ``key`` in a nested dict/list (the preprocessing spec)."""
-    if isinstance(obj, dict):
-        if obj.get(key) not in (None, "", []):
-            return obj[key]
-        for v in obj.values():
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    elif isinstance(obj, list):
-        for v in obj:
-            found = _find_key(v, key)
-            if found is not None:
-                return found
-    return None
-
-
-def _reference(model: Any, shape: Sequence[int], seed: int = 0) -> tuple[Any, Any]:
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g)
-    with torch.no_grad():
-        y = model(x)
-    return x, y
-
-
-def _check(name: str, ref: Any, got: Any) -> float:
-    import numpy as np
-
-    ref_np = np.asarray(ref.detach().cpu().numpy() if hasattr(ref, "detach") else ref)
-    got_np = np.asarray(got.detach().cpu().numpy() if hasattr(got, "detach") else got)
-    if ref_np.shape != got_np.shape:
-        raise ModelError(
-            f"{name}: reloaded output shape {got_np.shape} != {ref_np.shape}; "
-            "report this with the model.json"
-        )
-    diff = float(np.max(np.abs(ref_np - got_np))) if ref_np.size else 0.0
-    if not diff <= ATOL:
-        raise ModelError(
-            f"{name}: reloaded outputs differ from PyTorch by {diff:.2e} (> {ATOL:g}); "
-            "the export is not faithful, report it with the model.json"
-        )
-    return diff
-
-
-# --- TorchScript -------------------------------------------------------------------------
-def _trace(model: Any, shape: Sequence[int]) -> Any:
-    import torch
-
-    x, _ = _reference(model, shape, seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit deprecation notices
-        with torch.no_grad():
-            return torch.jit.trace(model, x, check_trace=False)
-
-
-def export_torchscript(
-    model: Any, meta: dict[str, Any], out: str | os.PathLike[str], shape: Sequence[int]
-) -> ModelExportResult:
-    """Trace ``model`` to ``out`` (``.ts``/``.pt``; a folder gets ``model.ts``) and check it."""
-    import torch
-
-    path = _file_out(out, "model.ts")
-    traced = _trace(model, shape)
-    _save_ts(traced, path, {"model.json": json.dumps(meta)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = torch.jit.load(str(path), map_location="cpu")
-    x, ref = _reference(model, (2, *shape[1:]))
-    with torch.no_grad():
-        diff = _check(str(path), ref, loaded(x))
-    log.info("wrote %s (max |diff| %.2e)", path, diff)
-    return ModelExportResult("torchscript", path, tuple(shape), diff, (path,))
-
-
-def _save_ts(traced: Any, path: Path, extra: dict[str, str]) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(traced, str(tmp), _extra_files=extra)
-    os.replace(tmp, path)
-
-
-def _file_out(out: str | os.PathLike[str], default_name: str) -> Path:
-    p = Path(out)
-    if p.is_dir() or not p.suffix:
-        return p / default_name
-    return p
-
-
-# --- ONNX --------------------------------------------------------------------------------
-def export_onnx(
-    model: Any, meta: dict[str, Any], out: str | os.PathLike[str], shape: Sequence[int]
-) -> ModelExportResult:
-    """Export ``model`` to ONNX at ``out`` (a folder gets ``model.onnx``) and check it."""
-    try:
-        import onnx
-        import onnxruntime as ort
-    except ImportError:
-        raise ConfigError(
-            "ONNX export needs onnx and onnxruntime; install them with "
-            "`pip install 'medres[export]'`"
-        ) from None
-    import torch
-
-    path = _file_out(out, "model.onnx")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    x, _ = _reference(model, shape, seed=1)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (x,),
-            str(tmp),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            do_constant_folding=True,
-        )
-    proto = onnx.load(str(tmp))
-    onnx.helper.set_model_props(
-        proto, {"medres_model_json": json.dumps(meta), "medres_version": __version__}
-    )
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    xb, ref = _reference(model, (2, *shape[1:]))
-    got = sess.run(["logits"], {"image": xb.numpy()})[0]
-    diff = _check(str(path), ref, got)
-    log.info("wrote %s (max |diff| %.2e)", path, diff)
-    return ModelExportResult("onnx", path, tuple(shape), diff, (path,))
-
-
-# --- MONAI bundle ------------------------------------------------------------------------
-def monai_resnet_args(model: Any) -> dict[str, Any] | None:
-    """Constructor arguments of a plain ``monai.networks.nets.ResNet``, read off the module.
-
-    Returns None when ``model`` is not a MONAI ResNet (or subclass) with batch norm, ReLU
-    and a linear head. A subclass may change ``forward``, so the caller checks that the
-    rebuilt network gives the same outputs before using these arguments.
-    """
-    import torch.nn as nn
-    from monai.networks.nets import ResNet
-    from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
-
-    if not isinstance(model, ResNet) or not isinstance(model.fc, nn.Linear):
-        return None
-    if not isinstance(model.act, nn.ReLU) or not isinstance(
-        model.bn1, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    ):
-        return None
-    first = model.layer1[0]
-    if isinstance(first, ResNetBottleneck):
-        block, expansion = "bottleneck", ResNetBottleneck.expansion
-    elif isinstance(first, ResNetBlock):
-        block, expansion = "basic", ResNetBlock.expansion
-    else:
-        return None
-    layers = [model.layer1, model.layer2, model.layer3, model.layer4]
-    inplanes = [int(layer[0].conv1.out_channels) for layer in layers]
-    shortcut = "B"
-    for layer in layers:
-        ds = getattr(layer[0], "downsample", None)
-        if ds is not None and not isinstance(ds, nn.Sequential):
-            shortcut = "A"
-    if model.fc.in_features != inplanes[3] * expansion:
-        return None
-    conv1 = model.conv1
-    return {
-        "_target_": "monai.networks.nets.ResNet",
-        "block": block,
-        "layers": [len(layer) for layer in layers],
-        "block_inplanes": inplanes,
-        "spatial_dims": conv1.weight.ndim - 2,
-        "n_input_channels": int(conv1.in_channels),
-        "conv1_t_size": [int(k) for k in conv1.kernel_size],
-        "conv1_t_stride": [int(s) for s in conv1.stride],
-        "no_max_pool": bool(model.no_max_pool),
-        "shortcut_type": shortcut,
-        "num_classes": int(model.fc.out_features),
-        "bias_downsample": bool(model.bias_downsample),
-    }
-
-
-def _medres_network_def(meta: dict[str, Any], shape: Sequence[int]) -> dict[str, Any]:
-    return {
-        "_target_": "medres.models.build_model",
-        "arch": meta["arch"],
-        "dims": int(meta["dims"]),
-        "in_channels": int(meta["in_channels"]),
-        "num_classes": int(meta["num_classes"]),
-        "stem": meta.get("stem", "auto"),
-        "image_size": list(shape[2:]),
-    }
-
-
-def _network_def(model: Any, meta: dict[str, Any], shape: Sequence[int]) -> dict[str, Any]:
-    """A ``network_def`` that rebuilds ``model`` and takes its state dict strictly."""
-    from monai.bundle import ConfigParser
-
-    candidates = []
-    args = monai_resnet_args(model)
-    if args is not None:
-        candidates.append(args)
-    candidates.append(_medres_network_def(meta, shape))
-    import torch
-
-    state = model.state_dict()
-    x, ref = _reference(model, (2, *shape[1:]), seed=2)
-    for cand in candidates:
-        try:
-            net = ConfigParser({"network_def": cand}).get_parsed_content("network_def")
-            net.load_state_dict(state, strict=True)
-            net.eval()
-            with torch.no_grad():
-                _check(cand["_target_"], ref, net(x))
-            return cand
-        except Exception as exc:  # try the next description
-            log.debug("network_def %s does not rebuild the model: %s", cand["_target_"], exc)
-    raise ModelError(
-        f"cannot describe model {type(model).__name__} as a bundle network_def; "
-        "export --format torchscript or onnx instead"
-    )
-
-
-def _io_format(meta: dict[str, Any], shape: Sequence[int]) -> dict[str, Any]:
-    classes = [str(c) for c in meta.get("classes") or range(int(meta["num_classes"]))]
-    if len(classes) != int(meta["num_classes"]):
-        classes = [str(i) for i in range(int(meta["num_classes"]))]
-    pre = meta.get("preprocessing") or {}
-    vrange = _find_key(pre, "value_range") or _find_key(pre, "range")
-    chans = int(meta["in_channels"])
-    return {
-        "inputs": {
-            "image": {
-                "type": "image",
-                "format": "magnitude",
-                "modality": str(_find_key(pre, "modality") or "unknown"),
-                "num_channels": chans,
-                "spatial_shape": [int(s) for s in shape[2:]],
-                "dtype": "float32",
-                "value_range": list(vrange) if isinstance(vrange, (list, tuple)) else [],
-                "is_patch_data": False,
-                "channel_def": {str(i): f"channel{i}" for i in range(chans)}
-                if chans > 1
-                else {"0": "image"},
-            }
-        },
-        "outputs": {
-            "pred": {
-                "type": "probabilities",
-                "format": "classes",
-                "num_channels": len(classes),
-                "spatial_shape": [1, len(classes)],
-                "dtype": "float32",
-                "value_range": [0, 1],
-                "is_patch_data": False,
-                "channel_def": {str(i): c for i, c in enumerate(classes)},
-            }
-        },
-    }
-
-
-def bundle_metadata(meta: dict[str, Any], shape: Sequence[int], name: str) -> dict[str, Any]:
-    """``configs/metadata.json`` in MONAI's bundle metadata schema (see module docs)."""
-    import monai
-    import numpy
-    import torch
-
-    task = meta.get("task", "multiclass")
-    return {
-        "schema": METADATA_SCHEMA,
-        "version": "0.1.0",
-        "changelog": {"0.1.0": f"exported by medres {__version__}"},
-        "monai_version": monai.__version__,
-        "pytorch_version": torch.__version__.split("+")[0],
-        "numpy_version": numpy.__version__,
-        "required_packages_version": {"medres": __version__},
-        "name": name,
-        "task": f"{meta.get('arch', 'resnet')} {meta.get('dims', '')}D image classification ({task})",
-        "description": (
-            "Exported from a medres run. Inputs are images after medres preprocessing "
-            "(configs/inference.json builds it with medres.train.transforms); outputs are logits, "
-            "turned into probabilities by the post-processing (softmax, or sigmoid for "
-            "multi-label). Research use; validate before any clinical use."
-        ),
-        "authors": "medres export",
-        "copyright": "Copyright the model's authors",
-        "data_type": "nibabel",
-        "image_classes": f"{shape[1]} channel image(s), {len(shape) - 2}D",
-        "pred_classes": ", ".join(str(c) for c in meta.get("classes", [])),
-        "intended_use": "Research only; not validated for clinical use",
-        "network_data_format": _io_format(meta, shape),
-        "medres": meta,
-    }
-
-
-def bundle_inference(
-    meta: dict[str, Any], network_def: dict[str, Any], shape: Sequence[int]
-) -> dict[str, Any]:
-    """``configs/inference.json``: MONAI's standard evaluator workflow around the model.
-
-    Preprocessing replays medres's saved spec (``medres.train.transforms.build_transforms``,
-    ``train=False``), so running it needs medres (and pytorch-ignite for the evaluator).
-    """
-    multilabel = meta.get("task") == "multilabel"
-    activation = {"sigmoid": True} if multilabel else {"softmax": True}
-    return {
-        "imports": ["$import glob", "$import os", "$import medres.train.transforms"],
-        "bundle_root": ".",
-        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
-        "ckpt_path": "$@bundle_root + '/models/model.pt'",
-        "dataset_dir": "/workspace/data",
-        "output_dir": "$@bundle_root + '/eval'",
-        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii*')))",
-        "classes": [str(c) for c in meta.get("classes", [])],
-        "image_channels": int(meta.get("in_channels", 1)),
-        "medres_preprocessing": "@_meta_#medres#preprocessing",
-        "network_def": network_def,
-        "network": "$@network_def.to(@device)",
-        "preprocessing": {
-            "_target_": "medres.train.transforms.build_transforms",
-            "preprocessing": "@medres_preprocessing",
-            "train": False,
-        },
-        "dataset": {
-            "_target_": "Dataset",
-            "data": "$[{'image': i, 'image_path': i, 'channels': @image_channels} "
-            "for i in @datalist]",
-            "transform": "@preprocessing",
-        },
-        "dataloader": {
-            "_target_": "DataLoader",
-            "dataset": "@dataset",
-            "batch_size": 1,
-            "shuffle": False,
-            "num_workers": 0,
-        },
-        "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {
-            "_target_": "Compose",
-            "transforms": [{"_target_": "Activationsd", "keys": "pred", **activation}],
-        },
-        "handlers": [
-            {
-                "_target_": "CheckpointLoader",
-                "load_path": "@ckpt_path",
-                "load_dict": {"model": "@network"},
-                "map_location": "@device",
-            },
-            {
-                "_target_": "ClassificationSaver",
-                "output_dir": "@output_dir",
-                "batch_transform": "$lambda x: [{'filename_or_obj': xx['image_path']} for xx in x]",
-                "output_transform": "$lambda x: [xx['pred'] for xx in x]",
-            },
-        ],
-        "evaluator": {
-            "_target_": "SupervisedEvaluator",
-            "device": "@device",
-            "val_data_loader": "@dataloader",
-            "network": "@network",
-            "inferer": "@inferer",
-            "postprocessing": "@postprocessing",
-            "val_handlers": "@handlers",
-            "amp": False,
-        },
-        "initialize": [],
-        "run": ["$@evaluator.run()"],
-    }
-
-
-_BUNDLE_README = """# {name}
-
-A MONAI bundle exported by medres {version} from a trained run.
-
-* `models/model.pt`: state dict for `network_def` in `configs/inference.json`.
-* `models/model.ts`: TorchScript with `metadata.json` embedded
-  (`monai.bundle.load(name, bundle_dir=..., load_ts_module=True)`).
-* `configs/metadata.json`: input `{shape}` (N, C, spatial...) after medres preprocessing,
-  output `pred` = logits for classes {classes}; the medres `model.json` is under `medres`.
-
-Run inference over a folder of NIfTI files written by `medres ingest` (needs medres and
-pytorch-ignite); probabilities go to `eval/predictions.csv`:
-
-```
-python -m monai.bundle run --config_file configs/inference.json \\
-    --meta_file configs/metadata.json --bundle_root . --dataset_dir /path/to/images
-```
-
-Add `--image_channels N` when the files hold N channels (default: the model's input
-channels).
-"""
-
-
-def export_monai_bundle(
-    model: Any, meta: dict[str, Any], out: str | os.PathLike[str], shape: Sequence[int]
-) -> ModelExportResult:
-    """Write a MONAI bundle folder at ``out`` (see module docs) and check it reloads."""
-    import torch
-
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"{root}: exists and is not a folder; choose a folder for --out")
-    if root.is_dir() and any(root.iterdir()) and not (root / "configs" / "metadata.json").is_file():
-        raise ConfigError(
-            f"{root}: folder is not empty and is not a bundle; choose an empty or new folder"
-        )
-    from medres.io import atomic_write_json, atomic_write_text
-
-    network_def = _network_def(model, meta, shape)
-    metadata = bundle_metadata(meta, shape, root.name)
-    inference = bundle_inference(meta, network_def, shape)
-    (root / "models").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "configs" / "metadata.json", metadata)
-    atomic_write_json(root / "configs" / "inference.json", inference)
-    pt = root / "models" / "model.pt"
-    tmp = pt.with_name(".model.pt.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, pt)
-    ts = root / "models" / "model.ts"
-    _save_ts(_trace(model, shape), ts, {"metadata.json": json.dumps(metadata)})
-    readme = _BUNDLE_README.format(
-        name=root.name, version=__version__, shape=list(shape), classes=meta.get("classes", [])
-    )
-    atomic_write_text(root / "docs" / "README.md", readme)
-    diff = verify_monai_bundle(root, model)
-    log.info("wrote MONAI bundle %s (max |diff| %.2e)", root, diff)
-    files = tuple(
-        root / p
-        for p in (
-            "configs/metadata.json",
-            "configs/inference.json",
-            "models/model.pt",
-            "models/model.ts",
-            "docs/README.md",
-        )
-    )
-    return ModelExportResult("monai-bundle", root, tuple(shape), diff, files)
-
-
-def verify_monai_bundle(bundle: str | os.PathLike[str], model: Any) -> float:
-    """Reload ``bundle`` through ``monai.bundle`` and compare with ``model``; max |diff|.
-
-    Checks: ``ConfigParser`` reads metadata + inference config and builds ``network_def``;
-    ``monai.bundle.load`` fills it from ``models/model.pt`` and, with
-    ``load_ts_module=True``, loads ``models/model.ts`` with its embedded metadata; the
-    metadata's input shape feeds both.
-    """
-    import torch
-    from monai.bundle import ConfigParser, load
-
-    root = Path(bundle).resolve()
-    parser = ConfigParser()
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser.read_config(str(root / "configs" / "inference.json"))
-    fmt = parser["_meta_#network_data_format#inputs#image"]
-    shape = (2, int(fmt["num_channels"]), *[int(s) for s in fmt["spatial_shape"]])
-    net = parser.get_parsed_content("network_def")
-    # monai logs "'dst' model updated" at INFO on its own handler; keep the console clean
-    monai_log = logging.getLogger("monai.networks.utils")
-    level = monai_log.level
-    monai_log.setLevel(max(level, logging.WARNING))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = load(name=root.name, bundle_dir=str(root.parent), model=net, device="cpu")
-            ts_net, ts_meta, _ = load(
-                name=root.name, bundle_dir=str(root.parent), load_ts_module=True, device="cpu"
-            )
-    finally:
-        monai_log.setLevel(level)
-    net.eval()
-    if ts_meta.get("medres", {}).get("num_classes") != parser["_meta_#medres#num_classes"]:
-        raise ModelError(f"{root}/models/model.ts: embedded metadata does not match metadata.json")
-    x, ref = _reference(model, shape)
-    with torch.no_grad():
-        d1 = _check(f"{root}/models/model.pt", ref, net(x))
-        d2 = _check(f"{root}/models/model.ts", ref, ts_net(x))
-    return max(d1, d2)
 
 
 # --- registry ----------------------------------------------------------------------------
@@ -639,7 +118,10 @@ def export_model(
 
 
 __all__ = [
+    "ATOL",
     "MODEL_EXPORTERS",
+    "ONNX_OPSET",
+    "SIZE_KEYS",
     "ModelExportResult",
     "export_model",
     "export_monai_bundle",

@@ -1,235 +1,353 @@
-"""Reading weight files without executing code, and the medres model directory.
+"""The medres model directory and its typed metadata, :class:`ModelMeta`.
 
-Weight files:
+A model directory (``RUN_DIR/model/``, see docs/architecture.md) holds two files, both
+written atomically (temp file then ``os.replace``), weights first:
 
-* ``.safetensors`` are read with ``safetensors`` (no code path can execute anything).
-* Anything else (``.pth``/``.pt``/``.bin``) is treated as a torch pickle. Two layers guard
-  it: (1) before torch sees the file, its pickle streams (``*.pkl`` members of the zip
-  format, or the leading pickles of the legacy format) are scanned opcode by opcode, and a
-  reference to any callable outside ``torch.*``, ``collections.OrderedDict`` and
-  ``_codecs.encode`` (or an unresolvable one) refuses the file; (2) ``torch.load`` is then
-  called with ``weights_only=True`` passed explicitly, which also wins over
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (that variable only changes the default).
+* ``weights.safetensors``: the state dict (never a pickle);
+* ``model.json``: :meth:`ModelMeta.to_json`, format ``medres-model/1``: the architecture
+  (``arch``, ``dims``, ``in_channels``, ``num_classes``, ``stem``), ``medres_version``,
+  ``weights_sha256`` and what the trainer records (``task``, ``classes``,
+  ``positive_class``, ``label_columns``, ``weights_source``, ``preprocessing``,
+  ``threshold``, ``best_epoch``, ``val_auc``). Optional fields that are unset (None or
+  empty) are left out of the file; keys this release does not know are kept in
+  :attr:`ModelMeta.extra` and written back unchanged.
 
-Model directory (``RUN_DIR/model/``, see docs/architecture.md): ``weights.safetensors`` and
-``model.json`` (``format: medres-model/1``, the architecture fields, ``weights_sha256``, and
-whatever the trainer passes: task, classes, positive_class, weights_source, preprocessing).
-Both files are written atomically (temp file then ``os.replace``), weights first.
+``model.json`` is validated once, when it is read (:meth:`ModelMeta.from_json`); every
+consumer then reads attributes. ``preprocessing`` is the resolved transform spec as a
+read-only mapping (its schema belongs to :mod:`medres.train.spec`, which this module does
+not import).
+
+Owns the model dir layout, :class:`ModelMeta`, :func:`read_model_meta`,
+:func:`save_model_dir` and :func:`load_model_dir`. Imports core and
+:mod:`medres.models.registry` at module level; torch only inside :func:`save_model_dir`
+and :func:`load_model_dir`, so reading the metadata (``medres evaluate``) stays torch-free.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
 import logging
 import os
-import pickletools
 import tempfile
-import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from medres.errors import ModelError, WeightsError
+from medres.errors import ModelError
 from medres.io import atomic_write_json, sha256_file
+from medres.models.registry import list_archs
+
+if TYPE_CHECKING:
+    from torch import device as TorchDevice
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "medres-model/1"
 WEIGHTS_FILE = "weights.safetensors"
 MODEL_JSON = "model.json"
-_REQUIRED = ("arch", "dims", "in_channels", "num_classes")
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_SAFE_GLOBALS = {("collections", "OrderedDict"), ("_codecs", "encode")}
-_STRING_OPS = {
-    "STRING",
-    "BINSTRING",
-    "SHORT_BINSTRING",
-    "UNICODE",
-    "BINUNICODE",
-    "SHORT_BINUNICODE",
-    "BINUNICODE8",
-}
-_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
+STEMS = ("standard", "small")
+_ARCH_FIELDS = ("arch", "dims", "in_channels", "num_classes", "stem")
+_RESAVE = "re-save the model with `medres train` or restore the model dir from its source"
 
 
-# --- pickle pre-scan ----------------------------------------------------------------------
+# --- read-only JSON values ----------------------------------------------------------------
 
 
-def _global_allowed(module: str, name: str) -> bool:
-    if (module, name) in _SAFE_GLOBALS:
-        return True
-    return module == "torch" or module.startswith("torch.")
+class FrozenMapping(Mapping[str, Any]):
+    """A read-only, picklable mapping; nested dicts become FrozenMappings, lists tuples."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_data", {str(k): freeze(v) for k, v in (data or {}).items()})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("FrozenMapping is read-only")
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._data.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMapping, (thaw(self),))
+
+    def __repr__(self) -> str:
+        return f"FrozenMapping({self._data!r})"
 
 
-def _scan_pickle(stream: BinaryIO, label: str) -> Any:
-    """Walk one pickle's opcodes; refuse non-torch globals. Returns the last pushed constant."""
-    memo: dict[Any, Any] = {}
-    pushed: list[Any] = []
-    last_const: Any = None
-    try:
-        for op, arg, _pos in pickletools.genops(stream):
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, attr = str(arg).partition(" ")
-                if not _global_allowed(module, attr):
-                    raise WeightsError(_refusal(label, f"{module}.{attr}"))
-                pushed.append(None)
-            elif name == "STACK_GLOBAL":
-                module, attr = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
-                if not (isinstance(module, str) and isinstance(attr, str)):
-                    raise WeightsError(_refusal(label, "an unresolvable global"))
-                if not _global_allowed(module, attr):
-                    raise WeightsError(_refusal(label, f"{module}.{attr}"))
-                pushed.append(None)
-            elif name.startswith("EXT"):
-                raise WeightsError(_refusal(label, "a copyreg extension reference"))
-            elif name in _STRING_OPS:
-                pushed.append(str(arg) if not isinstance(arg, bytes) else None)
-            elif name == "MEMOIZE":
-                memo[len(memo)] = pushed[-1] if pushed else None
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = pushed[-1] if pushed else None
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                pushed.append(memo.get(arg))
-            elif name in ("LONG", "LONG1", "LONG4", "INT", "BININT", "BININT1", "BININT2"):
-                last_const = arg
-                pushed.append(None)
-            elif name not in ("PROTO", "FRAME", "STOP", "MARK"):
-                pushed.append(None)
-    except WeightsError:
-        raise
-    except Exception as exc:  # malformed pickle: let nothing through
-        raise WeightsError(
-            f"{label} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); "
-            "re-save it with torch.save(state_dict) or convert it to .safetensors"
-        ) from None
-    return last_const
+def freeze(value: Any) -> Any:
+    """``value`` with every mapping made a :class:`FrozenMapping` and every list a tuple."""
+    if isinstance(value, FrozenMapping):
+        return value
+    if isinstance(value, Mapping):
+        return FrozenMapping(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
 
 
-def _refusal(label: str, what: str) -> str:
-    return (
-        f"{label} contains pickled code ({what}) and was refused without loading it; only "
-        "plain tensor state dicts are accepted: convert the file to .safetensors on a "
-        "trusted machine"
-    )
+def thaw(value: Any) -> Any:
+    """The plain JSON form (dicts and lists) of a :func:`freeze`-d value."""
+    if isinstance(value, Mapping):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [thaw(v) for v in value]
+    return value
 
 
-def scan_checkpoint(path: Path) -> None:
-    """Refuse ``path`` if any of its pickle streams references a non-torch callable."""
-    label = str(path)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            pkls = [n for n in zf.namelist() if n.endswith(".pkl")]
-            if not pkls:
-                raise WeightsError(
-                    f"{label} is a zip file without a torch pickle; not a checkpoint"
-                )
-            for member in pkls:
-                with zf.open(member) as fh:
-                    _scan_pickle(io.BytesIO(fh.read()), f"{label}:{member}")
-        return
-    with open(path, "rb") as fh:
-        first = _scan_pickle(fh, label)
-        if first == _LEGACY_MAGIC:
-            # legacy torch format: magic, protocol, sys_info, the object, storage keys
-            for _ in range(4):
-                _scan_pickle(fh, label)
+# --- the metadata record ------------------------------------------------------------------
 
 
-# --- reading weights -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelMeta:
+    """The contents of ``model.json`` (format ``medres-model/1``); see the module docs.
 
-
-def _unwrap_state_dict(obj: Any, label: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for key in _STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, Mapping) and any(
-                isinstance(v, torch.Tensor) for v in inner.values()
-            ):
-                obj = inner
-                break
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{label} holds a {type(obj).__name__}, not a state dict of tensors")
-    out: dict[str, torch.Tensor] = {}
-    for key, value in obj.items():
-        if isinstance(value, torch.Tensor):
-            name = str(key)
-            for prefix in ("module.", "_orig_mod."):
-                name = name.removeprefix(prefix)
-            out[name] = value
-    if not out:
-        raise WeightsError(f"{label} contains no tensors; is it a model checkpoint?")
-    return out
-
-
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, a torch ``.pth``/``.pt`` file or a medres model dir.
-
-    Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and ``module.`` prefixes (DDP,
-    MedicalNet) are removed. Pickled code is refused before anything is unpickled.
+    ``classes`` are the output names in output order; ``positive_class`` is set for binary
+    tasks; ``preprocessing`` is the saved transform spec (read-only); ``extra`` holds keys
+    this release does not know.
     """
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if (p / MODEL_JSON).is_file() or (p / WEIGHTS_FILE).is_file():
-            p = p / WEIGHTS_FILE
-        elif (p / "model" / WEIGHTS_FILE).is_file():
-            p = p / "model" / WEIGHTS_FILE
-        else:
-            raise WeightsError(
-                f"{p} is a folder without {WEIGHTS_FILE}; pass a model dir or a file"
+
+    arch: str
+    dims: int
+    in_channels: int
+    num_classes: int
+    stem: str = "standard"
+    task: str | None = None
+    classes: tuple[str, ...] = ()
+    positive_class: str | None = None
+    label_columns: tuple[str, ...] = ()
+    weights_source: str | None = None
+    preprocessing: Mapping[str, Any] = field(default_factory=FrozenMapping)
+    threshold: float | None = None
+    best_epoch: int | None = None
+    val_auc: float | None = None
+    weights_sha256: str | None = None
+    medres_version: str | None = None
+    format: str = MODEL_FORMAT
+    extra: Mapping[str, Any] = field(default_factory=FrozenMapping)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "classes", tuple(str(c) for c in self.classes))
+        set_(self, "label_columns", tuple(str(c) for c in self.label_columns))
+        if self.positive_class is not None:
+            set_(self, "positive_class", str(self.positive_class))
+        set_(self, "preprocessing", FrozenMapping(self.preprocessing))
+        set_(self, "extra", FrozenMapping(self.extra))
+        clash = sorted(set(self.extra) & _FIELD_NAMES)
+        if clash:
+            raise ModelError(f"ModelMeta.extra repeats the field(s) {', '.join(clash)}")
+
+    @classmethod
+    def from_json(cls, doc: Any, *, source: str | os.PathLike[str] = MODEL_JSON) -> ModelMeta:
+        """Validate a parsed ``model.json``; a missing or wrong field is a :class:`ModelError`."""
+        where = str(source)
+        if not isinstance(doc, Mapping):
+            raise ModelError(
+                f"{where} must hold a JSON object, not {type(doc).__name__}; {_RESAVE}"
             )
-    if not p.is_file():
-        raise WeightsError(f"weights file {p} does not exist; check the path given to --weights")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        fmt = doc.get("format")
+        if fmt != MODEL_FORMAT:
+            raise ModelError(
+                f"{where} has format {fmt!r}, this medres reads {MODEL_FORMAT!r}; re-save the "
+                "model with a matching medres version"
+            )
+        values: dict[str, Any] = {}
+        for name, (parse, required) in _PARSERS.items():
+            if name not in doc:
+                if required:
+                    raise ModelError(f"{where} lacks the field {name!r}; {_RESAVE}")
+                continue
+            try:
+                values[name] = parse(doc[name])
+            except (TypeError, ValueError) as exc:
+                raise ModelError(
+                    f"{where}: field {name!r} is {doc[name]!r}: {exc}; fix the field or {_RESAVE}"
+                ) from None
+        extra = {k: v for k, v in doc.items() if k not in _FIELD_NAMES}
+        return cls(**values, extra=extra)
 
-        try:
-            return _unwrap_state_dict(load_file(str(p), device="cpu"), str(p))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise WeightsError(
-                f"{p} is not a valid safetensors file ({exc}); re-export it"
-            ) from None
-    scan_checkpoint(p)
+    def to_json(self) -> dict[str, Any]:
+        """The plain ``model.json`` dict; unset optional fields are left out."""
+        doc: dict[str, Any] = {"format": self.format}
+        if self.medres_version is not None:
+            doc["medres_version"] = self.medres_version
+        for f in dataclasses.fields(self):
+            if f.name in ("format", "medres_version", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in _ARCH_FIELDS or value not in (None, (), {}):
+                doc[f.name] = thaw(value)
+        doc.update(thaw(self.extra))
+        return doc
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **fields: Any) -> ModelMeta:
+        """A ModelMeta whose architecture fields are read off ``model`` (from ``build_model``)."""
+        from medres.models.resnet import model_config
+
+        return cls(**model_config(model).to_dict(), **fields)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError("expected a non-empty string")
+    return value
+
+
+def _opt_string(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise TypeError("expected a string")
+    return str(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("expected an integer")
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError("expected an integer")
+    return int(value)
+
+
+def _count(low: int, high: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        n = _integer(value)
+        if n < low or (high is not None and n > high):
+            raise ValueError(f"expected {low}" + (f"..{high}" if high else " or more"))
+        return n
+
+    return parse
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else _integer(value)
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("expected a number")
+    return float(value)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("expected a list of names")
+    return tuple(_opt_string(v) or "" for v in value)
+
+
+def _arch(value: Any) -> str:
+    name = _string(value).lower()
+    if name not in list_archs():
+        raise ValueError(f"not a known architecture ({', '.join(list_archs())})")
+    return name
+
+
+def _stem(value: Any) -> str:
+    if value not in STEMS:
+        raise ValueError(f"expected one of {', '.join(STEMS)}")
+    return str(value)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise TypeError("expected a JSON object")
+    return value
+
+
+#: field -> (parser, required); ``format`` is checked before these.
+_PARSERS: dict[str, tuple[Any, bool]] = {
+    "arch": (_arch, True),
+    "dims": (_count(2, 3), True),
+    "in_channels": (_count(1), True),
+    "num_classes": (_count(1), True),
+    "stem": (_stem, False),
+    "task": (_opt_string, False),
+    "classes": (_names, False),
+    "positive_class": (_opt_string, False),
+    "label_columns": (_names, False),
+    "weights_source": (_opt_string, False),
+    "preprocessing": (_mapping, False),
+    "threshold": (_opt_float, False),
+    "best_epoch": (_opt_int, False),
+    "val_auc": (_opt_float, False),
+    "weights_sha256": (_opt_string, False),
+    "medres_version": (_opt_string, False),
+}
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(ModelMeta)) - {"extra"}
+
+
+# --- the directory ------------------------------------------------------------------------
+
+
+def find_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The model dir at ``path``: the dir itself, its ``model.json``, or ``RUN_DIR/model``."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == MODEL_JSON:
+        p = p.parent
+    if not (p / MODEL_JSON).is_file() and (p / "model" / MODEL_JSON).is_file():
+        p = p / "model"
+    if not (p / MODEL_JSON).is_file():
+        raise ModelError(
+            f"{p} is not a medres model dir: {MODEL_JSON} is missing; pass RUN_DIR/model"
+        )
+    return p
+
+
+def read_model_meta(path: str | os.PathLike[str]) -> ModelMeta:
+    """The validated :class:`ModelMeta` of a model dir (or run dir); never imports torch."""
+    return read_model_json(path)[1]
+
+
+def read_model_json(path: str | os.PathLike[str]) -> tuple[Path, ModelMeta]:
+    """(model dir, its validated :class:`ModelMeta`). ``path`` may be the model dir or a run dir."""
+    folder = find_model_dir(path)
+    mj = folder / MODEL_JSON
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"{p} could not be loaded safely ({first[:200]}); only plain tensor state dicts "
-            "are accepted: convert it to .safetensors on a trusted machine"
-        ) from None
-    return _unwrap_state_dict(obj, str(p))
+        doc = json.loads(mj.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{mj} is not valid JSON ({exc}); {_RESAVE}") from None
+    return folder, ModelMeta.from_json(doc, source=mj)
 
 
-# --- model directory ----------------------------------------------------------------------
-
-
-def save_model_dir(path: str | os.PathLike[str], model: nn.Module, meta: Mapping[str, Any]) -> Path:
+def save_model_dir(path: str | os.PathLike[str], model: nn.Module, meta: ModelMeta) -> Path:
     """Write ``weights.safetensors`` + ``model.json`` into ``path``; returns the folder.
 
-    The architecture fields (``arch``, ``dims``, ``in_channels``, ``num_classes``,
-    ``stem``) come from the model itself; a conflicting value in ``meta`` is a
-    :class:`ModelError`. ``meta`` must be JSON-serialisable.
+    The architecture fields of ``meta`` must match the model (else :class:`ModelError`);
+    ``medres_version`` defaults to this release and ``weights_sha256`` is computed here.
+    Build ``meta`` with :meth:`ModelMeta.for_model`.
     """
     from safetensors.torch import save_file
 
     from medres import __version__
-    from medres.models.resnet import model_config, unwrap
+    from medres.models.resnet import model_config
+    from medres.runtime import unwrap
 
+    if not isinstance(meta, ModelMeta):
+        raise TypeError(f"save_model_dir needs a ModelMeta, not {type(meta).__name__}")
+    for key, value in model_config(model).to_dict().items():
+        if getattr(meta, key) != value:
+            raise ModelError(
+                f"model.json field {key!r}={getattr(meta, key)!r} contradicts the model "
+                f"({value!r}); build the ModelMeta with ModelMeta.for_model(model)"
+            )
+    _check_plain_json(meta)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    config = model_config(model).to_dict()
-    for key, value in config.items():
-        if key in meta and meta[key] != value:
-            raise ModelError(
-                f"model.json field {key!r}={meta[key]!r} contradicts the model ({value!r}); "
-                "drop it from meta or rebuild the model"
-            )
     state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", suffix=".tmp", dir=out)
     os.close(fd)
@@ -239,55 +357,29 @@ def save_model_dir(path: str | os.PathLike[str], model: nn.Module, meta: Mapping
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    doc: dict[str, Any] = {"format": MODEL_FORMAT, "medres_version": __version__}
-    doc.update(config)
-    doc.update({k: v for k, v in meta.items() if k not in doc or k in ("medres_version",)})
-    doc["format"] = MODEL_FORMAT
-    doc["weights_sha256"] = sha256_file(out / WEIGHTS_FILE)
+    final = dataclasses.replace(
+        meta,
+        format=MODEL_FORMAT,
+        medres_version=meta.medres_version or __version__,
+        weights_sha256=sha256_file(out / WEIGHTS_FILE),
+    )
+    atomic_write_json(out / MODEL_JSON, final.to_json())
+    log.info("saved model %s (%s, %dD) to %s", final.arch, final.stem, final.dims, out)
+    return out
+
+
+def _check_plain_json(meta: ModelMeta) -> None:
     try:
-        json.dumps(doc, allow_nan=False)
+        json.dumps(meta.to_json(), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ModelError(
             f"model meta is not plain JSON ({exc}); pass lists/str/numbers only"
         ) from None
-    atomic_write_json(out / MODEL_JSON, doc)
-    log.info("saved model %s (%s, %dD) to %s", doc["arch"], doc["stem"], doc["dims"], out)
-    return out
-
-
-def read_model_json(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    """(model dir, validated model.json). ``path`` may be the model dir or a run dir."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.name == MODEL_JSON:
-        p = p.parent
-    if not (p / MODEL_JSON).is_file() and (p / "model" / MODEL_JSON).is_file():
-        p = p / "model"
-    mj = p / MODEL_JSON
-    if not mj.is_file():
-        raise ModelError(
-            f"{p} is not a medres model dir: {MODEL_JSON} is missing; pass RUN_DIR/model"
-        )
-    try:
-        meta = json.loads(mj.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{mj} is not valid JSON ({exc}); re-save the model") from None
-    if not isinstance(meta, dict):
-        raise ModelError(f"{mj} must hold a JSON object; re-save the model")
-    fmt = meta.get("format")
-    if fmt != MODEL_FORMAT:
-        raise ModelError(
-            f"{mj} has format {fmt!r}, this medres reads {MODEL_FORMAT!r}; re-save the model "
-            "with a matching medres version"
-        )
-    for key in _REQUIRED:
-        if key not in meta:
-            raise ModelError(f"{mj} lacks the field {key!r}; re-save the model")
-    return p, meta
 
 
 def load_model_dir(
-    path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
+    path: str | os.PathLike[str], device: str | TorchDevice = "cpu"
+) -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model of a model dir (or ``RUN_DIR``) in eval mode; returns ``(model, meta)``.
 
     Only ``weights.safetensors`` is read (no unpickling); its sha256 is checked against
@@ -305,19 +397,14 @@ def load_model_dir(
         raise ModelError(
             f"{folder} has no {WEIGHTS_FILE}; re-save the model (pickles are not read)"
         )
-    expected = meta.get("weights_sha256")
-    if expected and sha256_file(wfile) != expected:
+    if meta.weights_sha256 and sha256_file(wfile) != meta.weights_sha256:
         raise ModelError(
             f"{wfile} does not match the sha256 in {MODEL_JSON}: the weights are corrupted or "
             "were replaced; restore the model dir from its source"
         )
     try:
         model = build_model(
-            meta["arch"],
-            int(meta["dims"]),
-            int(meta["in_channels"]),
-            int(meta["num_classes"]),
-            stem=meta.get("stem", "standard"),
+            meta.arch, meta.dims, meta.in_channels, meta.num_classes, stem=meta.stem
         )
     except (TypeError, ValueError) as exc:
         raise ModelError(

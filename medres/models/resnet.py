@@ -37,6 +37,7 @@ from medres.models.registry import (
     get_arch,
     resolve_stem,
 )
+from medres.runtime import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +146,6 @@ def model_config(model: nn.Module) -> ModelConfig:
             "build it with build_model(arch, dims, in_channels, num_classes)"
         )
     return config
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel/DataParallel/compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def _head(model: nn.Module) -> nn.Module:

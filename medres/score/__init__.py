@@ -2,6 +2,15 @@
 
 Public API: :func:`score` with :class:`ScoreConfig`, :func:`merge` (ledgers),
 :class:`Ledger`, :func:`parse_shard`, :func:`shard_of`.
+
+Modules, lowest first: ``items`` (ScoreItem, Decoded), ``ledger`` (SQLite ledger, CSV
+export, merge), ``sources`` (SOURCE arguments -> items, through ingest's public API),
+``decode`` (inline vs isolated decoding, the model's saved preprocessing, the ordered feed
+from :class:`medres.workers.IsolatedPool`), ``predict`` (batched forward), ``engine``
+(the loop: batches, commits), ``cam`` (Grad-CAM and the top-K collector), ``dicom_out``
+(DICOM SRs), ``pipeline`` (``score``/``merge``: options, model, ledger, outputs). This
+package may import every stage below it (ingest's public modules only, never
+``medres.ingest.pipeline``); nothing below imports it.
 """
 
 from __future__ import annotations

@@ -6,31 +6,38 @@ Choices:
   the class the item is ranked by: the positive class of a binary model, otherwise the
   predicted class. The map is upsampled to the network input and scaled to [0, 1].
 - Only the top ``K`` items by that class's probability are explained (``0`` = all);
-  the scoring loop keeps just those inputs (a bounded heap), so memory stays flat.
+  :class:`TopK`, fed by the scoring loop's ``on_scored`` callback, keeps just those
+  inputs (a bounded heap), so memory stays flat.
 - One PNG per item, named by its pseudonymous ``image_id`` (``OUT_DIR/cam/<id>.png``):
   the network input (first channel, as the model saw it) in grey with the map as a
   ``jet`` overlay (alpha 0.4). 3D inputs give a montage of the three mid slices
   (sagittal, coronal, axial). Grad-CAM needs gradients, so it runs in fp32 outside
   ``inference_mode``, after scoring.
+
+Imports: numpy, :mod:`medres.errors`; torch, MONAI and matplotlib lazily.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from medres.models.modeldir import ModelMeta
 
 log = logging.getLogger(__name__)
 
 TARGET_LAYER = "layer4"
 
 
-def rank_class(meta: dict[str, Any], class_name: str | None = None) -> int | None:
+def rank_class(meta: ModelMeta, class_name: str | None = None) -> int | None:
     """Index of the class items are ranked and explained by (``None``: the predicted one)."""
-    classes = [str(c) for c in meta.get("classes", [])]
+    classes = list(meta.classes)
     if class_name is not None:
         if class_name not in classes:
             from medres.errors import ConfigError
@@ -40,10 +47,51 @@ def rank_class(meta: dict[str, Any], class_name: str | None = None) -> int | Non
                 f"{', '.join(classes)}"
             )
         return classes.index(class_name)
-    if meta.get("task") == "binary" and len(classes) == 2:
-        pos = str(meta.get("positive_class", classes[-1]))
+    if meta.task == "binary" and len(classes) == 2:
+        pos = meta.positive_class or classes[-1]
         return classes.index(pos) if pos in classes else 1
     return None
+
+
+class TopK:
+    """The ``k`` scored items ranked highest by ``rank_fn(probs)`` (``k == 0``: all).
+
+    Feed it through :func:`medres.score.engine.run_items`'s ``on_scored``. A bounded
+    min-heap of ``(rank, order, item, input, probs)``: a new item replaces the lowest kept
+    one only when it ranks strictly higher.
+    """
+
+    def __init__(self, k: int, rank_fn: Callable[[np.ndarray], float] | None = None) -> None:
+        self.k = k
+        self.rank_fn = rank_fn or (lambda p: float(np.max(p)))
+        self._heap: list[tuple[float, int, Any, np.ndarray, np.ndarray]] = []
+        self._seen = 0
+
+    def __call__(self, decoded: Sequence[Any], probs: np.ndarray) -> None:
+        """Offer one scored batch (``Decoded`` items and their probabilities)."""
+        for d, p in zip(decoded, probs, strict=True):
+            entry = (float(self.rank_fn(p)), self._seen, d.item, d.array, p)  # unique order
+            self._seen += 1
+            if self.k == 0 or len(self._heap) < self.k:
+                heapq.heappush(self._heap, entry)
+            elif entry[0] > self._heap[0][0]:
+                heapq.heapreplace(self._heap, entry)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def top(self) -> list[tuple[Any, np.ndarray, np.ndarray]]:
+        """Kept ``(item, input, probs)``, highest rank first."""
+        ranked = sorted(self._heap, key=lambda t: (-t[0], t[1]))
+        return [(it, x, p) for _, _, it, x, p in ranked]
+
+
+def rank_fn(meta: ModelMeta, class_name: str | None = None) -> Callable[[np.ndarray], float]:
+    """Items are ranked for ``--cam`` by the positive (or chosen) class, else their top class."""
+    idx = rank_class(meta, class_name)
+    if idx is None:
+        return lambda p: float(np.max(p))
+    return lambda p: float(p[idx])
 
 
 def _slices(x: np.ndarray) -> list[np.ndarray]:
@@ -95,13 +143,13 @@ def write_cams(
     kept: Sequence[tuple[Any, np.ndarray, Sequence[float]]],
     out_dir: Path,
     *,
-    meta: dict[str, Any],
+    meta: ModelMeta,
     class_name: str | None = None,
     device: str = "cpu",
 ) -> Path:
     """One overlay PNG per kept ``(item, input, probs)``; returns the folder."""
     fixed = rank_class(meta, class_name)
-    classes = [str(c) for c in meta.get("classes", [])]
+    classes = list(meta.classes)
     for item, x, probs in kept:
         idx = fixed if fixed is not None else int(np.argmax(probs))
         cmap = grad_cam(model, x, idx, device)

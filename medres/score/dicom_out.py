@@ -15,17 +15,22 @@ Optional extra ``medres[dicom-out]`` (highdicom). Choices:
   when asked for, and only into OUT_DIR.
 - Every scored series of a study that was discovered in this run is included, also if
   it was committed by an earlier (interrupted) run; the SR file is rewritten atomically.
+
+Imports: :mod:`medres.errors`, :mod:`medres.io`, :mod:`medres.score.ledger`; highdicom and
+pydicom lazily.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medres.errors import ConfigError
+from medres.score.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,15 @@ _TYPE2 = (
     "StudyID",
     "AccessionNumber",
 )
+
+
+@dataclass(frozen=True)
+class DicomRef:
+    """Where a DICOM item's SR goes: its study UID and key, and one header file of it."""
+
+    study_uid: str
+    study_key: str
+    header_path: str
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,24 @@ def _require_highdicom():
     return highdicom
 
 
+def write_ledger_srs(
+    ledger: Ledger,
+    model_hash: str,
+    refs: Mapping[str, DicomRef],
+    classes: Sequence[str],
+    out_dir: Path,
+) -> Path:
+    """One SR per study of the ``ok`` ledger rows of ``model_hash`` whose item is in ``refs``
+    (item key -> :class:`DicomRef`); returns ``out_dir``."""
+    results = [
+        SeriesResult(ref.study_uid, ref.study_key, ref.header_path, r.scores, r.pred)
+        for r in ledger.records(model_hash)
+        if r.status == "ok" and (ref := refs.get(r.item_key)) is not None
+    ]
+    write_study_srs(results, out_dir, classes)
+    return out_dir
+
+
 def write_study_srs(
     results: Sequence[SeriesResult],
     out_dir: str | os.PathLike[str],
@@ -71,83 +103,109 @@ def write_study_srs(
 ) -> list[Path]:
     """Write one SR per study of ``results``; returns the written paths."""
     hd = _require_highdicom()
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from medres.io import atomic_open
-
     by_study: dict[str, list[SeriesResult]] = {}
     for r in results:
         by_study.setdefault(r.study_uid, []).append(r)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    def code(value: str, meaning: str) -> object:
-        return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning)
-
-    no_units = hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
-    written = []
-    for _, rows in sorted(by_study.items()):
-        evidence = [pydicom.dcmread(r.header_path, stop_before_pixels=True) for r in rows]
-        for ds in evidence:  # type-2 attributes may be absent in the wild; SR needs them
-            for kw in _TYPE2:
-                if kw not in ds:
-                    setattr(ds, kw, "")
-        items = []
-        for c_i, c in enumerate(classes):
-            items.append(
-                hd.sr.NumContentItem(
-                    name=code(f"STUDY-P-{c_i}", f"Study max probability of {c}"),
-                    value=max(r.probs[c_i] for r in rows),
-                    unit=no_units,
-                    relationship_type="CONTAINS",
-                )
-            )
-        for r, ds in zip(rows, evidence, strict=True):
-            series = hd.sr.ContainerContentItem(
-                name=code("SERIES", f"Series {ds.get('SeriesNumber', '')}".strip()),
-                relationship_type="CONTAINS",
-            )
-            children = [
-                hd.sr.UIDRefContentItem(
-                    name=hd.sr.CodedConcept("112002", "DCM", "Series Instance UID"),
-                    value=ds.SeriesInstanceUID,
-                    relationship_type="CONTAINS",
-                )
-            ]
-            for c_i, c in enumerate(classes):
-                children.append(
-                    hd.sr.NumContentItem(
-                        name=code(f"P-{c_i}", f"Probability of {c}"),
-                        value=float(r.probs[c_i]),
-                        unit=no_units,
-                        relationship_type="CONTAINS",
-                    )
-                )
-            children.append(
-                hd.sr.TextContentItem(
-                    name=code("PRED", "Predicted label"),
-                    value=r.pred or "-",
-                    relationship_type="CONTAINS",
-                )
-            )
-            series.ContentSequence = hd.sr.ContentSequence(children)
-            items.append(series)
-        root = hd.sr.ContainerContentItem(name=code("RESULT", "medres AI result"))
-        root.ContentSequence = hd.sr.ContentSequence(items)
-        sr = hd.sr.ComprehensiveSR(
-            evidence=evidence,
-            content=root,
-            series_instance_uid=generate_uid(),
-            series_number=9901,
-            sop_instance_uid=generate_uid(),
-            instance_number=1,
-            manufacturer=manufacturer,
-            is_complete=True,
-        )
-        path = out / f"{rows[0].study_key or 'study'}.dcm"
-        with atomic_open(path, "wb") as fh:
-            sr.save_as(fh, enforce_file_format=True)
-        written.append(path)
+    written = [
+        _write_one(hd, rows, out, classes, manufacturer) for _, rows in sorted(by_study.items())
+    ]
     log.info("wrote %d DICOM SR(s) to %s", len(written), out)
     return written
+
+
+def _evidence(rows: Sequence[SeriesResult]) -> list[Any]:
+    """One header (no pixel data) per series; type-2 attributes absent in the wild are
+    added empty (the SR needs them)."""
+    import pydicom
+
+    evidence = [pydicom.dcmread(r.header_path, stop_before_pixels=True) for r in rows]
+    for ds in evidence:
+        for kw in _TYPE2:
+            if kw not in ds:
+                setattr(ds, kw, "")
+    return evidence
+
+
+def _code(hd: Any, value: str, meaning: str) -> Any:
+    return hd.sr.CodedConcept(value=value, scheme_designator=SCHEME, meaning=meaning)
+
+
+def _no_units(hd: Any) -> Any:
+    return hd.sr.CodedConcept(value="1", scheme_designator="UCUM", meaning="no units")
+
+
+def _study_items(hd: Any, rows: Sequence[SeriesResult], classes: Sequence[str]) -> list[Any]:
+    """The study-level aggregate: the max over its series of every class probability."""
+    return [
+        hd.sr.NumContentItem(
+            name=_code(hd, f"STUDY-P-{c_i}", f"Study max probability of {c}"),
+            value=max(r.probs[c_i] for r in rows),
+            unit=_no_units(hd),
+            relationship_type="CONTAINS",
+        )
+        for c_i, c in enumerate(classes)
+    ]
+
+
+def _series_item(hd: Any, r: SeriesResult, ds: Any, classes: Sequence[str]) -> Any:
+    """One series container: its UID, the probability of every class, the prediction."""
+    series = hd.sr.ContainerContentItem(
+        name=_code(hd, "SERIES", f"Series {ds.get('SeriesNumber', '')}".strip()),
+        relationship_type="CONTAINS",
+    )
+    children = [
+        hd.sr.UIDRefContentItem(
+            name=hd.sr.CodedConcept("112002", "DCM", "Series Instance UID"),
+            value=ds.SeriesInstanceUID,
+            relationship_type="CONTAINS",
+        )
+    ]
+    for c_i, c in enumerate(classes):
+        children.append(
+            hd.sr.NumContentItem(
+                name=_code(hd, f"P-{c_i}", f"Probability of {c}"),
+                value=float(r.probs[c_i]),
+                unit=_no_units(hd),
+                relationship_type="CONTAINS",
+            )
+        )
+    children.append(
+        hd.sr.TextContentItem(
+            name=_code(hd, "PRED", "Predicted label"),
+            value=r.pred or "-",
+            relationship_type="CONTAINS",
+        )
+    )
+    series.ContentSequence = hd.sr.ContentSequence(children)
+    return series
+
+
+def _write_one(
+    hd: Any, rows: Sequence[SeriesResult], out: Path, classes: Sequence[str], manufacturer: str
+) -> Path:
+    """The SR of one study, written atomically to ``out/<study_key>.dcm``."""
+    from pydicom.uid import generate_uid
+
+    from medres.io import atomic_open
+
+    evidence = _evidence(rows)
+    items = _study_items(hd, rows, classes)
+    items += [_series_item(hd, r, ds, classes) for r, ds in zip(rows, evidence, strict=True)]
+    root = hd.sr.ContainerContentItem(name=_code(hd, "RESULT", "medres AI result"))
+    root.ContentSequence = hd.sr.ContentSequence(items)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=root,
+        series_instance_uid=generate_uid(),
+        series_number=9901,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        is_complete=True,
+    )
+    path = out / f"{rows[0].study_key or 'study'}.dcm"
+    with atomic_open(path, "wb") as fh:
+        sr.save_as(fh, enforce_file_format=True)
+    return path

@@ -5,7 +5,7 @@ Choices:
 - The model directory is loaded with ``medres.models.load_model_dir`` and its saved
   ``preprocessing`` is replayed with ``medres.train.transforms.build_transforms(...,
   train=False, load=False)`` on ``image_to_metatensor(LoadedImage)``: the same code
-  path as training and evaluation, never a second copy.
+  path as training and evaluation, never a second copy (:mod:`medres.score.decode`).
 - The model hash is sha256 over the weights file then ``model.json``; the ledger is
   keyed by (item key, model hash), so one OUT_DIR can hold several models' results and
   re-scoring with a retrained model never mixes scores.
@@ -15,6 +15,12 @@ Choices:
   rank exports under a lock, so the last one to finish leaves the complete CSVs.
 - Resuming: committed items (ok and error) are skipped; ``retry_errors`` re-tries the
   error rows.
+- Untrusted inputs are decoded in :class:`medres.workers.IsolatedPool` workers under
+  ``--file-timeout`` and ``--worker-memory-mb`` (the names ``medres ingest`` uses); a
+  hang or an unbounded allocation becomes a ``timeout`` row in errors.csv.
+
+Imports: everything below :mod:`medres.score` it needs (models, train.transforms via
+decode, ingest's public modules via sources), :mod:`medres.runtime` for the device.
 """
 
 from __future__ import annotations
@@ -31,19 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medres import progress
 from medres.errors import ConfigError, ScoringError
+from medres.models.modeldir import ModelMeta
 from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key
-from medres.score.engine import (
-    LoopStats,
-    Predictor,
-    ScoreItem,
-    background,
-    default_to_probs,
-    run_items,
-)
+from medres.score.cam import TopK, rank_fn
+from medres.score.decode import MedresDecoder
+from medres.score.dicom_out import DicomRef, write_ledger_srs
+from medres.score.engine import LoopConfig, LoopStats, ScoreItem, background, run_items
 from medres.score.ledger import (
     AGGREGATES,
     LEDGER_NAME,
@@ -55,17 +56,19 @@ from medres.score.ledger import (
     parse_shard,
     shard_of,
 )
+from medres.score.predict import Predictor, probs_for_task
 from medres.score.sources import (
     ItemStream,
     discover_items,
     is_manifest_source,
-    is_plain_nifti,
     manifest_items,
 )
 
 log = logging.getLogger(__name__)
 
 MODEL_FILES = ("weights.safetensors", "model.json")
+# a decode worker holds torch and MONAI (about 1 GiB of address space) before any input
+MIN_WORKER_MEMORY_MB = 1536
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class ScoreConfig:
     cam_class: str | None = None
     dicom_out: bool = False  # one Comprehensive SR per DICOM study into OUT_DIR/dicom
     source_paths: str = "identity"  # medres.phi.PathRedactor mode for written sources
+    file_timeout_s: float = 120.0  # per item in a decode worker
+    worker_memory_mb: int | None = None  # address-space cap of a decode worker
 
 
 @dataclass
@@ -148,104 +153,7 @@ def resolve_shard(text: str | None) -> tuple[int, int]:
     return parse_shard(text)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-            return f"cuda:{local % torch.cuda.device_count()}"
-        return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return device
-
-
-class MedresDecoder:
-    """Worker-side decoding: ingest's readers + the model's saved inference transforms.
-
-    Picklable (only the preprocessing dict travels); the MONAI transform is built lazily
-    in each worker.
-
-    Speed: the transforms run with MONAI's metadata tracking off (``set_track_meta(False)``)
-    unless the preprocessing resamples to a ``spacing`` (the only step after the first
-    that reads the affine). The input stays a ``MetaTensor``, so the orientation step
-    still reads its affine; every later step then works on plain tensors, which halves
-    the transform cost and gives identical values (MetaTensor bookkeeping never changes
-    voxels). Scoring keeps no metadata, so nothing is lost.
-    """
-
-    def __init__(self, preprocessing: dict[str, Any]) -> None:
-        self.preprocessing = preprocessing
-        self._tf: Any = None
-        self._track_meta = bool(preprocessing.get("spacing"))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "preprocessing": self.preprocessing,
-            "_tf": None,
-            "_track_meta": self._track_meta,
-        }
-
-    def load(self, item: ScoreItem) -> Any:
-        """The item's :class:`~medres.ingest.image.LoadedImage` via ingest's readers."""
-        if item.kind == "dicom":
-            from medres.ingest.dicom import load_stack
-
-            return load_stack(item.payload)
-        from medres.ingest.nifti import load_nifti
-
-        return load_nifti(Path(item.payload[0]), item.payload[1] if len(item.payload) > 1 else "")
-
-    def in_process(self, item: ScoreItem) -> bool:
-        """Whether ``item`` may be decoded in the scoring process rather than a worker.
-
-        True for an uncompressed ``.nii`` file: ingest's NIfTI reader is nibabel and
-        numpy (no native decoder that can crash the interpreter) and what it reads is
-        bounded by the file size. DICOM (native pixel decoders) and compressed files
-        (a gzip bomb) go to the isolated workers.
-        """
-        if item.kind == "error":
-            return True  # nothing to decode
-        return item.kind == "nifti" and is_plain_nifti(str(item.payload[0]))
-
-    def prepare(self) -> None:
-        """Import the readers and build the transforms (the engine calls this before it
-        forks the workers, so that they inherit both instead of each paying for them)."""
-        import medres.ingest.nifti  # noqa: F401
-        from medres.train.transforms import build_transforms
-
-        if self._tf is None:
-            self._tf = build_transforms(self.preprocessing, train=False, load=False)
-
-    def __call__(self, item: ScoreItem) -> np.ndarray:
-        from medres.train.transforms import image_to_metatensor
-
-        self.prepare()
-        img = self.load(item)
-        # C order before the float32 cast: the transposing copy moves 2-byte voxels, not 4
-        img.array = np.ascontiguousarray(img.array)
-        with _track_meta(self._track_meta):
-            out = self._tf({"image": image_to_metatensor(img)})
-        x = out["image"]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, np.float32)
-
-
-@contextlib.contextmanager
-def _track_meta(on: bool) -> Iterator[None]:
-    """MONAI's global metadata tracking set to ``on`` for the block, restored after."""
-    from monai.data import get_track_meta, set_track_meta
-
-    before = get_track_meta()
-    set_track_meta(on)
-    try:
-        yield
-    finally:
-        set_track_meta(before)
-
-
-def load_model(model_dir: Path, device: str) -> tuple[Any, dict[str, Any]]:
+def load_model(model_dir: Path, device: str) -> tuple[Any, ModelMeta]:
     try:
         from medres.models import load_model_dir
     except ImportError:  # the package may not re-export it
@@ -282,12 +190,12 @@ def _filtered(
     shard: tuple[int, int],
     summary: ScoreSummary,
     bar: Any = None,
-    dicom_refs: dict[str, tuple[str, str, str]] | None = None,
+    dicom_refs: dict[str, DicomRef] | None = None,
 ) -> Iterator[ScoreItem]:
     """Drop items of other shards and items already committed; sets the bar's total at the end.
 
-    ``dicom_refs`` collects (study UID, study key, a header path) of every DICOM item of
-    this shard, scored now or earlier, for ``--dicom-out``.
+    ``dicom_refs`` collects the :class:`~medres.score.dicom_out.DicomRef` of every DICOM
+    item of this shard, scored now or earlier, for ``--dicom-out``.
     """
     seen: set[str] = set()
     for it in items:
@@ -296,7 +204,7 @@ def _filtered(
             summary.skipped_shard += 1
             continue
         if dicom_refs is not None and it.kind == "dicom":
-            dicom_refs[it.key] = (it.study_uid, it.study_key, str(it.payload.first.path))
+            dicom_refs[it.key] = DicomRef(it.study_uid, it.study_key, str(it.payload.first.path))
         if it.key in done or it.key in seen:
             summary.skipped_done += 1
             continue
@@ -306,13 +214,8 @@ def _filtered(
         bar.update(total=len(seen))
 
 
-def score(
-    config: ScoreConfig, *, decoder: Any = None, model: Any = None, meta: dict | None = None
-) -> ScoreSummary:
-    """Score ``config.sources`` into ``config.out_dir`` (resumable); returns a summary.
-
-    ``decoder``/``model``/``meta`` replace the defaults (tests, benchmarks).
-    """
+def _validate(config: ScoreConfig) -> None:
+    """Reject option values that cannot work, naming the option."""
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size {config.batch_size}: must be >= 1")
     if config.workers < 0:
@@ -328,32 +231,76 @@ def score(
         raise ConfigError(
             f"--aggregate {config.aggregate!r}: unknown; choose one of {', '.join(AGGREGATES)}"
         )
+    if not config.file_timeout_s > 0:
+        raise ConfigError(f"--file-timeout {config.file_timeout_s:g}: must be > 0 seconds")
+    mem = config.worker_memory_mb
+    if mem is not None and mem < MIN_WORKER_MEMORY_MB:
+        raise ConfigError(
+            f"--worker-memory-mb {mem} is too small; a decode worker holds torch and MONAI, "
+            f"use at least {MIN_WORKER_MEMORY_MB}"
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one scoring run works with, resolved once by :func:`score`."""
+
+    config: ScoreConfig
+    model: Any
+    meta: ModelMeta
+    info: ModelInfo
+    decoder: Any
+    predictor: Predictor
+    shard: tuple[int, int]
+    device: str
+
+
+def score(
+    config: ScoreConfig, *, decoder: Any = None, model: Any = None, meta: ModelMeta | None = None
+) -> ScoreSummary:
+    """Score ``config.sources`` into ``config.out_dir`` (resumable); returns a summary.
+
+    ``decoder``/``model``/``meta`` replace the defaults (tests, benchmarks).
+    """
+    from medres.runtime import resolve_device
+
+    _validate(config)
     shard = resolve_shard(config.shard)
-    device = resolve_device(config.device)
-    out = config.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    device = str(resolve_device(config.device))
+    config.out_dir.mkdir(parents=True, exist_ok=True)
     if model is None:
         mdir = resolve_model_dir(config.model_dir)
         mhash = model_hash(mdir)
         model, meta = load_model(mdir, device)
-    else:
-        mhash = hashlib.sha256(repr(sorted((meta or {}).items())).encode()).hexdigest()
-    meta = meta or {}
-    classes = [str(c) for c in meta.get("classes", [])]
-    if not classes:
+    elif meta is None:
         raise ScoringError(f"{config.model_dir}/model.json: no 'classes'; re-export the model")
-    task = str(meta.get("task", ""))
+    else:
+        mhash = hashlib.sha256(repr(sorted(meta.to_json().items())).encode()).hexdigest()
+    info = _model_info(config, meta, mhash)
     if decoder is None:
-        decoder = MedresDecoder(meta.get("preprocessing", {}))
-    dims = meta.get("dims") or meta.get("preprocessing", {}).get("dims")
+        mem = config.worker_memory_mb
+        decoder = MedresDecoder(meta.preprocessing, inline_max_bytes=mem * 2**20 if mem else None)
     predictor = Predictor(
         model,
         device=device,
         precision=config.precision,
-        to_probs=probs_for_task(task),
-        dims=int(dims) if dims else None,
+        to_probs=probs_for_task(info.task),
+        dims=meta.dims,
     )
-    return _score(config, model, meta, mhash, decoder, predictor, shard, device)
+    return _score(_Job(config, model, meta, info, decoder, predictor, shard, device))
+
+
+def _model_info(config: ScoreConfig, meta: ModelMeta, mhash: str) -> ModelInfo:
+    classes = list(meta.classes)
+    if not classes:
+        raise ScoringError(f"{config.model_dir}/model.json: no 'classes'; re-export the model")
+    return ModelInfo(
+        mhash,
+        tuple(classes),
+        meta.task or "",
+        threshold=float(meta.threshold or 0.5),
+        positive=meta.positive_class or "",
+    )
 
 
 @contextlib.contextmanager
@@ -362,8 +309,8 @@ def _cpu_threads(device: str, workers: int) -> Iterator[None]:
 
     Decode processes and the model share the cores; more threads than cores makes
     OpenMP spin-wait and can cut throughput several-fold on a busy machine. Without
-    decode processes (plain NIfTI inputs: decoded by a thread of this process, see
-    :mod:`medres.score.engine`) the model gets every core.
+    decode processes (plain NIfTI inputs: decoded in this process, see
+    :mod:`medres.score.decode`) the model gets every core.
     """
     import torch
 
@@ -377,94 +324,113 @@ def _cpu_threads(device: str, workers: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _score(
-    config: ScoreConfig,
-    model: Any,
-    meta: dict[str, Any],
-    mhash: str,
-    decoder: Any,
-    predictor: Predictor,
-    shard: tuple[int, int],
-    device: str,
-) -> ScoreSummary:
+def _score(job: _Job) -> ScoreSummary:
     """The body of :func:`score` once the model and settings are resolved."""
+    config, info = job.config, job.info
     out = config.out_dir
-    classes = [str(c) for c in meta.get("classes", [])]
-    task = str(meta.get("task", ""))
     key = load_or_create_key(out)
-    fingerprint = hashlib.sha256(b"medres-ledger\x00" + key).hexdigest()[:16]
     summary = ScoreSummary(
-        out_dir=out, model_hash=mhash, shard=shard, precision=predictor.precision
+        out_dir=out, model_hash=info.model_hash, shard=job.shard, precision=job.predictor.precision
     )
-
+    top = TopK(config.cam, rank_fn(job.meta, config.cam_class)) if config.cam is not None else None
     with Ledger(out / LEDGER_NAME) as ledger:
-        ledger.set_meta("key_fingerprint", fingerprint, check=True)
-        info = ModelInfo(
-            mhash,
-            tuple(classes),
-            task,
-            threshold=float(meta.get("threshold", 0.5) or 0.5),
-            positive=str(meta.get("positive_class", "") or ""),
-        )
-        ledger.register_model(info, extra={"arch": meta.get("arch")})
-        done = ledger.done_keys(mhash, include_errors=not config.retry_errors)
-        log.info(
-            "model %s, %d items already in the ledger, shard %d/%d, precision %s, device %s",
-            mhash[:12], len(done), shard[0], shard[1], predictor.precision, device,
-        )  # fmt: skip
-        _clean_stale_scratch(out)
-        scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=out))
-        try:
-            refs: dict[str, tuple[str, str, str]] | None = {} if config.dicom_out else None
-            t_list = time.perf_counter()
-            stream = iter_items(config, key, scratch)
-            listing_s = time.perf_counter() - t_list
-            # decode processes only for inputs the decoder cannot read safely in-process
-            pool = config.workers > 0 and not (
-                stream.plain_nifti and callable(getattr(decoder, "in_process", None))
-            )
-            with (
-                _cpu_threads(device, config.workers if pool else 0),
-                progress.task("scoring", total=None, unit="img") as bar,
-            ):
-                items = background(_filtered(stream, done, shard, summary, bar, refs))
-                stats = run_items(
-                    items,
-                    decoder,
-                    predictor,
-                    ledger,
-                    mhash,
-                    label_fn=info.label,
-                    batch_size=config.batch_size,
-                    workers=config.workers,
-                    prefetch=config.prefetch,
-                    keep_ids=config.keep_ids,
-                    keep_top=config.cam,
-                    rank_fn=_rank_fn(meta, config.cam_class),
-                    on_progress=bar.advance,
-                    start_pool=pool,
-                )
-            if refs:  # before the scratch (extracted archive members) goes away
-                summary.outputs["dicom"] = _write_srs(ledger, mhash, refs, info, out / "dicom")
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        done = _open_ledger(job, ledger, key)
+        stats, listing_s = _score_sources(job, ledger, key, done, summary, top)
         summary.outputs |= export_csvs(
-            ledger, out, mhash, keep_ids=config.keep_ids, aggregate=config.aggregate
+            ledger, out, info.model_hash, keep_ids=config.keep_ids, aggregate=config.aggregate
         )
-        counts = ledger.counts(mhash)
+        counts = ledger.counts(info.model_hash)
     _fill(summary, stats, counts, listing_s)
-    if config.cam is not None and stats.kept:
+    if top is not None and len(top):
         from medres.score.cam import write_cams
 
         summary.outputs["cam"] = write_cams(
-            model, stats.top(), out / "cam", meta=meta, class_name=config.cam_class, device=device
-        )
+            job.model, top.top(), out / "cam", meta=job.meta, class_name=config.cam_class,
+            device=job.device,
+        )  # fmt: skip
     log.info(
         "scored %d, rejected %d in %.1f s (%.1f img/s); ledger: %d ok, %d errors",
         summary.scored, summary.errors, summary.seconds, summary.items_per_s,
         summary.total_ok, summary.total_errors,
     )  # fmt: skip
     return summary
+
+
+def _open_ledger(job: _Job, ledger: Ledger, key: bytes) -> set[str]:
+    """Check the pseudonym key, register the model; returns the keys to skip."""
+    fingerprint = hashlib.sha256(b"medres-ledger\x00" + key).hexdigest()[:16]
+    ledger.set_meta("key_fingerprint", fingerprint, check=True)
+    ledger.register_model(job.info, extra={"arch": job.meta.arch})
+    done = ledger.done_keys(job.info.model_hash, include_errors=not job.config.retry_errors)
+    log.info(
+        "model %s, %d items already in the ledger, shard %d/%d, precision %s, device %s",
+        job.info.model_hash[:12], len(done), job.shard[0], job.shard[1],
+        job.predictor.precision, job.device,
+    )  # fmt: skip
+    return done
+
+
+def _score_sources(
+    job: _Job,
+    ledger: Ledger,
+    key: bytes,
+    done: set[str],
+    summary: ScoreSummary,
+    top: TopK | None,
+) -> tuple[LoopStats, float]:
+    """List the sources into a scratch folder, run the loop, write the SRs; returns the
+    loop's stats and the seconds the listing took."""
+    out = job.config.out_dir
+    _clean_stale_scratch(out)
+    scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{os.getpid()}-", dir=out))
+    try:
+        refs: dict[str, DicomRef] | None = {} if job.config.dicom_out else None
+        t_list = time.perf_counter()
+        stream = iter_items(job.config, key, scratch)
+        listing_s = time.perf_counter() - t_list
+        stats = _run_loop(job, ledger, stream, done, summary, refs, top)
+        if refs:  # before the scratch (extracted archive members) goes away
+            summary.outputs["dicom"] = write_ledger_srs(
+                ledger, job.info.model_hash, refs, job.info.classes, out / "dicom"
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return stats, listing_s
+
+
+def _run_loop(
+    job: _Job,
+    ledger: Ledger,
+    stream: ItemStream,
+    done: set[str],
+    summary: ScoreSummary,
+    refs: dict[str, DicomRef] | None,
+    top: TopK | None,
+) -> LoopStats:
+    config = job.config
+    # decode processes only for inputs the decoder cannot read safely in-process
+    pool = config.workers > 0 and not (
+        stream.plain_nifti and callable(getattr(job.decoder, "in_process", None))
+    )
+    loop = LoopConfig(
+        label_fn=job.info.label,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        prefetch=config.prefetch,
+        keep_ids=config.keep_ids,
+        start_pool=pool,
+        timeout_s=config.file_timeout_s,
+        memory_mb=config.worker_memory_mb,
+    )
+    with (
+        _cpu_threads(job.device, config.workers if pool else 0),
+        progress.task("scoring", total=None, unit="img") as bar,
+    ):
+        items = background(_filtered(stream, done, job.shard, summary, bar, refs))
+        return run_items(
+            items, job.decoder, job.predictor, ledger, job.info.model_hash, loop,
+            on_scored=top, on_progress=bar.advance,
+        )  # fmt: skip
 
 
 def _ledger_path(p: Path) -> Path:
@@ -503,45 +469,6 @@ def merge(
         mhash = led.model(model_hash).model_hash
         export_csvs(led, out_dir, mhash, keep_ids=keep_ids, aggregate=aggregate)
     return report
-
-
-def probs_for_task(task: str) -> Any:
-    """Logits -> probabilities as training does: sigmoid for multilabel, else softmax."""
-    if task != "multilabel":
-        return default_to_probs
-
-    def sigmoid(logits: Any) -> Any:
-        import torch
-
-        return torch.sigmoid(logits)
-
-    return sigmoid
-
-
-def _write_srs(
-    ledger: Ledger, mhash: str, refs: dict[str, tuple[str, str, str]], info: ModelInfo, out: Path
-) -> Path:
-    from medres.score.dicom_out import SeriesResult, write_study_srs
-
-    results = [
-        SeriesResult(
-            refs[r.item_key][0], refs[r.item_key][1], refs[r.item_key][2], r.scores, r.pred
-        )
-        for r in ledger.records(mhash)
-        if r.status == "ok" and r.item_key in refs
-    ]
-    write_study_srs(results, out, info.classes)
-    return out
-
-
-def _rank_fn(meta: dict[str, Any], class_name: str | None) -> Any:
-    """Items are ranked for ``--cam`` by the positive (or chosen) class, else their top class."""
-    from medres.score.cam import rank_class
-
-    idx = rank_class(meta, class_name)
-    if idx is None:
-        return lambda p: float(np.max(p))
-    return lambda p: float(p[idx])
 
 
 def _clean_stale_scratch(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Turn SOURCE arguments into a stream of :class:`~medres.score.engine.ScoreItem`.
+"""Turn SOURCE arguments into a stream of :class:`~medres.score.items.ScoreItem`.
 
 Choices:
 
@@ -23,6 +23,10 @@ Choices:
   redacts a path the same way. Item keys still derive from raw paths (unchanged by the
   mode). With ``identity``/``all`` and DICOM inputs, discovery rejections and NIfTI files
   are therefore yielded after the header scan, not before (a NIfTI-only run streams).
+
+Imports: ingest's public API only (``discover``, ``tasks``, ``dicom``, ``identity``,
+``codes``; never ``medres.ingest.pipeline``), :mod:`medres.phi`, :mod:`medres.dataset`
+(manifests), :mod:`medres.score.items`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from medres.errors import ScoringError
 from medres.ingest.codes import Code
 from medres.ingest.identity import IMAGE_ID_PREFIX, stack_identity, unique_image_id
 from medres.phi import PathRedactor, pseudonym
-from medres.score.engine import ScoreItem
+from medres.score.items import ScoreItem
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,23 @@ Choices made:
   bright and dark distractors and smooth texture keep it from being trivial.
 * Messy exports (:data:`DEFECTS`) are planted in recorded series (``truth.csv`` ``defect``),
   junk files are listed in ``synth.json``.
+
+Modules, lowest first (each imports only those above it, plus the core ``medres.errors``,
+``medres.io`` and ``medres.progress``): ``spec`` (what to make, registries), ``phantom``
+(geometry, anatomy, pixel painters), ``plan`` (which series, patients, labels, lesions and
+defects), ``truth`` (``truth.csv``, ``labels.csv``, :class:`SynthResult`), ``render``
+(pixels of a plan, :func:`ground_truth`), ``writers`` (DICOM/NIfTI files) and ``build``
+(:func:`generate`). The synth layer sits on the core only.
 """
 
-from medres.synth.core import (
+from medres.synth.build import generate
+from medres.synth.plan import (
     PHI_CANARY_BIRTH_DATE,
     PHI_CANARY_MARKER,
-    GroundTruth,
     SeriesPlan,
-    SynthResult,
-    TruthRow,
-    generate,
-    ground_truth,
-    load_result,
     plan_series,
-    render,
 )
+from medres.synth.render import GroundTruth, ground_truth, render
 from medres.synth.spec import (
     ARCHIVES,
     COMPRESSIONS,
@@ -44,6 +46,7 @@ from medres.synth.spec import (
     parse_names,
     parse_tuple,
 )
+from medres.synth.truth import SynthResult, TruthRow, load_result
 
 __all__ = [
     "ARCHIVES",

@@ -1,12 +1,16 @@
 """Geometry and pixel content of synthetic series: body phantoms, lesions, noise.
 
-Everything here is a pure function of a :class:`SeriesPlan` (drawn from the spec's seed),
-so ``ground_truth`` can re-render any series bit for bit without keeping volumes around.
+Everything here is a pure function of a :class:`~medres.synth.plan.SeriesPlan` (drawn from
+the spec's seed), so ``ground_truth`` can re-render any series bit for bit without keeping
+volumes around.
 
 Coordinates: the phantom is drawn in a *local* frame in mm centred on the middle voxel,
 x along columns, y along rows, z along slices. A voxel (s, r, c) sits at local
 ``((c - (cols-1)/2) * col_sp, (r - (rows-1)/2) * row_sp, (s - (slices-1)/2) * slice_sp)``
 and at world (LPS) ``origin + c*col_sp*row_dir + r*row_sp*col_dir + s*slice_sp*normal``.
+
+Owns: :class:`Geometry` (and its LPS/RAS affines), :class:`Lesion`, :class:`Anatomy` and the
+renderers of torso, radiograph and ultrasound phantoms. Imports: numpy only.
 """
 
 from __future__ import annotations
@@ -78,6 +82,13 @@ class Geometry:
 
     def fov(self) -> tuple[float, float, float]:
         return self.cols * self.col_sp, self.rows * self.row_sp, self.slices * self.slice_sp
+
+
+def lps_sr_c_to_ras_xyz(aff_src: np.ndarray) -> np.ndarray:
+    """Turn an (s, r, c)->LPS affine into the (c, r, s)->RAS affine NIfTI uses."""
+    perm = np.zeros((4, 4))
+    perm[0, 2] = perm[1, 1] = perm[2, 0] = perm[3, 3] = 1  # (c, r, s) -> (s, r, c)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff_src @ perm
 
 
 @dataclass(frozen=True)

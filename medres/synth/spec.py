@@ -1,4 +1,10 @@
-"""The synthetic study-set specification and its registries (kinds, defects, codecs)."""
+"""The synthetic study-set specification and its registries (kinds, defects, codecs).
+
+Owns: :class:`SynthSpec` (frozen; :meth:`SynthSpec.validated` checks it), :data:`KINDS`,
+:data:`DEFECTS`, :data:`COMPRESSIONS`, :data:`ARCHIVES` and the option parsers of
+``medres synth``. Imports: ``medres.errors``, ``medres.io`` (pydicom lazily); nothing else
+of the package, it is the lowest synth module.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medres.errors import ConfigError
+from medres.io import parse_size
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,17 @@ class SynthSpec:
 
     def validated(self) -> SynthSpec:
         """Return ``self`` after checking every field; raise :class:`ConfigError` otherwise."""
+        self._check_counts()
+        self._check_geometry()
+        self._check_compression()
+        self._check_messy()
+        if self.archive is not None and self.archive not in ARCHIVES:
+            raise ConfigError(
+                f"synth archive {self.archive!r} is unknown; use one of {', '.join(ARCHIVES)}"
+            )
+        return self
+
+    def _check_counts(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"synth kind {self.kind!r} is unknown; use one of {', '.join(KINDS)}")
         if self.n_patients < 1:
@@ -252,6 +270,8 @@ class SynthSpec:
                 raise ConfigError(f"synth {name}={getattr(self, name)} must be in [0, 1]")
         if self.n_classes < 2 or self.n_classes > 6:
             raise ConfigError(f"synth n_classes={self.n_classes} must be between 2 and 6")
+
+    def _check_geometry(self) -> None:
         shape = self.resolved_shape()
         if len(shape) != self.dims:
             want = "rows,cols,slices" if self.dims == 3 else "rows,cols"
@@ -273,24 +293,30 @@ class SynthSpec:
         lo, hi = self.resolved_radius()
         if not 0 < lo <= hi:
             raise ConfigError(f"synth lesion_radius_mm ({lo}, {hi}) must satisfy 0 < min <= max")
-        if self.compression is not None:
-            if self.compression not in COMPRESSIONS:
-                raise ConfigError(
-                    f"synth compression {self.compression!r} is unknown; use one of "
-                    f"{', '.join(COMPRESSIONS)}"
-                )
-            if self.kind == "nifti":
-                raise ConfigError("synth compression applies to DICOM kinds only, not 'nifti'")
-            if self.compression not in available_compressions():
-                raise ConfigError(
-                    f"synth compression {self.compression!r} has no installed encoder; "
-                    f"available here: {', '.join(available_compressions()) or 'none'}"
-                )
-            if self.compression == "jpeg2000" and min(shape[:2]) < 64:
-                raise ConfigError(
-                    f"synth compression 'jpeg2000' needs rows and cols >= 64 (OpenJPEG's default "
-                    f"6 resolution levels), got shape {shape}; enlarge --shape or use rle"
-                )
+
+    def _check_compression(self) -> None:
+        if self.compression is None:
+            return
+        shape = self.resolved_shape()
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(
+                f"synth compression {self.compression!r} is unknown; use one of "
+                f"{', '.join(COMPRESSIONS)}"
+            )
+        if self.kind == "nifti":
+            raise ConfigError("synth compression applies to DICOM kinds only, not 'nifti'")
+        if self.compression not in available_compressions():
+            raise ConfigError(
+                f"synth compression {self.compression!r} has no installed encoder; "
+                f"available here: {', '.join(available_compressions()) or 'none'}"
+            )
+        if self.compression == "jpeg2000" and min(shape[:2]) < 64:
+            raise ConfigError(
+                f"synth compression 'jpeg2000' needs rows and cols >= 64 (OpenJPEG's default "
+                f"6 resolution levels), got shape {shape}; enlarge --shape or use rle"
+            )
+
+    def _check_messy(self) -> None:
         if self.multiframe and self.kind not in ("ct", "mr"):
             raise ConfigError(f"synth multiframe applies to 'ct' and 'mr', not {self.kind!r}")
         for name in self.messy:
@@ -322,24 +348,14 @@ class SynthSpec:
                 f"synth messy plants {n_planted} defects but only {n_series} series exist; "
                 "raise n_patients or drop defects"
             )
-        if self.archive is not None and self.archive not in ARCHIVES:
-            raise ConfigError(
-                f"synth archive {self.archive!r} is unknown; use one of {', '.join(ARCHIVES)}"
-            )
-        return self
 
 
 def parse_tuple(text: str | None, kind: type, option: str) -> tuple | None:
-    """Parse ``"128,128,64"`` (CLI style) into a tuple of ``kind``; empty/None gives None."""
-    if text is None or not str(text).strip():
-        return None
-    try:
-        return tuple(kind(v.strip()) for v in str(text).replace("x", ",").split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(
-            f"{option} {text!r} is not a comma-separated list of {kind.__name__} values; "
-            f"write it like {'128,128,64' if kind is int else '0.8,0.8,2.5'}"
-        ) from None
+    """Parse ``"128,128,64"`` (CLI style) into a tuple of ``kind``; empty/None gives None.
+
+    Kept for callers of ``medres.synth.parse_tuple``; the rule is :func:`medres.io.parse_size`.
+    """
+    return parse_size(text, option, kind=kind)
 
 
 def parse_names(text: str | None) -> tuple[str, ...]:

@@ -3,6 +3,10 @@
 Speed: one template :class:`~pydicom.dataset.Dataset` per series; per slice only the
 instance-level tags and PixelData change. Files always get the 128-byte preamble and
 file meta (``enforce_file_format=True``) except in the ``no_preamble`` defect.
+
+Owns: the DICOM modules written per series, one-file-per-slice, Enhanced multi-frame, 2D
+and NIfTI writers. Imports: numpy, pydicom (nibabel lazily) and, within the package,
+:mod:`~medres.synth.spec`, :mod:`~medres.synth.phantom` and :mod:`~medres.synth.plan`.
 """
 
 from __future__ import annotations
@@ -10,18 +14,17 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from medres.synth import spec as S
-
-if TYPE_CHECKING:
-    from medres.synth.core import SeriesPlan
+from medres.synth.phantom import lps_sr_c_to_ras_xyz
+from medres.synth.plan import SeriesPlan
+from medres.synth.plan import uid as _uid
 
 Namer = Callable[[int, str], Path]  # (instance number, suffix) -> absolute path
 
@@ -32,10 +35,6 @@ def ds_str(v: float) -> str:
     if s in ("-0", ""):
         s = "0"
     return s[:16]
-
-
-def _uid(*parts: object) -> str:
-    return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
 def base_dataset(plan: SeriesPlan, sop_class: str) -> Dataset:
@@ -426,8 +425,6 @@ def write_nifti(plan: SeriesPlan, stored: np.ndarray, path: Path) -> list[Path]:
     Written through an in-memory buffer and gzip with ``mtime=0`` so bytes are reproducible.
     """
     import nibabel as nib
-
-    from medres.synth.core import lps_sr_c_to_ras_xyz
 
     g = plan.geometry
     data = np.ascontiguousarray(np.transpose(stored, (2, 1, 0)))  # (c, r, s)

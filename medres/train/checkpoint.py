@@ -10,6 +10,11 @@ written at epoch boundaries; the next epoch's order is a function of seed and ep
 Files in ``RUN_DIR/checkpoints/``: ``last.pt`` (full state, rewritten every epoch) and
 ``best.pt`` (model weights of the best validation epoch). Writes go to a temp file that is
 fsynced and ``os.replace``-d, so a kill at any moment leaves the previous complete file.
+
+Also owns the training-state payload (:func:`state_payload`) and its restore on
+``--resume`` (:func:`restore_state`), including the check that a resumed run shares the
+original's model, transforms, data and optimisation settings. Imports
+``medres.runtime``, ``medres.io`` and ``medres.errors`` only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from medres.errors import TrainError
 from medres.io import atomic_open
+from medres.runtime import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,9 @@ __all__ = [
     "capture_rng",
     "load_checkpoint",
     "restore_rng",
+    "restore_state",
     "save_checkpoint",
+    "state_payload",
 ]
 
 
@@ -113,3 +121,71 @@ def load_checkpoint(
             f"{path}: not a {FORMAT} checkpoint; delete it and restart training without --resume"
         )
     return state
+
+
+# ----------------------------------------------------------------------------- train state
+def state_payload(st: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """The full resumable state of a ``TrainState`` after an epoch (``last.pt``)."""
+    return {
+        "epoch": st.epoch,
+        "step": st.step,
+        "model": unwrap(st.model).state_dict(),
+        "optimizer": st.optimizer.state_dict(),
+        "scheduler": st.scheduler.state_dict(),
+        "scaler": st.scaler.state_dict() if st.scaler is not None else None,
+        "rng": capture_rng(),
+        "sampler": {"epoch": st.epoch},
+        "best": {"score": st.best_metric, "epoch": st.best_epoch, "bad_epochs": st.bad_epochs},
+        "history": st.history,
+        "pipeline": spec_dict,
+    }
+
+
+def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved spec that a resumed run must share with the original."""
+    keep = {"model", "transforms"}
+    out = {s: v for s, v in spec_dict.items() if s in keep}
+    out["data"] = {
+        k: spec_dict["data"][k] for k in ("task", "label_columns", "classes", "manifest")
+    }
+    out["train"] = {
+        k: spec_dict["train"][k] for k in ("batch_size", "lr", "optimizer", "scheduler", "seed")
+    }
+    return out
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in a:
+            d = _diff(a[k], b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else prefix.rstrip(".")
+
+
+def restore_state(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], path: Path) -> None:
+    """Load ``saved`` (a :func:`state_payload`) into ``st``; refuse a changed pipeline."""
+    diff = _diff(_comparable(saved.get("pipeline") or {}), _comparable(spec_dict))
+    if diff:
+        raise TrainError(
+            f"{path}: the run was trained with a different {diff}; resume with the original "
+            "pipeline and flags (only train.epochs and runtime options may change)"
+        )
+    try:
+        unwrap(st.model).load_state_dict(saved["model"])
+        st.optimizer.load_state_dict(saved["optimizer"])
+        st.scheduler.load_state_dict(saved["scheduler"])
+        if st.scaler is not None and saved.get("scaler"):
+            st.scaler.load_state_dict(saved["scaler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise TrainError(
+            f"{path}: checkpoint does not fit this model ({type(exc).__name__}); start a new run without --resume"
+        ) from None
+    st.epoch, st.step = int(saved["epoch"]), int(saved["step"])
+    st.best_metric = float(saved["best"]["score"])
+    st.best_epoch = int(saved["best"]["epoch"])
+    st.bad_epochs = int(saved["best"]["bad_epochs"])
+    st.history = list(saved["history"])
+    restore_rng(saved["rng"])
+    log.info("resumed from %s after epoch %d", path, st.epoch)

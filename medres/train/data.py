@@ -14,6 +14,10 @@ Choices:
   RNGs are re-seeded from ``(seed, epoch, rank)`` at each epoch start (and, with workers,
   through the loader's generator), so an epoch's batches depend only on its number: this
   is what makes ``--resume`` bit-exact without saving iterator internals.
+
+:func:`build_data` assembles the train/val loaders of a run (:class:`DataBundle`). Reads
+manifests through :mod:`medres.dataset.manifest` (``Manifest``); imports
+``medres.train.spec``/``transforms``, ``medres.runtime`` and core only.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,19 +36,23 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from medres.dataset.manifest import Manifest, sort_classes
 from medres.errors import ConfigError, ManifestError, TrainError
-from medres.train.spec import DataSpec
+from medres.runtime import Runtime
+from medres.train.spec import DataSpec, PipelineSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS",
+    "DataBundle",
     "EpochSampler",
     "LabelInfo",
+    "build_data",
     "build_loader",
     "check_leakage",
+    "class_weights",
     "epoch_seed",
-    "load_manifest",
     "make_dataset",
     "make_items",
     "resolve_labels",
@@ -56,13 +63,6 @@ __all__ = [
 TASKS = ("binary", "multiclass", "multilabel")
 CACHE_MODES = ("none", "memory", "disk")
 BALANCE_MODES = ("none", "sampler", "weights")
-
-
-def load_manifest(path: str | os.PathLike[str]) -> Any:
-    """Read and validate the manifest (``medres.dataset.manifest.read_manifest``)."""
-    from medres.dataset.manifest import read_manifest
-
-    return read_manifest(path)
 
 
 def check_leakage(rows: Sequence[dict[str, str]], manifest_name: str = "manifest.csv") -> None:
@@ -99,15 +99,7 @@ class LabelInfo:
         return self.classes.index(self.positive_class) if self.positive_class else -1
 
 
-def sort_classes(values: set[str]) -> tuple[str, ...]:
-    """Class order used everywhere: numeric when every label is a number, else alphabetical."""
-    try:
-        return tuple(sorted(values, key=float))
-    except ValueError:
-        return tuple(sorted(values))
-
-
-def resolve_labels(manifest: Any, spec: DataSpec) -> LabelInfo:
+def resolve_labels(manifest: Manifest, spec: DataSpec) -> LabelInfo:
     """Work out task, label columns and classes from ``spec`` and the manifest's values."""
     name = Path(manifest.path).name
     cols = tuple(spec.label_columns) or tuple(manifest.label_columns)
@@ -162,7 +154,7 @@ def resolve_labels(manifest: Any, spec: DataSpec) -> LabelInfo:
     return LabelInfo(task, cols, classes, positive)
 
 
-def make_items(manifest: Any, split: str, labels: LabelInfo) -> list[dict[str, Any]]:
+def make_items(manifest: Manifest, split: str, labels: LabelInfo) -> list[dict[str, Any]]:
     """Dataset items (``image`` path, ``channels``, ``label``, ``index`` into manifest.rows)."""
     items: list[dict[str, Any]] = []
     skipped = 0
@@ -345,3 +337,89 @@ def seed_loader_epoch(
     if loader.generator is not None:
         loader.generator.manual_seed(s)  # workers seed their transforms from this
     set_rnd(loader.dataset, s)  # in-process loading (workers=0)
+
+
+# ------------------------------------------------------------------------------- run bundle
+@dataclass(frozen=True)
+class DataBundle:
+    """The loaders and items of one run (train: sharded per rank; val: whole set)."""
+
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    train_items: list[dict[str, Any]]
+    val_items: list[dict[str, Any]]
+    class_weights: torch.Tensor | None
+
+
+def cache_root(spec: PipelineSpec, run_dir: Path) -> Path:
+    """``data.cache_dir`` (or RUN_DIR/cache) / the preprocessing hash."""
+    from medres.train.transforms import preprocessing_dict
+
+    base = Path(spec.data.cache_dir) if spec.data.cache_dir else run_dir / "cache"
+    return base / preprocessing_hash(preprocessing_dict(spec.transforms))
+
+
+def class_weights(items: Sequence[dict[str, Any]], labels: LabelInfo) -> torch.Tensor:
+    """Loss weights: inverse class frequency, or negatives/positives per label (multi-label)."""
+    counts = np.maximum(class_counts(items, labels), 1.0)
+    if labels.task == "multilabel":
+        return torch.as_tensor((len(items) - counts) / counts, dtype=torch.float32)
+    return torch.as_tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+
+
+def _split_items(
+    manifest: Manifest, spec: DataSpec, labels: LabelInfo
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    train_items = make_items(manifest, spec.train_split, labels)
+    val_items = make_items(manifest, spec.val_split, labels)
+    name = Path(manifest.path).name
+    for split, items in ((spec.train_split, train_items), (spec.val_split, val_items)):
+        if not items:
+            raise TrainError(
+                f"{name}: no labelled rows in split {split!r}; re-run ingest with a labels CSV "
+                "and --val-frac > 0, or set data.train_split/data.val_split"
+            )
+    return train_items, val_items
+
+
+def build_data(
+    spec: PipelineSpec, manifest: Manifest, labels: LabelInfo, rt: Runtime, run_dir: Path
+) -> DataBundle:
+    """Train/val datasets (cached per ``data.cache``) and their deterministic loaders."""
+    from medres.train.transforms import build_transforms
+
+    d = spec.data
+    train_items, val_items = _split_items(manifest, d, labels)
+    root = cache_root(spec, run_dir)
+    train_ds = make_dataset(
+        train_items,
+        build_transforms(spec.transforms, train=True),
+        cache=d.cache,
+        cache_dir=root / "train",
+    )
+    val_ds = make_dataset(
+        val_items,
+        build_transforms(spec.transforms, train=False),
+        cache=d.cache,
+        cache_dir=root / "eval",
+    )
+    weights = sample_weights(train_items, labels) if d.balance == "sampler" else None
+    pin = rt.device.type == "cuda"
+    train = build_loader(
+        train_ds,
+        EpochSampler(
+            len(train_items), weights=weights, seed=spec.train.seed, rank=rt.rank, world=rt.world
+        ),
+        batch_size=spec.train.batch_size,
+        workers=d.workers,
+        pin_memory=pin,
+    )
+    val = build_loader(
+        val_ds,
+        EpochSampler(len(val_items), shuffle=False),
+        batch_size=spec.eval.batch_size,
+        workers=d.workers,
+        pin_memory=pin,
+    )
+    cw = class_weights(train_items, labels) if d.balance == "weights" else None
+    return DataBundle(train, val, train_items, val_items, cw)

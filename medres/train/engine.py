@@ -18,11 +18,13 @@ Choices:
 * DDP: every rank evaluates the whole validation set after the BatchNorm buffers are
   broadcast from rank 0, so all ranks take the same early-stopping decision without
   extra communication. Train loss is averaged over ranks.
+
+Imports ``medres.train.spec``, ``medres.models`` (parameter groups), ``medres.runtime``
+(autocast, unwrap), ``medres.progress`` and ``medres.errors`` only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -36,6 +38,7 @@ from torch import nn
 
 from medres import progress
 from medres.errors import ConfigError
+from medres.runtime import autocast, cpu_has_amx, unwrap
 from medres.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -175,24 +178,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     # CPU: bf16 autocast pays off only with AMX tiles (Sapphire Rapids and later); without
     # them oneDNN emulates or converts and float32 is as fast and more accurate.
     if amp == "auto":
-        return torch.bfloat16 if _cpu_has_amx() else None
+        return torch.bfloat16 if cpu_has_amx() else None
     return torch.bfloat16 if amp == "bf16" else None
-
-
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            return any(line.startswith("flags") and "amx_bf16" in line for line in fh)
-    except OSError:
-        return False
-
-
-def autocast(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------- state
@@ -238,15 +225,6 @@ def _to_device(batch: dict[str, Any], state: TrainState) -> tuple[torch.Tensor, 
         )
     y = torch.as_tensor(batch["label"]).to(state.device, non_blocking=True)
     return x, y
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 def _dist() -> tuple[bool, int]:

@@ -5,12 +5,15 @@ plain data (``yaml.safe_load``; no tags, no code). Every field can be overridden
 CLI with ``--set section.field=value`` (values are parsed as YAML scalars/lists, then
 coerced to the field's type). Fields left at their "auto" value (``0``, ``""``,
 ``"auto"``, empty tuple) are resolved from the manifest by
-:func:`medres.train.run.resolve_spec`; the resolved spec is what a run writes to
+:func:`medres.train.resolve.resolve_spec`; the resolved spec is what a run writes to
 ``pipeline.yaml``, so a run can be replayed from it exactly.
 
 Choices: unknown sections/fields are errors (a typo must not silently train with a
 default); tuples are written as YAML lists; ``None`` is never a field value, so every
 field round-trips through YAML unchanged.
+
+Owns the spec dataclasses, YAML load/dump, ``--set`` overrides and the field docs; imports
+``medres.errors`` and ``medres.io`` only.
 """
 
 from __future__ import annotations

@@ -24,6 +24,13 @@ resolved preprocessing (saved in ``model.json``) into a ``monai.transforms.Compo
 
 Steps 1-8 are deterministic, so ``CacheDataset``/``PersistentDataset`` cache their output
 and only augmentation runs per epoch.
+
+medres's own steps follow MONAI's pattern: an array transform holds the logic
+(:class:`Orient`, :class:`Resample`, :class:`CenterSlice`, :class:`RandSlice`,
+:class:`MatchChannels`, :class:`ToFloatTensor`, :class:`LoadNifti`) and its dict
+transform (``Orientd``, ...) is a thin wrapper that applies it to each key. This module
+owns the preprocessing dict saved in model.json and its validation; it imports
+``medres.train.spec``, ``medres.ingest.nifti`` and core only.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, fields
 from typing import Any
 
@@ -56,6 +63,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacing,
+    Transform,
 )
 
 from medres.errors import ConfigError
@@ -184,68 +192,55 @@ def image_to_metatensor(img: Any) -> MetaTensor:
     return _make_metatensor(img.array, img.affine, int(getattr(img, "channels", 1) or 1))
 
 
-class LoadNiftid(MapTransform):
-    """Replace the path in ``d[key]`` by the image tensor; ``d["channels"]`` gives channels."""
+# ---------------------------------------------------------------------------- array transforms
+class LoadNifti(Transform):
+    """A NIfTI path -> the channel-first float32 MetaTensor of :func:`load_image_tensor`."""
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = load_image_tensor(d[key], int(d.get("channels", 1) or 1))
-        return d
+    def __call__(self, path: str | os.PathLike[str], channels: int = 1) -> MetaTensor:
+        return load_image_tensor(path, channels)
 
 
-# ------------------------------------------------------------------------------ spatial helpers
-class Orientd(MapTransform):
-    """Reorient 3D images to ``axcodes``; 2D images are left alone (ingest orients them).
+class Orient(Transform):
+    """Reorient a 3D image to ``axcodes``; 2D images are returned as they are (ingest orients them).
 
     Without metadata tracking (scoring), an image whose affine is already diagonal and
-    positive is passed on as the plain tensor that ``Orientation`` would return for it
+    positive is returned as the plain tensor that ``Orientation`` would return for it
     (the same voxels, no copy) without computing the orientation, which costs more than
     the rest of the step. With tracking on (training) ``Orientation`` always runs, so
     every item records the same applied operations.
     """
 
-    def __init__(self, keys: KeysCollection, axcodes: str) -> None:
-        super().__init__(keys)
+    def __init__(self, axcodes: str) -> None:
         self.axcodes = axcodes
         self.op = Orientation(axcodes=axcodes, labels=None)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from monai.data import get_track_meta
 
         from medres.ingest.nifti import is_ras_diagonal
 
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if x.ndim != 4:
-                continue
-            if (
-                self.axcodes == "RAS"
-                and not get_track_meta()
-                and isinstance(x, MetaTensor)
-                and is_ras_diagonal(x.affine)
-            ):
-                d[key] = x.as_tensor()
-            else:
-                d[key] = self.op(x)
-        return d
+        if x.ndim != 4:
+            return x
+        if (
+            self.axcodes == "RAS"
+            and not get_track_meta()
+            and isinstance(x, MetaTensor)
+            and is_ras_diagonal(x.affine)
+        ):
+            return x.as_tensor()
+        return self.op(x)
 
 
-class Spacingd_(MapTransform):
-    """Resample to ``pixdim`` (first N values for an N-D image)."""
+class Resample(Transform):
+    """Bilinear resample to ``pixdim`` (first N values for an N-D image; the last repeats)."""
 
-    def __init__(self, keys: KeysCollection, pixdim: tuple[float, ...]) -> None:
-        super().__init__(keys)
+    def __init__(self, pixdim: tuple[float, ...]) -> None:
         self.pixdim = tuple(pixdim)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            n = d[key].ndim - 1
-            pix = self.pixdim[:n] if len(self.pixdim) >= n else (*self.pixdim, self.pixdim[-1])
-            d[key] = Spacing(pixdim=pix, mode="bilinear")(d[key])
-        return d
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.ndim - 1
+        pix = self.pixdim[:n] if len(self.pixdim) >= n else (*self.pixdim, self.pixdim[-1])
+        return Spacing(pixdim=pix, mode="bilinear")(x)
 
 
 def _take_slice(x: torch.Tensor, axis: int, index: int) -> torch.Tensor:
@@ -253,78 +248,154 @@ def _take_slice(x: torch.Tensor, axis: int, index: int) -> torch.Tensor:
     return out.as_tensor() if isinstance(out, MetaTensor) else out
 
 
-class CenterSliced(MapTransform):
-    """2D centre slice along ``axis`` of 3D images; 2D images pass through."""
+class CenterSlice(Transform):
+    """The 2D centre slice along spatial ``axis`` of a 3D image; 2D images pass through."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            return x
+        return _take_slice(x, self.axis, x.shape[self.axis + 1] // 2)
+
+
+class RandSlice(Randomizable, Transform):
+    """A uniformly random 2D slice along spatial ``axis`` of a 3D image (training only)."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self._index = 0
+
+    def randomize(self, data: Any = None) -> None:
+        """Draw the slice index for an image with ``data`` slices along ``axis``."""
+        self._index = int(self.R.randint(0, int(data)))
+
+    def __call__(self, x: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if x.ndim != 4:
+            return x
+        if randomize:
+            self.randomize(x.shape[self.axis + 1])
+        return _take_slice(x, self.axis, self._index)
+
+
+class MatchChannels(Transform):
+    """Repeat a grey channel to ``n`` channels or average several channels to one."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[0]
+        if c == self.n:
+            return x
+        if c == 1:
+            return x.repeat(self.n, *([1] * (x.ndim - 1)))
+        if self.n == 1:
+            return x.mean(dim=0, keepdim=True)
+        raise ConfigError(
+            f"image has {c} channels but the model takes {self.n}; set model.in_channels "
+            f"to {c} or 1"
+        )
+
+
+class ToFloatTensor(Transform):
+    """A contiguous plain float32 tensor (drops MONAI metadata, which training does not use)."""
+
+    def __call__(self, x: Any) -> torch.Tensor:
+        if isinstance(x, MetaTensor):
+            x = x.as_tensor()
+        return torch.as_tensor(x, dtype=torch.float32).contiguous()
+
+
+# ------------------------------------------------------------------ dict wrappers (by key)
+class _Mapd(MapTransform):
+    """Apply the array transform ``self.op`` to every key (MONAI's dictionary pattern)."""
+
+    op: Callable[[Any], Any]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.op(d[key])
+        return d
+
+
+class LoadNiftid(MapTransform):
+    """Replace the path in ``d[key]`` by the image tensor; ``d["channels"]`` gives channels."""
+
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self.loader = LoadNifti()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key], int(d.get("channels", 1) or 1))
+        return d
+
+
+class Orientd(_Mapd):
+    """Dict wrapper of :class:`Orient`."""
+
+    def __init__(self, keys: KeysCollection, axcodes: str) -> None:
+        super().__init__(keys)
+        self.axcodes = axcodes
+        self.op = Orient(axcodes)
+
+
+class Spacingd_(_Mapd):
+    """Dict wrapper of :class:`Resample`."""
+
+    def __init__(self, keys: KeysCollection, pixdim: tuple[float, ...]) -> None:
+        super().__init__(keys)
+        self.pixdim = tuple(pixdim)
+        self.op = Resample(pixdim)
+
+
+class CenterSliced(_Mapd):
+    """Dict wrapper of :class:`CenterSlice`."""
 
     def __init__(self, keys: KeysCollection, axis: int) -> None:
         super().__init__(keys)
         self.axis = axis
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if x.ndim == 4:
-                d[key] = _take_slice(x, self.axis, x.shape[self.axis + 1] // 2)
-        return d
+        self.op = CenterSlice(axis)
 
 
-class RandSliced(Randomizable, MapTransform):
-    """A uniformly random 2D slice along ``axis`` of 3D images (training only)."""
+class RandSliced(Randomizable, _Mapd):
+    """Dict wrapper of :class:`RandSlice`; seeding it seeds the array transform."""
 
     def __init__(self, keys: KeysCollection, axis: int) -> None:
-        MapTransform.__init__(self, keys)
+        _Mapd.__init__(self, keys)
         self.axis = axis
+        self.op = RandSlice(axis)
 
-    def randomize(self, data: Any = None) -> None:  # pragma: no cover - unused
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandSliced:
+        super().set_random_state(seed, state)
+        self.op.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:  # pragma: no cover - the op draws per key
         pass
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if x.ndim == 4:
-                d[key] = _take_slice(x, self.axis, int(self.R.randint(0, x.shape[self.axis + 1])))
-        return d
 
-
-class MatchChannelsd(MapTransform):
-    """Repeat a grey channel to ``n`` channels or average several channels to one."""
+class MatchChannelsd(_Mapd):
+    """Dict wrapper of :class:`MatchChannels`."""
 
     def __init__(self, keys: KeysCollection, n: int) -> None:
         super().__init__(keys)
         self.n = n
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            c = x.shape[0]
-            if c == self.n:
-                continue
-            if c == 1:
-                d[key] = x.repeat(self.n, *([1] * (x.ndim - 1)))
-            elif self.n == 1:
-                d[key] = x.mean(dim=0, keepdim=True)
-            else:
-                raise ConfigError(
-                    f"image has {c} channels but the model takes {self.n}; set model.in_channels "
-                    f"to {c} or 1"
-                )
-        return d
+        self.op = MatchChannels(n)
 
 
-class ToFloatTensord(MapTransform):
-    """A contiguous plain float32 tensor (drops MONAI metadata, which training does not use)."""
+class ToFloatTensord(_Mapd):
+    """Dict wrapper of :class:`ToFloatTensor`."""
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x = d[key]
-            if isinstance(x, MetaTensor):
-                x = x.as_tensor()
-            d[key] = torch.as_tensor(x, dtype=torch.float32).contiguous()
-        return d
+    def __init__(self, keys: KeysCollection) -> None:
+        super().__init__(keys)
+        self.op = ToFloatTensor()
 
 
 # ------------------------------------------------------------------------------------- builder

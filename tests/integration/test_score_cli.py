@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.models import write_dicom_2d, write_model_dir, write_nifti_folder
 from typer.testing import CliRunner
 
 from medres.cli import app
-from medres.score.demo_data import write_dicom_2d, write_model_dir, write_nifti_folder
 
 runner = CliRunner()
 STUDY_A, STUDY_B = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.202"

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.models import write_model_dir, write_nifti_folder
 
 from medres.phi import KEY_FILE, load_or_create_key
 from medres.score import ScoreConfig, score
-from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 pytestmark = pytest.mark.reliability
 

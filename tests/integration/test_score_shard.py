@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers.models import write_model_dir, write_nifti_folder
 from typer.testing import CliRunner
 
 from medres.cli import app
 from medres.phi import KEY_FILE, load_or_create_key
 from medres.score import ScoreConfig, score
-from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 N = 60
 

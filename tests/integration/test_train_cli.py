@@ -95,7 +95,7 @@ def test_scoring_path_reproduces_predictions(trained):
 
     manifest, out, _ = trained
     model, meta = load_model_dir(out / "model")
-    tf = build_transforms(meta["preprocessing"], train=False, load=False)
+    tf = build_transforms(meta.preprocessing, train=False, load=False)
     mrows = {r["image_id"]: r for r in _read(manifest)}
     for r in _read(out / "predictions_test.csv"):
         nii = nib.load(manifest.parent / mrows[r["image_id"]]["image_path"])

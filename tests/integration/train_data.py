@@ -3,11 +3,18 @@
 Positives carry a bright Gaussian blob at a random place on a noisy background, so a
 ResNet learns them within an epoch or two. Splits are grouped by patient (one image per
 patient) in the pattern train, train, train, val, test.
+
+:func:`run_killed_after_epoch` runs ``medres train`` in a subprocess and SIGKILLs it from
+outside right after a given epoch's checkpoint (the crash/resume tests).
 """
 
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -75,3 +82,69 @@ def make_dataset(
         w.writeheader()
         w.writerows(rows)
     return manifest
+
+
+def history_rows(run_dir: Path) -> int:
+    """Data rows in ``run_dir/history.csv`` (0 while it does not exist yet)."""
+    try:
+        text = (run_dir / "history.csv").read_text(encoding="utf-8")
+    except (FileNotFoundError, PermissionError):
+        return 0
+    return max(len(text.splitlines()) - 1, 0)
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import medres.train.run as run
+epoch = int(sys.argv[1])
+real = run.run_train
+def killing(*args, **kwargs):
+    def on_epoch_end(done, row):
+        if done >= epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, on_epoch_end=on_epoch_end, **kwargs)
+run.run_train = killing
+sys.argv = ["medres", *sys.argv[2:]]
+from medres.cli import main
+main()
+"""
+
+
+def _with_kill_callback(cmd: list[str], epoch: int) -> list[str]:
+    """``python -m medres ARGS`` -> the same CLI run with a self-kill after ``epoch``."""
+    if len(cmd) > 2 and cmd[1:3] == ["-m", "medres"]:
+        return [cmd[0], "-c", _KILL_SCRIPT, str(epoch), *cmd[3:]]
+    return cmd
+
+
+def run_killed_after_epoch(
+    cmd: list[str], env: dict[str, str], run_dir: Path, epoch: int, *, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (a ``medres train`` writing ``run_dir``) and SIGKILL it right after epoch
+    ``epoch``'s checkpoint and history row are on disk. For ``python -m medres ...`` the kill
+    comes from the library's documented ``run_train(on_epoch_end=...)`` callback, so it lands
+    at exactly that point however fast the next epoch is; otherwise (and as a fallback) it
+    comes from outside, as soon as ``history.csv`` holds ``epoch`` rows. Returns the
+    process's completed state; its ``returncode`` is ``-SIGKILL`` when the kill landed.
+    """
+    cmd = _with_kill_callback(cmd, epoch)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if history_rows(run_dir) >= epoch:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.005)
+            else:
+                if proc.poll() is None:
+                    proc.kill()
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())

@@ -290,8 +290,9 @@ def test_many_members_hit_the_member_limit_quickly(kind, n, reliability_long, tm
 
 
 def test_score_applies_the_same_archive_rules(dicom_bytes, tmp_path):
+    from helpers.models import write_model_dir
+
     from medres.score import ScoreConfig, score
-    from medres.score.demo_data import write_model_dir
 
     src = tmp_path / "src"
     src.mkdir()

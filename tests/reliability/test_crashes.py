@@ -1,9 +1,10 @@
 """Crashes lose nothing: killed training resumes exactly, a full disk during scoring leaves a
 consistent ledger and a clean rerun completes.
 
-* ``medres train`` is SIGKILLed right after the checkpoint of epoch 1 (the training hook
-  ``MEDRES_TRAIN_KILL_AFTER_EPOCH``), then resumed with ``--resume``: history and weights
-  equal an uninterrupted run's (deterministic mode, one machine).
+* ``medres train`` is SIGKILLed from outside right after the checkpoint of epoch 1 (the
+  test watches ``history.csv``; the library holds no test hook), then resumed with
+  ``--resume``: history and weights equal an uninterrupted run's (deterministic mode,
+  one machine).
 * Scoring with ENOSPC injected in-process, at the ledger's commit (after a few batches
   were committed) and at the CSV export's write: the error propagates, the ledger passes
   ``PRAGMA integrity_check`` and holds only whole batches, no partial ``scores.csv`` or
@@ -29,31 +30,27 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers.models import write_model_dir, write_nifti_folder
 from safetensors.torch import load_file
-from train_data import make_dataset
+from train_data import make_dataset, run_killed_after_epoch
 
 from medres.phi import KEY_FILE, load_or_create_key
 from medres.score import ScoreConfig, score
 from medres.score import ledger as ledger_mod
-from medres.score.demo_data import write_model_dir, write_nifti_folder
 
 pytestmark = pytest.mark.reliability
-
-KILL_ENV = "MEDRES_TRAIN_KILL_AFTER_EPOCH"
-
 
 # --------------------------------------------------------------------------- training
 
 
 def _train(manifest: Path, out: Path, *extra: str, kill_after: int | None = None):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env.pop(KILL_ENV, None)
-    if kill_after is not None:
-        env[KILL_ENV] = str(kill_after)
     cmd = [sys.executable, "-m", "medres", "-q", "train", "--manifest", str(manifest),
            "--out", str(out), "--epochs", "2", "--batch-size", "4", "--image-size", "16",
            "--device", "cpu", "--weights", "none", "--seed", "3",
            "--set", "train.deterministic=true", "--set", "data.workers=0", *extra]  # fmt: skip
+    if kill_after is not None:
+        return run_killed_after_epoch(cmd, env, out, kill_after, timeout=600)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 

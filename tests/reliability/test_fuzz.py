@@ -54,7 +54,9 @@ from pydicom.data import get_testdata_files
 from medres.errors import IngestError
 from medres.ingest import dicom
 from medres.ingest.codes import Code
+from medres.ingest.dicom import fields as dicom_fields
 from medres.ingest.pipeline import SKIP_CODES
+from medres.ingest.records import ImageRecord
 from medres.ingest.tasks import DecodeJob, decode_task, scan_task
 from medres.workers import IsolatedPool
 
@@ -173,16 +175,16 @@ def _is_image_with_pixels(path: Path) -> bool:
             has_pixels = "PixelData" in ds
     except BaseException:
         return False
-    if not sop or any(sop.startswith(p) for p in dicom._NON_IMAGE_PREFIXES):
+    if not sop or any(sop.startswith(p) for p in dicom_fields.NON_IMAGE_PREFIXES):
         return False
-    return has_pixels and dicom._is_image_class(sop)
+    return has_pixels and dicom_fields.is_image_class(sop)
 
 
-def _check_image(rec: dict, header, out_path: Path) -> str | None:
+def _check_image(rec: ImageRecord, header, out_path: Path) -> str | None:
     """A decoded image must be complete: the NIfTI holds every pixel of the header."""
     arr = np.asarray(nib.load(out_path).dataobj)
-    shape = [int(s) for s in rec["shape"].split("x")]
-    channels = int(rec["channels"])
+    shape = [int(s) for s in rec.shape.split("x")]
+    channels = int(rec.channels)
     want = int(np.prod(shape)) * (channels if channels > 1 else 1)
     if arr.size != want:
         return f"NIfTI holds {arr.size} values, manifest shape says {want}"
@@ -366,7 +368,7 @@ def test_ingest_cli_on_mutated_set(mutated_set: Path, tmp_path: Path):
 
 
 def test_score_cli_on_mutated_set(mutated_set: Path, tmp_path: Path):
-    from medres.score.demo_data import write_model_dir
+    from helpers.models import write_model_dir
 
     model = write_model_dir(tmp_path / "model", image_size=(16, 16))
     out = tmp_path / "scores"

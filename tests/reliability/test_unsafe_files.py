@@ -108,7 +108,7 @@ def test_poisoned_resume_checkpoint_is_refused(manifest, tmp_path, monkeypatch, 
 @pytest.mark.parametrize("where", ["safetensors_name", "pt_only"])
 @pytest.mark.parametrize("force", [False, True])
 def test_score_model_dir_with_pickled_weights_is_refused(tmp_path, monkeypatch, where, force):
-    from medres.score.demo_data import write_model_dir, write_nifti_folder
+    from helpers.models import write_model_dir, write_nifti_folder
 
     if force:
         monkeypatch.setenv(FORCE_ENV, "1")

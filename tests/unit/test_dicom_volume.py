@@ -489,6 +489,44 @@ def test_corrupt_rle_stream_rejected(tmp_path: Path) -> None:
     assert exc.value.code in {Code.DECODE_FAILED, Code.TRUNCATED}
 
 
+def test_worker_processes_give_what_serial_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Header scans and compressed decodes in medres.workers processes (thresholds lowered
+    so that a small series takes those paths) give the serial results and error codes."""
+    from medres.ingest.dicom import decode, scan
+
+    paths = make_series(tmp_path / "rle", _rng_volume((10, 8, 8), seed=3), ts=RLELossless)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    serial = scan_headers([*paths, junk])
+    serial_img = load_stack(group_stacks(serial[0])[0][0])
+    monkeypatch.setattr(scan, "_SCAN_POOL_MIN_FILES", 2)
+    monkeypatch.setattr(decode, "_POOL_WORTH_S", 0.0)
+    pooled_calls: list[int] = []
+    real = decode._decode_in_pool
+    monkeypatch.setattr(decode, "_decode_in_pool", lambda *a: pooled_calls.append(1) or real(*a))
+    pooled = scan_headers([*paths, junk], workers=2)
+    assert pooled == serial and [r.code for r in pooled[1]] == [Code.NOT_DICOM]
+    img = load_stack(group_stacks(pooled[0])[0][0], workers=2)
+    assert pooled_calls == [1]
+    assert np.array_equal(img.array, serial_img.array) and np.allclose(
+        img.affine, serial_img.affine
+    )
+    data = bytearray(paths[4].read_bytes())
+    h = scan_header(paths[4])
+    for i in range(h.pixel_offset + 40, len(data) - 20):
+        data[i] = 0xFF if i % 3 else 0x80
+    paths[4].write_bytes(bytes(data))
+    stack = group_stacks(scan_headers(paths)[0])[0][0]
+    codes = []
+    for workers in (1, 2):
+        with pytest.raises(IngestError) as exc:
+            load_stack(stack, workers=workers)
+        codes.append(exc.value.code)
+    assert codes[0] == codes[1] and codes[0] in {Code.DECODE_FAILED, Code.TRUNCATED}
+
+
 # ------------------------------------------------------------------ 2D / multi-frame / colour
 def _dx(tmp_path: Path, name: str, arr: np.ndarray, **attrs) -> Path:
     ds = _base(arr.shape[0], arr.shape[1], sop_class="1.2.840.10008.5.1.4.1.1.1.1")
@@ -762,7 +800,7 @@ def test_corrupted_bytes_never_escape_as_other_exceptions(tmp_path: Path, ts: st
 def test_one_failing_series_does_not_stop_grouping(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import medres.ingest.dicom as dicom_mod
+    import medres.ingest.dicom.series as dicom_mod
 
     good = make_series(tmp_path / "good", _rng_volume((3, 3, 3)))
     bad = make_series(tmp_path / "bad", _rng_volume((3, 3, 3)))

@@ -254,7 +254,7 @@ def test_leakage_guard_names_the_pseudonymous_key():
 
 def test_amp_resolution_on_cpu():
     cpu = torch.device("cpu")
-    from medres.train.engine import _cpu_has_amx
+    from medres.runtime import cpu_has_amx as _cpu_has_amx
 
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if _cpu_has_amx() else None)
     assert resolve_amp("none", cpu) is None

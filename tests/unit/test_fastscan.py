@@ -28,9 +28,9 @@ from pydicom.uid import (
 )
 
 from medres.errors import IngestError
-from medres.ingest import dicom
-from medres.ingest.dicom import fastscan
-from medres.ingest.dicom import _FIELD_BY_TAG, scan_header
+from medres.ingest.dicom import fastscan, scan
+from medres.ingest.dicom.fields import FIELD_BY_TAG
+from medres.ingest.dicom.scan import scan_header
 
 
 def _both(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object, bool]:
@@ -46,10 +46,10 @@ def _both(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[object, object, 
         warnings.simplefilter("ignore")
         with open(path, "rb") as fh:
             size = path.stat().st_size
-            accepted = fastscan.fast_scan(fh, size, _FIELD_BY_TAG) is not None
+            accepted = fastscan.fast_scan(fh, size, FIELD_BY_TAG) is not None
         lean = run()
         with monkeypatch.context() as m:
-            m.setattr(dicom, "fast_scan", lambda *a, **k: None)
+            m.setattr(scan, "fast_scan", lambda *a, **k: None)
             ref = run()
     return lean, ref, accepted
 

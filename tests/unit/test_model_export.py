@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 from medres.errors import ConfigError, ModelError
+from medres.models import ModelMeta
 from medres.models.export import (
     ATOL,
     export_model,
@@ -61,7 +62,7 @@ def _make_run(run: Path, dims: int, in_channels: int = 1, num_classes: int = 2) 
         "weights_source": "none",
         "preprocessing": _preprocessing(dims, in_channels),
     }
-    save_model_dir(run / "model", model, meta)
+    save_model_dir(run / "model", model, ModelMeta.for_model(model, **meta))
     return run
 
 
@@ -70,7 +71,7 @@ def run2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_run(tmp_path_factory.mktemp("runs") / "run2d", 2)
 
 
-def _tiny(dims: int, in_channels: int, num_classes: int) -> tuple[torch.nn.Module, dict]:
+def _tiny(dims: int, in_channels: int, num_classes: int) -> tuple[torch.nn.Module, ModelMeta]:
     """A narrow MONAI ResNet (widths 4..32): the exporters take any module, and this one
     exports in milliseconds; the resnet18 run dir above covers the full path."""
     from monai.networks.nets import ResNet
@@ -90,15 +91,15 @@ def _tiny(dims: int, in_channels: int, num_classes: int) -> tuple[torch.nn.Modul
         if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
             mod.running_mean.uniform_(-0.2, 0.2)
             mod.running_var.uniform_(0.5, 1.5)
-    meta = {
-        "arch": "resnet18",
-        "dims": dims,
-        "in_channels": in_channels,
-        "num_classes": num_classes,
-        "task": "multilabel" if num_classes == 3 else "binary",
-        "classes": [f"c{i}" for i in range(num_classes)],
-        "preprocessing": _preprocessing(dims, in_channels),
-    }
+    meta = ModelMeta(
+        arch="resnet18",
+        dims=dims,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        task="multilabel" if num_classes == 3 else "binary",
+        classes=tuple(f"c{i}" for i in range(num_classes)),
+        preprocessing=_preprocessing(dims, in_channels),
+    )
     return model.eval(), meta
 
 
@@ -107,7 +108,8 @@ def loaded() -> dict[int, tuple]:
     return {2: _tiny(2, 1, 2), 3: _tiny(3, 2, 3)}
 
 
-def _batch(meta: dict, n: int = 3, seed: int = 7) -> torch.Tensor:
+def _batch(meta: dict | ModelMeta, n: int = 3, seed: int = 7) -> torch.Tensor:
+    meta = meta.to_json() if isinstance(meta, ModelMeta) else meta
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, meta["in_channels"], *SIZES[meta["dims"]], generator=g)
 
@@ -167,9 +169,9 @@ def test_monai_bundle_loads_and_matches(loaded, tmp_path: Path, dims: int):
     parser = ConfigParser()
     parser.read_meta(str(bundle / "configs" / "metadata.json"))
     parser.read_config(str(bundle / "configs" / "inference.json"))
-    classes = meta0["classes"]
+    classes = list(meta0.classes)
     assert parser["_meta_#network_data_format#inputs#image#spatial_shape"] == SIZES[dims]
-    assert parser["_meta_#network_data_format#inputs#image#num_channels"] == meta0["in_channels"]
+    assert parser["_meta_#network_data_format#inputs#image#num_channels"] == meta0.in_channels
     channel_def = {str(i): c for i, c in enumerate(classes)}
     assert parser["_meta_#network_data_format#outputs#pred#channel_def"] == channel_def
     assert parser["network_def#_target_"] == "monai.networks.nets.ResNet"  # MONAI only
@@ -208,7 +210,7 @@ def test_monai_bundle_loads_and_matches(loaded, tmp_path: Path, dims: int):
 
     rng = np.random.default_rng(dims)
     img_shape = (20, 24) if dims == 2 else (10, 12, 9)
-    img_shape = (*img_shape, meta0["in_channels"]) if meta0["in_channels"] > 1 else img_shape
+    img_shape = (*img_shape, meta0.in_channels) if meta0.in_channels > 1 else img_shape
     for i in range(2):
         arr = rng.normal(size=img_shape).astype(np.float32)
         nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / f"scan{i}.nii.gz"))
@@ -216,14 +218,14 @@ def test_monai_bundle_loads_and_matches(loaded, tmp_path: Path, dims: int):
     dataset = parser.get_parsed_content("dataset")
     assert len(dataset) == 2
     item = dataset[0]
-    expected = build_transforms(meta0["preprocessing"], train=False)(
-        {"image": str(tmp_path / "scan0.nii.gz"), "channels": meta0["in_channels"]}
+    expected = build_transforms(meta0.preprocessing, train=False)(
+        {"image": str(tmp_path / "scan0.nii.gz"), "channels": meta0.in_channels}
     )
-    assert tuple(item["image"].shape) == (meta0["in_channels"], *SIZES[dims])
+    assert tuple(item["image"].shape) == (meta0.in_channels, *SIZES[dims])
     assert item["image_path"] == str(tmp_path / "scan0.nii.gz")  # for ClassificationSaver
     np.testing.assert_array_equal(np.asarray(item["image"]), np.asarray(expected["image"]))
     inf = json.loads((bundle / "configs" / "inference.json").read_text())
-    act = "sigmoid" if meta0["task"] == "multilabel" else "softmax"
+    act = "sigmoid" if meta0.task == "multilabel" else "softmax"
     assert inf["postprocessing"]["transforms"][0] == {
         "_target_": "Activationsd",
         "keys": "pred",
@@ -255,20 +257,23 @@ def test_resnet_args_and_non_resnet_fallback(loaded, tmp_path: Path):
     with pytest.raises(ModelError, match="cannot describe"):
         export_monai_bundle(
             torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16 * 16, 2)),
-            {"arch": "resnet18", "dims": 2, "in_channels": 1, "num_classes": 2},
+            ModelMeta(arch="resnet18", dims=2, in_channels=1, num_classes=2),
             tmp_path / "nb",
             (1, 1, 16, 16),
         )
 
 
 def test_input_shape_rules():
-    meta = {"dims": 3, "in_channels": 2, "preprocessing": {"a": [{"spatial_size": 8}]}}
+    meta = ModelMeta(
+        arch="resnet18", dims=3, in_channels=2, num_classes=2,
+        preprocessing={"a": [{"spatial_size": 8}]},
+    )  # fmt: skip
     assert input_shape(meta) == (1, 2, 8, 8, 8)
     assert input_shape(meta, [4, 5, 6], batch=2) == (2, 2, 4, 5, 6)
     with pytest.raises(ConfigError, match="3D"):
         input_shape(meta, [4, 5])
     with pytest.raises(ModelError, match="--input-size"):
-        input_shape({"dims": 2, "in_channels": 1, "preprocessing": {}})
+        input_shape(ModelMeta(arch="resnet18", dims=2, in_channels=1, num_classes=2))
 
 
 def test_export_model_from_run_dir(run2d, tmp_path: Path):

@@ -195,7 +195,7 @@ def test_model_is_a_plain_module_for_other_stages():
 
 
 def test_models_files_lists_urls_cache_paths_and_mirror(monkeypatch):
-    from medres.models.weights import cache_dir
+    from medres.models.hub import cache_dir
 
     monkeypatch.setenv("MEDRES_WEIGHTS_MIRROR", "file:///mnt/weights/")
     (cache_dir()).mkdir(parents=True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from medres.errors import WeightsError
-from medres.models import modeldir as model_io
 from medres.models import read_state_dict
+from medres.models import statedict as model_io
 
 
 class _Payload:

@@ -23,7 +23,8 @@ from torch import nn
 from medres.errors import WeightsError
 from medres.models import build_model, load_pretrained, read_state_dict, weights_meta
 from medres.models.adapt import adapt_input_conv, inflate_kernel, resize_kernel
-from medres.models.weights import cache_dir, channel_mixing, get_weight_spec
+from medres.models.hub import cache_dir
+from medres.models.weights import channel_mixing, get_weight_spec
 
 _TV_LAYERS = {
     18: ("basic", [2, 2, 2, 2]),
@@ -192,7 +193,7 @@ def test_state_dict_keys_and_shapes_are_torchvisions(depth):
 )
 def test_imagenet_layout_adapts_to_every_depth_dims_and_stem(depth, dims, in_ch, stem):
     """Shape-level check on the meta device: every tensor is produced, with the model's shape."""
-    from medres.models.pretrained import adapt_state_dict
+    from medres.models.adapt import adapt_state_dict
 
     with torch.device("meta"):
         model = build_model(f"resnet{depth}", dims, in_ch, 2, stem=stem)
@@ -345,14 +346,15 @@ def test_shortcut_bias_is_folded_exactly(tmp_path):
 def test_safetensors_and_model_dir_sources(tmp_path):
     from safetensors.torch import save_file
 
-    from medres.models import save_model_dir
+    from medres.models import ModelMeta, save_model_dir
 
     sd = tv_state_dict(18)
     save_file(sd, tmp_path / "w.safetensors")
     m = build_model("resnet18", 2, 3, 1000, stem="standard")
     assert load_pretrained(m, str(tmp_path / "w.safetensors")).missing == ()
     wmeta = weights_meta("imagenet", "resnet18", in_channels=3)
-    save_model_dir(tmp_path / "run" / "model", m, {"preprocessing": {"weights": wmeta}})
+    meta = ModelMeta.for_model(m, preprocessing={"weights": wmeta})
+    save_model_dir(tmp_path / "run" / "model", m, meta)
     m3d = build_model("resnet18", 3, 1, 2, stem="standard")
     report = load_pretrained(m3d, str(tmp_path / "run"))  # a run dir resolves to its model/
     assert report.new_head and any("inflated" in a for a in report.adapted)

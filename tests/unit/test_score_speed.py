@@ -13,8 +13,10 @@ import torch
 from medres.errors import IngestError
 from medres.ingest import nifti
 from medres.phi import KEY_FILE
-from medres.score.engine import Predictor, ScoreItem, _chunks, _Decoders
-from medres.score.pipeline import MedresDecoder
+from medres.score.decode import MedresDecoder, _Decoders
+from medres.score.decode import chunks as _chunks
+from medres.score.items import ScoreItem
+from medres.score.predict import Predictor
 from medres.train.transforms import build_transforms, image_to_metatensor
 
 SHEARED = np.array([[0, 0, 2.0, 1], [0, -1, 0.2, 2], [1.3, 0, 0, 3], [0, 0, 0, 1]])
@@ -154,20 +156,40 @@ def test_items_routed_in_process_are_decoded_here_and_keep_their_order():
     assert all((pids[k] == os.getpid()) == (k in here) for k in pids)
 
 
-def test_medres_decoder_keeps_dicom_and_compressed_inputs_isolated():
+def test_medres_decoder_keeps_dicom_and_compressed_inputs_isolated(tmp_path):
     dec = MedresDecoder(_pre(2))
-    nii = ScoreItem("a", "a", "a.nii", "nifti", payload=("/x/a.NII", "a.nii"))
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), tmp_path / "a.NII")
+    nii = ScoreItem("a", "a", "a.nii", "nifti", payload=(str(tmp_path / "a.NII"), "a.nii"))
     gz = ScoreItem("b", "b", "b.nii.gz", "nifti", payload=("/x/b.nii.gz", "b.nii.gz"))
     dcm = ScoreItem("c", "c", "c", "dicom", payload=None)
     bad = ScoreItem("d", "d", "d", "error", code="not_dicom")
     assert [dec.in_process(it) for it in (nii, gz, dcm, bad)] == [True, False, False, True]
 
 
+def test_only_nii_files_whose_header_matches_the_file_are_decoded_in_process(tmp_path):
+    """The inline fast path is bounded: the declared data lies in the file, under the cap."""
+    from medres.score.decode import bounded_plain_nifti
+
+    p = tmp_path / "ok.nii"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 4), np.int16), np.eye(4)), p)
+    assert bounded_plain_nifti(p)
+    assert bounded_plain_nifti(p, max_bytes=32 * 32 * 4 * 2)
+    assert not bounded_plain_nifti(p, max_bytes=1000)  # larger than the memory cap
+    raw = bytearray(p.read_bytes())
+    raw[42:44] = np.int16(30000).tobytes()  # dim[1]: far more data than the file holds
+    (tmp_path / "big.nii").write_bytes(bytes(raw))
+    assert not bounded_plain_nifti(tmp_path / "big.nii")
+    (tmp_path / "junk.nii").write_bytes(b"\x00" * 100)
+    assert not bounded_plain_nifti(tmp_path / "junk.nii")
+    assert not bounded_plain_nifti(tmp_path / "missing.nii")
+
+
 def test_plain_nifti_runs_start_no_worker_pool_and_give_the_model_every_core(tmp_path, monkeypatch):
     """Plain .nii inputs: no decode process, the model gets all cores; scores unchanged."""
+    from helpers.models import write_model_dir, write_nifti_folder
+
     from medres.score import ScoreConfig, score
     from medres.score import pipeline as pl
-    from medres.score.demo_data import write_model_dir, write_nifti_folder
 
     model = write_model_dir(tmp_path / "m", image_size=(12, 12))
     write_nifti_folder(tmp_path / "imgs", 6, (12, 12))
@@ -199,7 +221,8 @@ def test_plain_nifti_runs_start_no_worker_pool_and_give_the_model_every_core(tmp
     [(("a.nii", "b.nii"), True), (("a.nii", "b.nii.gz"), False), (("a.nii", "c.dcm"), False)],
 )
 def test_item_stream_knows_before_decoding_whether_workers_are_needed(tmp_path, names, plain):
-    from medres.score.demo_data import write_dicom_2d
+    from helpers.models import write_dicom_2d
+
     from medres.score.sources import discover_items
 
     src = tmp_path / "src"

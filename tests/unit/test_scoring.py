@@ -9,15 +9,19 @@ import pytest
 import torch
 
 from medres.errors import ConfigError, IngestError
-from medres.score.engine import (
-    Predictor,
-    ScoreItem,
-    background,
-    decode_one,
-    default_to_probs,
-    run_items,
-)
+from medres.models.modeldir import ModelMeta
+from medres.score.cam import TopK
+from medres.score.decode import decode_one
+from medres.score.engine import LoopConfig, background, run_items
+from medres.score.items import ScoreItem
 from medres.score.ledger import Ledger, ModelInfo, predict_label
+from medres.score.predict import Predictor, default_to_probs
+
+
+def _meta(**fields) -> ModelMeta:
+    """The model.json of a tiny 2D two-class model, with ``fields`` set."""
+    return ModelMeta(arch="resnet18", dims=2, in_channels=1, num_classes=2, **fields)
+
 
 H = "cd" * 32
 CLASSES = ["0", "1"]
@@ -59,16 +63,10 @@ def _run(tmp_path, items, decoder, *, workers=0, batch_size=4, precision="fp32",
     led = Ledger(tmp_path / f"{name}.sqlite")
     led.register_model(ModelInfo(H, tuple(CLASSES), "binary"))
     pred = Predictor(TinyNet(), precision=precision)
-    stats = run_items(
-        items,
-        decoder,
-        pred,
-        led,
-        H,
-        label_fn=lambda p: predict_label(p, CLASSES),
-        batch_size=batch_size,
-        workers=workers,
+    config = LoopConfig(
+        label_fn=lambda p: predict_label(p, CLASSES), batch_size=batch_size, workers=workers
     )
+    stats = run_items(items, decoder, pred, led, H, config)
     recs = {r.item_key: r for r in led.records(H)}
     led.close()
     return stats, recs
@@ -182,21 +180,19 @@ def test_grad_cam_overlay_png(tmp_path, dims, shape) -> None:
     assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1 + 1e-6
     png = overlay_png(x[0], cam, tmp_path / "a.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert rank_class({"task": "binary", "classes": ["neg", "pos"], "positive_class": "pos"}) == 1
-    assert rank_class({"task": "multiclass", "classes": ["a", "b", "c"]}) is None
+    assert rank_class(_meta(task="binary", classes=("neg", "pos"), positive_class="pos")) == 1
+    assert rank_class(_meta(task="multiclass", classes=("a", "b", "c"))) is None
     with pytest.raises(ConfigError, match="cam-class"):
-        rank_class({"classes": ["a"]}, "zzz")
+        rank_class(_meta(classes=("a",)), "zzz")
 
 
 def test_keep_top_keeps_only_the_highest_ranked(tmp_path) -> None:
     led = Ledger(tmp_path / "l.sqlite")
     led.register_model(ModelInfo(H, tuple(CLASSES), "binary"))
-    stats = run_items(
-        _items(12), SeedDecoder(), Predictor(TinyNet()), led, H,
-        label_fn=lambda p: predict_label(p, CLASSES), batch_size=5, workers=0,
-        keep_top=3, rank_fn=lambda p: float(p[1]),
-    )  # fmt: skip
-    top = stats.top()
+    config = LoopConfig(label_fn=lambda p: predict_label(p, CLASSES), batch_size=5, workers=0)
+    keep = TopK(3, rank_fn=lambda p: float(p[1]))
+    run_items(_items(12), SeedDecoder(), Predictor(TinyNet()), led, H, config, on_scored=keep)
+    top = keep.top()
     all_p1 = sorted((r.scores[1] for r in led.records(H)), reverse=True)
     assert [float(p[1]) for _, _, p in top] == pytest.approx(all_p1[:3])
     led.close()
@@ -204,8 +200,9 @@ def test_keep_top_keeps_only_the_highest_ranked(tmp_path) -> None:
 
 def test_score_resume_and_retry_errors(tmp_path) -> None:
     """Errors are committed (not retried on resume) until --retry-errors; one row per item."""
+    from helpers.models import write_nifti_folder
+
     from medres.score import ScoreConfig, score
-    from medres.score.demo_data import write_nifti_folder
 
     write_nifti_folder(tmp_path / "imgs", 5, (8, 8))
 
@@ -218,7 +215,7 @@ def test_score_resume_and_retry_errors(tmp_path) -> None:
                 raise RuntimeError("transient read error")
             return np.ones((1, 8, 8), np.float32)
 
-    meta = {"classes": ["0", "1"], "task": "binary"}
+    meta = _meta(classes=("0", "1"), task="binary")
     cfg = ScoreConfig(tmp_path / "m", (tmp_path / "imgs",), tmp_path / "out", workers=0)
     s1 = score(cfg, decoder=Flaky(True), model=TinyNet(), meta=meta)
     assert (s1.scored, s1.errors) == (4, 1)

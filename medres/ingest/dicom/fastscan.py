@@ -3,7 +3,7 @@
 ``pydicom.dcmread(stop_before_pixels=True)`` builds a ``RawDataElement`` and a dataset entry
 for every element of a file, while the header scan needs about thirty plain values. This
 module walks the element stream itself (tag, VR, length; values of the wanted tags only) and
-hands back exactly what :func:`medres.ingest.dicom._extract` would have produced from
+hands back exactly what :func:`medres.ingest.dicom.fields.extract` would have produced from
 pydicom's dataset, or ``None`` whenever the file is not the well-formed common case, so that
 the caller falls back to pydicom, which then also classifies the damage. Declined cases:
 
@@ -71,7 +71,7 @@ class _Decline(Exception):
 
 @dataclass(frozen=True)
 class FastScan:
-    """What the lean walk found: ``values`` as ``_extract`` returns them, the transfer
+    """What the lean walk found: ``values`` as ``fields.extract`` returns them, the transfer
     syntax and media SOP class from the file meta, whether a Modality LUT Sequence exists
     and where the pixel data element starts (-1: none before the end of the file)."""
 
@@ -110,7 +110,7 @@ class _Reader:
 
 def fast_scan(fh: BinaryIO, size: int, fields: dict[int, tuple[int, str, str]]) -> FastScan | None:
     """Walk ``fh`` (``size`` bytes) up to its pixel data; ``None`` when declined (see the
-    module docstring). ``fields`` maps tag -> (tag, name, kind) as ``dicom._FIELDS``."""
+    module docstring). ``fields`` maps tag -> (tag, name, kind) as ``fields.FIELD_BY_TAG``."""
     try:
         return _scan(_Reader(fh, size), fields)
     except (_Decline, struct.error, UnicodeDecodeError, ValueError):
@@ -121,11 +121,36 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
     buf, off = r.view(0, 132)
     if buf[off + 128 : off + 132] != b"DICM":
         return None
+    meta, pos = _read_meta(r)
+    ts = meta.get(0x0010, "")
+    if not ts or ts in (_TS_EXPLICIT_BE, _TS_DEFLATED):
+        return None
+    implicit = ts == _TS_IMPLICIT
+    if implicit and pos + 6 <= r.size:
+        buf, off = r.view(pos, 6)
+        if buf[off + 4 : off + 6] in _VR_SHORT or buf[off + 4 : off + 6] in _VR_LONG:
+            return None  # labelled implicit, written explicit: pydicom's call
+    values, has_lut, pixel = _walk_dataset(r, pos, implicit, fields)
+    return FastScan(
+        values=values,
+        transfer_syntax=ts,
+        media_sop_class=meta.get(0x0002, ""),
+        implicit=implicit,
+        has_lut_sequence=has_lut,
+        pixel_element=pixel,
+    )
+
+
+def _read_meta(r: _Reader) -> tuple[dict[int, str], int]:
+    """The media SOP class (0002) and transfer syntax (0010) of the file meta group, and the
+    position of the first dataset element after it.
+
+    The meta group is always explicit VR; the group is checked before the VR because the
+    first dataset element after it may be implicit (no VR bytes), so :func:`_element`,
+    which declines unknown VRs, cannot read this boundary.
+    """
     pos = 132
     meta: dict[int, str] = {}
-    # the meta group is always explicit VR; the group is checked before the VR because
-    # the first dataset element after it may be implicit (no VR bytes), so _element,
-    # which declines unknown VRs, cannot read this boundary
     while pos + 8 <= r.size:
         buf, off = r.view(pos, 8)
         group, elem, vr, length = _HEAD.unpack_from(buf, off)
@@ -138,21 +163,21 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
         elif vr in _VR_SHORT:
             pos += 8
         else:
-            return None
+            raise _Decline
         if length == _UNDEFINED:
-            return None
+            raise _Decline
         if elem in (0x0002, 0x0010):
             buf, off = r.view(pos, length)
             meta[elem] = buf[off : off + length].decode("latin-1").strip(" \x00")
         pos += length
-    ts = meta.get(0x0010, "")
-    if not ts or ts in (_TS_EXPLICIT_BE, _TS_DEFLATED):
-        return None
-    implicit = ts == _TS_IMPLICIT
-    if implicit and pos + 6 <= r.size:
-        buf, off = r.view(pos, 6)
-        if buf[off + 4 : off + 6] in _VR_SHORT or buf[off + 4 : off + 6] in _VR_LONG:
-            return None  # labelled implicit, written explicit: pydicom's call
+    return meta, pos
+
+
+def _walk_dataset(
+    r: _Reader, pos: int, implicit: bool, fields: dict[int, tuple[int, str, str]]
+) -> tuple[dict[str, object], bool, int]:
+    """(values of the wanted ``fields``, whether a Modality LUT Sequence exists, position of
+    the pixel data element or -1) of the dataset elements from ``pos`` on."""
     values: dict[str, object] = {}
     enc: str | None = "latin-1"
     has_lut = False
@@ -162,56 +187,54 @@ def _scan(r: _Reader, fields: dict[int, tuple[int, str, str]]) -> FastScan | Non
     while pos < size:
         tag, vr, length, start = _element(r, pos, implicit)
         if tag <= last or tag >> 16 == 0xFFFE:
-            return None
+            raise _Decline
         last = tag
         if tag in _PIXEL_TAGS:
             pixel = pos
             break
         if tag in _FUNCTIONAL_GROUPS:
-            return None
+            raise _Decline
         if tag == _LUT_SEQUENCE:
             has_lut = True
         if length == _UNDEFINED:
             if implicit or vr in (b"SQ", b"UN"):
                 pos = _skip_sequence(r, start, implicit or vr == b"UN")
                 continue
-            return None
+            raise _Decline
         end = start + length
         if end > size:
-            return None
+            raise _Decline
         spec = fields.get(tag)
         if spec is not None:
             buf, off = r.view(start, length)
-            raw = buf[off : off + length]
-            name, kind = spec[1], spec[2]
-            if kind == "u":
-                if length == 2:
-                    values[name] = raw[0] | raw[1] << 8
-                elif length == 0:
-                    values[name] = None
-                else:
-                    return None
-            else:
-                if kind == "p" and enc is None:
-                    return None
-                values[name] = (
-                    raw.decode(enc if kind == "p" else "latin-1", "replace").strip(" \x00")  # type: ignore[arg-type]
-                    if raw
-                    else ""
-                )
-                if tag == _CHARSET:
-                    enc = charset_encoding(values[name])  # type: ignore[arg-type]
-                elif tag == _FRAMES and raw.strip(b" \x00") not in (b"", b"1"):
-                    return None  # multi-frame: functional groups etc. go through pydicom
+            enc = _store(values, spec, buf[off : off + length], enc)
         pos = end
-    return FastScan(
-        values=values,
-        transfer_syntax=ts,
-        media_sop_class=meta.get(0x0002, ""),
-        implicit=implicit,
-        has_lut_sequence=has_lut,
-        pixel_element=pixel,
-    )
+    return values, has_lut, pixel
+
+
+def _store(
+    values: dict[str, object], spec: tuple[int, str, str], raw: bytes, enc: str | None
+) -> str | None:
+    """Decode one wanted value into ``values``; return the text encoding from now on (a
+    SpecificCharacterSet changes it)."""
+    tag, name, kind = spec
+    if kind == "u":
+        if len(raw) == 2:
+            values[name] = raw[0] | raw[1] << 8
+        elif len(raw) == 0:
+            values[name] = None
+        else:
+            raise _Decline
+        return enc
+    if kind == "p" and enc is None:
+        raise _Decline
+    text = raw.decode(enc if kind == "p" else "latin-1", "replace").strip(" \x00") if raw else ""  # type: ignore[arg-type]
+    values[name] = text
+    if tag == _CHARSET:
+        return charset_encoding(text)
+    if tag == _FRAMES and raw.strip(b" \x00") not in (b"", b"1"):
+        raise _Decline  # multi-frame: functional groups etc. go through pydicom
+    return enc
 
 
 def _element(r: _Reader, pos: int, implicit: bool) -> tuple[int, bytes, int, int]:

@@ -1,12 +1,13 @@
 """Tiny synthetic inputs for scoring tests, the crash harness and ``benchmarks/score.py``.
 
 Writes an untrained (seeded) model dir through the real ``medres.models`` saver with a
-real saved ``preprocessing``, and folders of small NIfTI images, so that everything
-downstream runs the production code path. Nothing here is used by ``medres score``.
+real saved ``preprocessing``, folders of small NIfTI images, and 2D DICOM files through
+``medres.synth``'s writers, so that everything downstream runs the production code path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ def write_model_dir(
     """A seeded, untrained model dir (``weights.safetensors`` + ``model.json``)."""
     import torch
 
-    from medres.models.modeldir import save_model_dir
+    from medres.models.modeldir import ModelMeta, save_model_dir
     from medres.models.resnet import build_model
     from medres.train.spec import TransformSpec
     from medres.train.transforms import preprocessing_dict
@@ -46,9 +47,10 @@ def write_model_dir(
             orientation="RAS" if dims == 3 else "",
         )
     )
-    meta = {"task": task, "classes": list(classes), "preprocessing": pre}
-    if task == "binary":
-        meta["positive_class"] = str(classes[-1])
+    positive = str(classes[-1]) if task == "binary" else None
+    meta = ModelMeta.for_model(
+        model, task=task, classes=tuple(classes), positive_class=positive, preprocessing=pre
+    )
     return save_model_dir(Path(path), model, meta)
 
 
@@ -90,30 +92,31 @@ def write_dicom_2d(
     seed: int = 0,
     patient_id: str = "PAT-0001",
     accession: str = "ACC0001",
+    compression: str | None = None,
 ) -> Path:
-    """One uncompressed 2D (DX, MONOCHROME2) DICOM file with the given UIDs."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """One 2D radiograph (DX, MONOCHROME2, 12 bits stored) with the given UIDs, written by
+    :func:`medres.synth.writers.write_2d` (``compression``: a ``medres.synth`` codec name)."""
+    from medres.synth import SynthSpec, plan_series
+    from medres.synth.writers import write_2d
 
+    # synth plans images of 8 px or more; smaller test images keep the planned geometry
+    plan_size = max(size, 8)
+    spec = SynthSpec(kind="xray", n_patients=1, shape=(plan_size,) * 2, monochrome1_fraction=0.0)
+    plan = plan_series(spec)[0]
+    plan = dataclasses.replace(
+        plan,
+        geometry=dataclasses.replace(plan.geometry, rows=size, cols=size),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        patient_name="Doe^Jane",
+        accession=accession,
+        modality="DX",
+        photometric="MONOCHROME2",
+        defect="",
+    )
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 1000, size=(size, size)).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientID, ds.PatientName, ds.AccessionNumber = patient_id, "Doe^Jane", accession
-    ds.Modality, ds.InstanceNumber = "DX", 1
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.PixelData = arr.tobytes()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out, enforce_file_format=True)
-    return out
+    (written,) = write_2d(plan, arr, lambda inst, suffix: out, compression)
+    return written

@@ -1,0 +1,331 @@
+"""Pixel decoding: the stored values of a stack's files, and their mapping to output values.
+
+Owns the three decode paths (see the package docstring): uncompressed little-endian pixel
+data read straight from the file at the offset found by the header scan
+(:func:`read_native`); compressed pixel data handed from that offset to pydicom's decoder
+plugins (:func:`decode_encapsulated`); and a full ``dcmread`` + ``pixel_array`` for
+everything else (:func:`decode_dataset`, which also classifies the error). With
+``workers > 1``, compressed stacks whose estimated serial decode time exceeds
+``_POOL_WORTH_S`` are decoded in :class:`medres.workers.IsolatedPool` processes. It also
+owns the value mapping (:func:`apply_values`: modality LUT per slice, MONOCHROME1
+inversion, output dtype) and :func:`run_guarded`, which turns any decoder failure into
+``IngestError(code=decode_failed)``. Imports :mod:`.header`, :mod:`medres.ingest.image`,
+:mod:`medres.workers`, numpy and pydicom.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from pydicom.pixels import get_decoder
+
+from medres.errors import IngestError
+from medres.ingest.codes import Code
+from medres.ingest.dicom.header import NO_CATCH, DicomHeader, Slice, Stack, as_code
+from medres.ingest.image import to_output_dtype
+from medres.workers import IsolatedPool
+
+# Serial decode cost per output byte (seconds), by transfer syntax, measured on one core
+# of the project's CI-class machine with pydicom's plugins (pylibjpeg, openjpeg, libjpeg).
+_DECODE_S_PER_BYTE = {
+    "1.2.840.10008.1.2.5": 2.5e-9,  # RLE Lossless
+    "1.2.840.10008.1.2.4.50": 5e-9,  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": 5e-9,  # JPEG extended
+}
+_DEFAULT_DECODE_S_PER_BYTE = 2e-8  # JPEG lossless, JPEG-LS, JPEG 2000, HTJ2K, ...
+# A process pool (start-up, pickling the frames back) pays off above this much serial work.
+_POOL_WORTH_S = 0.5
+
+
+# --------------------------------------------------------------------------- stored values
+def stored_dtype(h: DicomHeader) -> np.dtype:
+    """The little-endian dtype of the stored values of an uncompressed file."""
+    if h.pixel_keyword == "FloatPixelData":
+        return np.dtype("<f4")
+    if h.pixel_keyword == "DoubleFloatPixelData":
+        return np.dtype("<f8")
+    kind = "i" if h.pixel_representation == 1 else "u"
+    return np.dtype(f"<{kind}{h.bits_allocated // 8}")
+
+
+def fast_ok(h: DicomHeader) -> bool:
+    """True when the file's pixels can be read straight from it (:func:`read_native`)."""
+    return (
+        h.is_native
+        and h.pixel_offset >= 0
+        and h.pixel_length >= 0
+        and h.samples_per_pixel == 1
+        and h.bits_allocated in (8, 16, 32, 64)
+        and h.photometric in ("MONOCHROME1", "MONOCHROME2")
+        and not h.has_modality_lut_sequence
+        and h.pixel_length >= h.expected_pixel_bytes()
+    )
+
+
+def read_native(h: DicomHeader, out: np.ndarray) -> None:
+    """Read ``out.size`` stored values from the file straight into ``out`` (C-contiguous)."""
+    with open(h.path, "rb") as fh:
+        fh.seek(h.pixel_offset)
+        n = fh.readinto(memoryview(out).cast("B"))
+    if n != out.nbytes:
+        raise IngestError(
+            f"{h.source}: pixel data ends early; re-copy the file", code=Code.TRUNCATED
+        )
+
+
+def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
+    """Decode all frames with pydicom -> (frames, rows, cols[, 3]) and the dataset."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(h.path, force=True)
+    except NO_CATCH:
+        raise
+    except BaseException as exc:
+        raise IngestError(
+            f"{h.source}: cannot re-read file ({type(exc).__name__}); re-copy it",
+            code=Code.TRUNCATED,
+        ) from None
+    try:
+        arr = ds.pixel_array
+    except NO_CATCH:
+        raise
+    except NotImplementedError as exc:
+        raise IngestError(
+            f"{h.source}: no installed decoder handles transfer syntax {h.transfer_syntax} ({exc}); "
+            "install the pydicom plugins (pylibjpeg, gdcm) or re-export uncompressed",
+            code=Code.UNSUPPORTED_TRANSFER_SYNTAX,
+        ) from None
+    except BaseException as exc:
+        msg = str(exc).split("\n")[0][:160]
+        low = msg.lower()
+        unsupported = any(
+            k in low for k in ("no pixel data decoders", "missing dependencies", "missing required")
+        )
+        code = Code.UNSUPPORTED_TRANSFER_SYNTAX if unsupported else Code.DECODE_FAILED
+        raise IngestError(
+            f"{h.source}: pixel decoding failed ({type(exc).__name__}: {msg}); the compressed data is corrupt or unsupported, re-export the file",
+            code=code,
+        ) from None
+    nf = h.number_of_frames
+    arr = np.asarray(arr)
+    if h.photometric.startswith("PALETTE"):
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = apply_color_lut(arr, ds)
+        except NO_CATCH:
+            raise
+        except BaseException as exc:
+            raise IngestError(
+                f"{h.source}: palette colour lookup failed ({type(exc).__name__}); re-export as RGB",
+                code=Code.DECODE_FAILED,
+            ) from None
+    color = arr.ndim == (4 if nf > 1 else 3)
+    if not color:
+        arr = arr.reshape(nf, h.rows, h.cols)
+    else:
+        arr = arr.reshape(nf, h.rows, h.cols, arr.shape[-1])
+    return arr, ds
+
+
+def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
+    """Decode compressed frames straight from the bytes located by the header scan (no second
+    header parse): (frames, rows, cols[, 3]), or None when this shortcut does not apply or
+    fails (the caller then decodes through the full dataset, which also classifies errors)."""
+    if h.pixel_offset < 0 or h.pixel_length != -1 or h.photometric.startswith("PALETTE"):
+        return None
+    if h.has_modality_lut_sequence:
+        return None
+    try:
+        decoder = get_decoder(h.transfer_syntax)
+        with open(h.path, "rb") as fh:
+            fh.seek(h.pixel_offset)
+            buf = fh.read()
+        kw: dict[str, Any] = {
+            "rows": h.rows,
+            "columns": h.cols,
+            "samples_per_pixel": h.samples_per_pixel,
+            "number_of_frames": h.number_of_frames,
+            "bits_allocated": h.bits_allocated,
+            "bits_stored": h.bits_stored,
+            "pixel_representation": h.pixel_representation,
+            "photometric_interpretation": h.photometric,
+            "pixel_keyword": "PixelData",
+        }
+        if h.samples_per_pixel > 1:
+            kw["planar_configuration"] = h.planar_configuration
+        arr, _ = decoder.as_array(buf, **kw)
+    except NO_CATCH:
+        raise
+    except BaseException:
+        return None
+    nf = h.number_of_frames
+    color = arr.ndim == (4 if nf > 1 else 3)
+    return arr.reshape((nf, h.rows, h.cols, arr.shape[-1]) if color else (nf, h.rows, h.cols))
+
+
+# --------------------------------------------------------------------------- many files
+def decode_all(stack: Stack, all_slices: list[Slice], workers: int) -> dict[int, Any]:
+    """pydicom-decode every header a slice needs; key -1 holds the first dataset (for a
+    Modality LUT). ``workers`` processes are used when the estimated serial decode time
+    (:func:`_decode_seconds`) exceeds ``_POOL_WORTH_S``, below which the pool's start-up and
+    the pickling of frames cost more than they save."""
+    need = sorted({s.header_index for s in all_slices})
+    out: dict[int, Any] = {}
+    if workers > 1 and len(need) > 8 and _decode_seconds(stack, need) > _POOL_WORTH_S:
+        out = _decode_in_pool(stack, need, workers)
+        if stack.first.has_modality_lut_sequence:
+            out[-1] = decode_dataset(stack.first)[1]
+        return out
+    for i in need:
+        h = stack.headers[i]
+        fast = decode_encapsulated(h)
+        if fast is not None:
+            out[i] = fast
+            continue
+        arr, ds = decode_dataset(h)
+        out[i] = arr
+        out.setdefault(-1, ds)
+    if stack.first.has_modality_lut_sequence and -1 not in out:
+        out[-1] = decode_dataset(stack.first)[1]
+    return out
+
+
+def _decode_in_pool(stack: Stack, need: Sequence[int], workers: int) -> dict[int, Any]:
+    """The decoded frames of the headers ``need`` of ``stack``, in ``workers`` processes of
+    an :class:`~medres.workers.IsolatedPool` (no per-file time limit, as in a serial
+    decode). The first coded error, in slice order, is raised; a crashed worker fails its
+    file with the pool's code."""
+    headers = [stack.headers[i] for i in need]
+    chunk = max(4, len(need) // (workers * 4))
+    with IsolatedPool(workers, timeout_s=math.inf) as pool:
+        done = pool.map(_decode_array, headers, chunk_size=chunk)
+    out: dict[int, Any] = {}
+    for i, h, (ok, value) in zip(need, headers, done, strict=True):
+        if not ok:  # the worker process itself failed (crash, memory)
+            raise IngestError(f"{h.source}: {value.message}", code=as_code(value.code))
+        if isinstance(value, IngestError):
+            raise value
+        out[i] = value
+    return out
+
+
+def _decode_seconds(stack: Stack, need: Sequence[int]) -> float:
+    """Estimated serial decode time of the compressed files ``need`` of ``stack``."""
+    total = 0.0
+    for i in need:
+        h = stack.headers[i]
+        per = _DECODE_S_PER_BYTE.get(h.transfer_syntax, _DEFAULT_DECODE_S_PER_BYTE)
+        nbytes = h.rows * h.cols * h.number_of_frames * h.samples_per_pixel
+        total += per * nbytes * max(1, h.bits_allocated // 8)
+    return total
+
+
+def _decode_array(h: DicomHeader) -> np.ndarray | IngestError:
+    """Pool task: the decoded frames, or the coded error (exceptions pickle)."""
+    try:
+        fast = decode_encapsulated(h)
+        return fast if fast is not None else run_guarded(lambda: decode_dataset(h)[0], h.source)
+    except IngestError as exc:
+        return exc
+
+
+def run_guarded(fn: Callable[[], Any], src: str) -> Any:
+    """``fn()``; any failure but ``IngestError`` becomes a coded one (``decode_failed``, or
+    ``timeout`` when out of memory)."""
+    try:
+        return fn()
+    except (IngestError, *NO_CATCH):
+        raise
+    except MemoryError:
+        raise IngestError(
+            f"{src}: out of memory while decoding; ingest with fewer workers", code=Code.TIMEOUT
+        ) from None
+    except BaseException as exc:
+        raise IngestError(
+            f"{src}: decoding failed ({type(exc).__name__}); the pixel data is corrupt, re-export the file",
+            code=Code.DECODE_FAILED,
+        ) from None
+
+
+# --------------------------------------------------------------------------- output values
+def _lut_sequence(ds: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    if ds is None or not ds.get("ModalityLUTSequence"):
+        return None
+    from pydicom.pixels import apply_modality_lut
+
+    return lambda a: apply_modality_lut(a, ds)
+
+
+def _bits_range(h: DicomHeader) -> tuple[float, float]:
+    b = h.bits_stored or h.bits_allocated
+    if h.pixel_representation == 1:
+        return -(2.0 ** (b - 1)), 2.0 ** (b - 1) - 1
+    return 0.0, 2.0**b - 1
+
+
+def apply_values(
+    raw: np.ndarray,
+    slices: Sequence[Slice],
+    h0: DicomHeader,
+    orient: Callable[[np.ndarray], np.ndarray],
+    ds: Any = None,
+) -> np.ndarray:
+    """Modality LUT per slice (axis 0 of ``raw``), MONOCHROME1 inversion, output dtype.
+
+    ``orient`` maps a (slices, rows, cols)-shaped array to a view in canonical layout; the
+    result is written once, F-contiguous, in that layout (the value pass doubles as the
+    reorientation copy, and the NIfTI writer can then write it without another copy).
+    """
+    lut = _lut_sequence(ds)
+    slopes = np.array([s.slope for s in slices], dtype=np.float64)
+    inters = np.array([s.intercept for s in slices], dtype=np.float64)
+    mono1 = h0.photometric == "MONOCHROME1"
+    per_slice = (-1, 1, 1)
+    view = orient(raw)
+    if lut is not None:
+        out = lut(view)
+        if mono1:
+            lo, hi = (float(v) for v in lut(np.array(_bits_range(h0), dtype=raw.dtype)))
+            out = (lo + hi) - out.astype(np.float64)
+        return np.asfortranarray(to_output_dtype(out))
+    integral = (
+        raw.dtype.kind in "iu"
+        and bool(np.all(slopes == 1.0))
+        and bool(np.all(inters == np.round(inters)))
+    )
+    if integral and not mono1:
+        # unused high bits are not masked (as pydicom), so only the dtype bounds the values
+        blo, bhi = float(np.iinfo(raw.dtype).min), float(np.iinfo(raw.dtype).max)
+        lo, hi = blo + inters.min(), bhi + inters.max()
+        if not (lo >= -32768 and hi <= 32767) and raw.size:
+            # the stored-bits range does not settle it: look at the actual values
+            lo, hi = float(raw.min()) + inters.min(), float(raw.max()) + inters.max()
+        if lo >= -32768 and hi <= 32767:
+            out = np.empty(view.shape, dtype=np.int16, order="F")
+            if np.all(inters == inters[0]):
+                np.add(
+                    view,
+                    np.int16(inters[0]) if raw.dtype == np.int16 else np.int32(inters[0]),
+                    out=out,
+                    casting="unsafe",
+                )
+            else:
+                np.add(
+                    view,
+                    orient(inters.astype(np.int32).reshape(per_slice)),
+                    out=out,
+                    casting="unsafe",
+                )
+            return out
+    out = view.astype(np.float64, order="F") * orient(slopes.reshape(per_slice))
+    out += orient(inters.reshape(per_slice))
+    if mono1:
+        blo, bhi = _bits_range(h0)
+        lo_hi = (blo + bhi) * slopes + 2 * inters
+        out = orient(lo_hi.reshape(per_slice)) - out
+    return np.asfortranarray(to_output_dtype(out))

@@ -1,0 +1,172 @@
+"""Series grouping: headers -> series -> stacks (one kept per series, the rest reported).
+
+Owns :func:`group_stacks`: headers grouped by (StudyInstanceUID, SeriesInstanceUID);
+within a series repeated SOP instances dropped, slices clustered by orientation and
+LOCALIZER image type and split by AcquisitionNumber when positions repeat; the largest
+cluster kept and validated by :mod:`.geometry`, the others reported as ``extra_stack``.
+Imports :mod:`.header`, :mod:`.geometry` and numpy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from medres.errors import IngestError
+from medres.ingest.codes import Code
+from medres.ingest.dicom.geometry import normal, single_stack, volume_stack
+from medres.ingest.dicom.header import (
+    DEFAULT_POLICY,
+    DicomHeader,
+    GeometryPolicy,
+    Rejection,
+    Stack,
+    as_code,
+    reject,
+)
+
+log = logging.getLogger(__name__)
+
+
+def group_stacks(
+    headers: Sequence[DicomHeader], policy: GeometryPolicy = DEFAULT_POLICY
+) -> tuple[list[Stack], list[Rejection]]:
+    """Group headers into stacks and validate each stack's geometry.
+
+    Series are keyed by (StudyInstanceUID, SeriesInstanceUID). Within a series:
+
+    - the same SOPInstanceUID twice -> the later path is ``duplicate_input``;
+    - instances without patient geometry, and multi-frame instances, are stacks of their
+      own (one image each); in a series that also has a volume they are ``extra_stack``;
+    - the remaining slices are clustered by orientation (``orientation_split_deg``), by
+      LOCALIZER image type, and, when positions repeat across acquisitions, by
+      AcquisitionNumber. The largest cluster is the series' stack; the others are
+      ``extra_stack``;
+    - the kept stack is validated (see :class:`GeometryPolicy`); a failing stack becomes a
+      rejection with ``mixed_orientation``, ``inconsistent_geometry``, ``missing_slices`` or
+      ``too_few_slices``.
+    """
+    by_series: dict[tuple[str, str], list[DicomHeader]] = defaultdict(list)
+    for h in headers:
+        by_series[(h.study_uid, h.series_uid)].append(h)
+    stacks: list[Stack] = []
+    rejections: list[Rejection] = []
+    for (study, series), hs in sorted(by_series.items()):
+        try:
+            s, r = _group_series(study, series, hs, policy)
+        except Exception as exc:  # one odd series never aborts the others
+            log.debug("grouping failed", exc_info=True)
+            why = f"series geometry cannot be read ({type(exc).__name__}); re-export the series"
+            s, r = [], [reject(hs, Code.INCONSISTENT_GEOMETRY, why)]
+        stacks.extend(s)
+        rejections.extend(r)
+    return stacks, rejections
+
+
+def _group_series(
+    study: str, series: str, hs: list[DicomHeader], policy: GeometryPolicy
+) -> tuple[list[Stack], list[Rejection]]:
+    """The stacks and rejections of one series (see :func:`group_stacks`)."""
+    unique, rejections = _unique_instances(hs)
+    singles = [h for h in unique if not h.is_slice]
+    slices = [h for h in unique if h.is_slice]
+    stacks: list[Stack] = []
+    clusters = [
+        c2 for c in _orientation_clusters(slices, policy) for c2 in _split_acquisitions(c, policy)
+    ]
+    # main: largest, non-localizer first
+    clusters.sort(key=lambda c: (c[0].is_localizer, -len(c), min(str(h.path) for h in c)))
+    if clusters:
+        main = clusters[0]
+        for extra in clusters[1:]:
+            why = (
+                f"{len(extra)} slice(s) split off the main stack "
+                "(other orientation, localizer or repeated acquisition); not ingested"
+            )
+            rejections.append(reject(extra, Code.EXTRA_STACK, why))
+        try:
+            stacks.append(volume_stack(study, series, main, policy))
+        except IngestError as exc:
+            rejections.append(reject(main, as_code(exc.code), str(exc)))
+        why = "instance without slice geometry or multi-frame beside a volume series; not ingested"
+        rejections.extend(reject([h], Code.EXTRA_STACK, why) for h in singles)
+        return stacks, rejections
+    for h in singles:
+        try:
+            stacks.append(single_stack(study, series, h, policy))
+        except IngestError as exc:
+            rejections.append(reject([h], as_code(exc.code), str(exc)))
+    return stacks, rejections
+
+
+def _unique_instances(hs: list[DicomHeader]) -> tuple[list[DicomHeader], list[Rejection]]:
+    """Headers in path order without repeated SOP instances (those are ``duplicate_input``)."""
+    rejections: list[Rejection] = []
+    seen: dict[str, DicomHeader] = {}
+    unique: list[DicomHeader] = []
+    for h in sorted(hs, key=lambda h: (str(h.path), h.source)):
+        if h.sop_instance_uid and h.sop_instance_uid in seen:
+            why = f"same SOP instance as {seen[h.sop_instance_uid].source}; copy skipped"
+            rejections.append(reject([h], Code.DUPLICATE_INPUT, why))
+            continue
+        if h.sop_instance_uid:
+            seen[h.sop_instance_uid] = h
+        unique.append(h)
+    return unique, rejections
+
+
+def _orientation_clusters(
+    slices: list[DicomHeader], policy: GeometryPolicy
+) -> list[list[DicomHeader]]:
+    """Slices clustered by orientation (within ``orientation_split_deg`` of a cluster's
+    first slice) and by localizer flag, in path order."""
+    clusters: list[list[DicomHeader]] = []
+    refs: list[tuple[tuple[float, ...], bool]] = []
+    for h in sorted(slices, key=lambda h: str(h.path)):
+        o = h.image_orientation
+        assert o is not None  # has_geometry
+        for idx, (ref, loc) in enumerate(refs):
+            if loc == h.is_localizer and _angle_deg(ref, o) <= policy.orientation_split_deg:
+                clusters[idx].append(h)
+                break
+        else:
+            refs.append((o, h.is_localizer))
+            clusters.append([h])
+    return clusters
+
+
+def _split_acquisitions(
+    cluster: list[DicomHeader], policy: GeometryPolicy
+) -> list[list[DicomHeader]]:
+    """Split a cluster by AcquisitionNumber only when positions repeat and the split removes
+    the repeats (e.g. two passes of the same volume in one series)."""
+    if len(cluster) < 2:
+        return [cluster]
+    n = normal(cluster[0].image_orientation or (1, 0, 0, 0, 1, 0))
+    d = sorted(float(np.dot(h.image_position, n)) for h in cluster)  # type: ignore[arg-type]
+    if not any(b - a < policy.duplicate_tol for a, b in itertools.pairwise(d)):
+        return [cluster]
+    groups: dict[int | None, list[DicomHeader]] = defaultdict(list)
+    for h in cluster:
+        groups[h.acquisition_number].append(h)
+    if len(groups) < 2:
+        return [cluster]
+    return list(groups.values())
+
+
+def _angle_deg(a: Sequence[float], b: Sequence[float]) -> float:
+    """Largest angle between the row or column cosines of two orientations."""
+    out = 0.0
+    for s in (slice(0, 3), slice(3, 6)):
+        u, v = np.asarray(a[s], float), np.asarray(b[s], float)
+        nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+        if nu == 0 or nv == 0:
+            return 180.0
+        cos = float(np.clip(np.dot(u, v) / (nu * nv), -1.0, 1.0))
+        out = max(out, math.degrees(math.acos(cos)))
+    return out

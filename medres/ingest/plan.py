@@ -1,0 +1,109 @@
+"""Planning: scanned headers and NIfTI inputs -> one decode job per image to write.
+
+DICOM headers are grouped into stacks (:func:`medres.ingest.dicom.group_stacks`, imported
+only when there is something to group); each kept stack and each NIfTI file becomes a
+:class:`~medres.ingest.tasks.DecodeJob` with its PHI-free ``image_id`` and its cache
+fingerprint. Planning also builds the cache groups (per DICOM series and per NIfTI file:
+the fingerprints of all its files and the rejections inside it) and records grouping
+rejections in the ledger. Imports: core, ``ingest.accounting``, ``ingest.cache``,
+``ingest.config``, ``ingest.discover``, ``ingest.identity``, ``ingest.tasks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from medres.ingest.accounting import Ledger, grouping_rejections
+from medres.ingest.cache import CacheGroup, group_id, image_fingerprint
+from medres.ingest.config import IMAGES_DIR, IngestConfig
+from medres.ingest.discover import InputFile
+from medres.ingest.identity import nifti_identity, stack_identity, unique_image_id
+from medres.ingest.tasks import DecodeJob
+from medres.phi import pseudonym
+
+# a decode job with the fingerprint of its image
+PlannedJob = tuple[str, DecodeJob]
+
+
+@dataclass
+class _Planner:
+    """Makes decode jobs with distinct image ids and their fingerprints."""
+
+    config: IngestConfig
+    key: bytes
+    by_source: dict[str, InputFile]
+    jobs: list[PlannedJob] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+
+    def add(self, kind: str, payload: Any, identity: str, sources: tuple[str, ...], gid: str):
+        image_id, _ = unique_image_id(identity, self.key, self.taken)
+        suffix = ".nii.gz" if self.config.compress else ".nii"
+        rel = f"{IMAGES_DIR}/{image_id}{suffix}"
+        parts = [(s, self.by_source[s].fingerprint) for s in sources]
+        job = DecodeJob(
+            kind,
+            payload,
+            image_id,
+            self.config.out_dir / IMAGES_DIR / f"{image_id}{suffix}",
+            rel,
+            self.key,
+            self.config.min_slices,
+            sources,
+            gid,
+        )
+        self.jobs.append((image_fingerprint(parts, self.config), job))
+
+
+def plan_jobs(
+    headers: Sequence[Any],
+    niftis: Sequence[InputFile],
+    files: Sequence[InputFile],
+    config: IngestConfig,
+    key: bytes,
+    ledger: Ledger,
+) -> tuple[list[PlannedJob], dict[str, CacheGroup]]:
+    """Group headers into stacks and make one decode job (with its fingerprint) per image.
+
+    Also returns the cache groups: per DICOM series (and per NIfTI file) the fingerprints of
+    all its files and the rejections inside it, so that a later run can trust the whole
+    series without reading its headers.
+    """
+    by_source = {f.source: f for f in files}
+    groups: dict[str, CacheGroup] = {}
+    header_group: dict[str, str] = {}
+    for h in headers:
+        gid = group_id(h, key)
+        header_group[h.source] = gid
+        groups.setdefault(gid, CacheGroup()).inputs[h.source] = by_source[h.source].fingerprint
+    planner = _Planner(config, key, by_source)
+    if headers:
+        _plan_stacks(headers, header_group, groups, planner, ledger)
+    for f in niftis:
+        gid = f"nifti|{pseudonym(f.source, key)}"
+        groups[gid] = CacheGroup({f.source: f.fingerprint})
+        planner.add("nifti", (f.path, f.source), nifti_identity(f.source), (f.source,), gid)
+    return planner.jobs, groups
+
+
+def _plan_stacks(
+    headers: Sequence[Any],
+    header_group: dict[str, str],
+    groups: dict[str, CacheGroup],
+    planner: _Planner,
+    ledger: Ledger,
+) -> None:
+    """Group DICOM headers into stacks: a job per kept stack, a rejection per other file."""
+    from medres.ingest import dicom  # imported only when there is something to group
+
+    policy = dicom.GeometryPolicy(min_slices=planner.config.min_slices)
+    stacks, rejections = dicom.group_stacks(list(headers), policy)
+    for src, code, message in grouping_rejections(headers, stacks, rejections):
+        ledger.reject(src, code, message)
+        gid = header_group.get(src)
+        if gid is not None:
+            groups[gid].rejections.append((src, code, message))
+    for stack in stacks:
+        sources = tuple(stack.sources)
+        planner.add("dicom", stack, stack_identity(stack), sources, header_group[sources[0]])

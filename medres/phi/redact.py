@@ -1,0 +1,185 @@
+"""Identifier filter for paths and free text: :class:`PathRedactor`.
+
+Folder and file names (and messages that quote them) often carry a patient's name, ID or
+UIDs. The redactor learns those tokens from DICOM headers, keeps only their keyed hashes,
+and replaces every path component or word that contains one by ``~`` + a pseudonym.
+
+Owns: :data:`SOURCE_PATH_MODES` and :class:`PathRedactor`. Imports: ``medres.errors`` and
+:mod:`medres.phi.keys`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from medres.errors import ConfigError
+from medres.phi.keys import PSEUDONYM_HEX, pseudonym
+
+SOURCE_PATH_MODES = ("identity", "all", "keep")
+_SEPARATORS = re.compile(r"([/!\\])")
+_NOT_ALNUM = re.compile(r"[^0-9a-z]+")
+_NAME_SPLIT = re.compile(r"[\^\s,]+")
+_REDACTED = re.compile(r"~[0-9a-f]{16}")
+_TEXT_SPLIT = re.compile(r"""([\s/!\\:;,()\[\]{}<>'"=|]+)""")
+_MIN_TOKEN = 3
+# header fields that identify a patient or a study (attributes of ``DicomHeader``)
+_ID_FIELDS = (
+    "patient_id",
+    "accession",
+    "birth_date",
+    "study_uid",
+    "series_uid",
+)
+
+
+def _norm(text: str) -> str:
+    return _NOT_ALNUM.sub("", text.lower())
+
+
+class PathRedactor:
+    """Replaces path components that carry patient identity by keyed pseudonyms.
+
+    Choices made:
+
+    * **Tokens** are collected from every DICOM header of a run (:meth:`add_header`):
+      PatientID, OtherPatientIDs, AccessionNumber, PatientBirthDate, StudyInstanceUID,
+      SeriesInstanceUID as whole values, and each part of PatientName split on ``^``,
+      spaces and commas. Values are compared on lower-case alphanumerics only, so
+      ``SMITH^JOHN``, ``Smith_John`` and ``smith john`` all match; tokens shorter than 3
+      characters are ignored (they would match almost every name).
+    * **Tokens are never held in clear**: only their keyed hashes (and lengths) are kept,
+      so the redactor's state (:attr:`hashed_tokens`) can be stored next to the data (the
+      ingest cache, the scoring ledger) and a resumed run redacts exactly like the first.
+    * **A component** (folder name, file name, archive member part after ``!``) that
+      contains any token is replaced whole by ``~`` + ``pseudonym(component, key)``; the
+      other components stay readable. Mode ``"all"`` replaces every component except the
+      base names of the SOURCE roots (``root_names``, when they carry no token); mode
+      ``"keep"`` returns paths unchanged and is meant for de-identified data only.
+    * **Deterministic**: same key, same tokens and same path give the same output.
+      Components already of the form ``~<16 hex>`` are left alone (idempotent).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        mode: str = "identity",
+        root_names: Iterable[str] = (),
+    ) -> None:
+        if mode not in SOURCE_PATH_MODES:
+            raise ConfigError(
+                f"--source-paths {mode!r} is not known; use one of {', '.join(SOURCE_PATH_MODES)}"
+            )
+        self.key = key
+        self.mode = mode
+        self.root_names = frozenset(root_names)
+        self._hashes: set[str] = set()
+        self._lengths: set[int] = set()
+        self._memo: dict[str, bool] = {}
+        self._seen: set[str] = set()
+
+    # ---- tokens
+    def _hash(self, token: str) -> str:
+        return hmac.new(self.key, b"path-token\x00" + token.encode(), hashlib.sha256).hexdigest()[
+            :PSEUDONYM_HEX
+        ]
+
+    def _add_token(self, token: str) -> None:
+        token = _norm(token)
+        if len(token) < _MIN_TOKEN or token in self._seen:
+            return
+        self._seen.add(token)  # in memory only (a series repeats its values per file)
+        h = self._hash(token)
+        if h not in self._hashes:
+            self._hashes.add(h)
+            self._lengths.add(len(token))
+            self._memo.clear()
+
+    def add_values(self, values: Iterable[object] = (), names: Iterable[object] = ()) -> None:
+        """Add identifier ``values`` (matched whole) and person ``names`` (split in parts)."""
+        for v in values:
+            if v is None:
+                continue
+            items = v if isinstance(v, (list, tuple)) else (v,)
+            for item in items:
+                self._add_token(str(item))
+        for n in names:
+            if n is None:
+                continue
+            for part in _NAME_SPLIT.split(str(n)):
+                self._add_token(part)
+
+    def add_header(self, header: Any) -> None:
+        """Add the identity tokens of a ``DicomHeader`` (missing fields are ignored)."""
+        values = [getattr(header, f, "") for f in _ID_FIELDS]
+        values.append(tuple(getattr(header, "other_patient_ids", ()) or ()))
+        self.add_values(values, [getattr(header, "patient_name", "")])
+
+    @property
+    def hashed_tokens(self) -> list[str]:
+        """The PHI-free state, sorted: the keyed hash of each token and ``len:<n>`` for
+        each token length (a token itself cannot be recovered from it)."""
+        return sorted(self._hashes | {f"len:{n}" for n in self._lengths})
+
+    def add_hashed(self, state: Iterable[str]) -> None:
+        """Restore tokens saved from :attr:`hashed_tokens` (unknown entries are ignored)."""
+        before = (len(self._hashes), len(self._lengths))
+        for s in state:
+            s = str(s)
+            if s.startswith("len:") and s[4:].isdigit():
+                self._lengths.add(int(s[4:]))
+            elif re.fullmatch(r"[0-9a-f]{16}", s):
+                self._hashes.add(s)
+        if (len(self._hashes), len(self._lengths)) != before:
+            self._memo.clear()
+
+    def identifies(self, component: str) -> bool:
+        """Whether ``component`` contains any token (case and punctuation ignored)."""
+        hit = self._memo.get(component)
+        if hit is None:
+            c = _norm(component)
+            hit = any(
+                self._hash(c[i : i + n]) in self._hashes
+                for n in self._lengths
+                for i in range(len(c) - n + 1)
+            )
+            self._memo[component] = hit
+        return hit
+
+    # ---- redaction
+    def _component(self, comp: str, first: bool) -> str:
+        if not comp or comp in (".", "..") or _REDACTED.fullmatch(comp):
+            return comp
+        if self.identifies(comp):
+            return "~" + pseudonym(comp, self.key)
+        if self.mode == "all" and not (first and comp in self.root_names):
+            return "~" + pseudonym(comp, self.key)
+        return comp
+
+    def redact(self, source: str) -> str:
+        """``source`` with every identifying component pseudonymised (see the class doc)."""
+        if self.mode == "keep" or not source:
+            return source
+        parts = _SEPARATORS.split(source)
+        return "".join(p if i % 2 else self._component(p, i == 0) for i, p in enumerate(parts))
+
+    def redact_text(self, text: str, sources: Iterable[str] = ()) -> str:
+        """A message with each of ``sources`` replaced by its redacted form, then every
+        remaining word that contains a token pseudonymised (mode ``keep``: unchanged)."""
+        if self.mode == "keep" or not text:
+            return text
+        for src in sorted({s for s in sources if s}, key=len, reverse=True):
+            if src in text:
+                text = text.replace(src, self.redact(src))
+        if not self._hashes:
+            return text
+        parts = _TEXT_SPLIT.split(text)
+        return "".join(
+            p
+            if i % 2 or not p or _REDACTED.fullmatch(p) or not self.identifies(p)
+            else "~" + pseudonym(p, self.key)
+            for i, p in enumerate(parts)
+        )

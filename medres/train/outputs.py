@@ -1,0 +1,279 @@
+"""The run directory: its layout checks, history, predictions and the model directory.
+
+Owns what ``run_train`` writes besides checkpoints: ``history.csv`` (one row per epoch),
+``predictions_<split>.csv`` (one row per image: labels, ``prob_<class>``, ``pred`` and the
+manifest's passthrough columns), TensorBoard logs and ``model/`` (weights + model.json,
+via :func:`medres.models.save_model_dir`), plus :func:`finish`, which predicts val/test
+with the best checkpoint. Imports ``medres.train`` siblings, ``medres.models``,
+``medres.dataset.manifest``, ``medres.runtime`` and core only; every file is written
+atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medres.dataset.manifest import Manifest
+from medres.errors import TrainError
+from medres.io import atomic_write_text
+from medres.runtime import Runtime
+from medres.train.data import DataBundle, LabelInfo
+from medres.train.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PASSTHROUGH",
+    "TrainResult",
+    "TrainedRun",
+    "finish",
+    "history_csv",
+    "open_tensorboard",
+    "prepare_run_dir",
+    "write_history",
+    "write_predictions",
+]
+
+PASSTHROUGH = ("modality", "manufacturer", "body_part", "sex", "age", "patient_key", "study_key")
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """What prediction needs from a fitted run: its data, labels, model and engine state."""
+
+    manifest: Manifest
+    labels: LabelInfo
+    model: torch.nn.Module
+    state: Any
+    """The engine's ``TrainState`` (amp dtype, channels_last, epochs, history)."""
+    data: DataBundle
+    rt: Runtime
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    model_dir: Path
+    epochs_completed: int
+    best_epoch: int
+    best_val_auc: float
+    val_auc: float
+    test_auc: float
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
+    """DDP rank of this process; only rank 0 wrote files and holds the AUCs."""
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, rt: Runtime) -> Path:
+    """Refuse a wrong ``--resume`` either way; create checkpoints/; returns last.pt's path."""
+    from medres.train.checkpoint import LAST
+
+    last = run_dir / "checkpoints" / LAST
+    if resume and not last.is_file():
+        raise TrainError(
+            f"{run_dir}: nothing to resume (checkpoints/{LAST} is missing); run without --resume"
+        )
+    if not resume and (last.is_file() or (run_dir / "model").exists()):
+        raise TrainError(
+            f"{run_dir}: already holds a training run; pass --resume to continue it or choose a new --out"
+        )
+    if rt.main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return last
+
+
+def open_tensorboard(spec: PipelineSpec, run_dir: Path, rt: Runtime) -> Any:
+    """A SummaryWriter under RUN_DIR/tensorboard (rank 0, when installed), else None."""
+    if not (spec.train.tensorboard and rt.main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.debug("tensorboard not installed; no TensorBoard logs")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """The CSV text of ``history`` (floats to 8 significant digits)."""
+    if not history:
+        return ""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_history(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    atomic_write_text(run_dir / "history.csv", history_csv(history))
+
+
+def _pred_label(p: np.ndarray, labels: LabelInfo, threshold: float) -> str:
+    if labels.task == "multilabel":
+        return ";".join(c for c, v in zip(labels.classes, p, strict=True) if v >= threshold)
+    if labels.task == "binary":
+        pos = labels.positive_index
+        return labels.classes[pos] if p[pos] >= threshold else labels.classes[1 - pos]
+    return labels.classes[int(np.argmax(p))]
+
+
+def write_predictions(
+    path: Path,
+    manifest: Manifest,
+    labels: LabelInfo,
+    split: str,
+    probs: np.ndarray,
+    idx: np.ndarray,
+    threshold: float,
+) -> None:
+    """``predictions_<split>.csv``: one row per predicted manifest row."""
+    cols = [
+        "image_id",
+        "split",
+        *labels.label_columns,
+        *(f"prob_{c}" for c in labels.classes),
+        "pred",
+        *PASSTHROUGH,
+    ]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for p, i in zip(probs, idx, strict=True):
+        row = manifest.rows[int(i)]
+        w.writerow(
+            [
+                row["image_id"],
+                split,
+                *(row.get(c, "") for c in labels.label_columns),
+                *(f"{float(v):.8g}" for v in p),
+                _pred_label(p, labels, threshold),
+                *(row.get(c, "") for c in PASSTHROUGH),
+            ]
+        )
+    atomic_write_text(path, buf.getvalue())
+
+
+def _load_best(model: torch.nn.Module, run_dir: Path, rt: Runtime) -> None:
+    from medres.train.checkpoint import BEST, load_checkpoint
+
+    best_path = run_dir / "checkpoints" / BEST
+    if best_path.is_file():
+        model.load_state_dict(load_checkpoint(best_path, map_location=rt.device)["model"])
+    else:
+        log.warning("no best checkpoint (validation metric never defined); using the last weights")
+
+
+def _predict_split(
+    spec: PipelineSpec,
+    split: str,
+    run: TrainedRun,
+    out: Path,
+) -> float:
+    """Predict one split into ``out``; returns its AUC (NaN when empty or undefined)."""
+    from medres.train.data import EpochSampler, build_loader, make_dataset, make_items
+    from medres.train.engine import compute_metric, predict_probs
+    from medres.train.transforms import build_transforms
+
+    manifest, labels, data, rt = run.manifest, run.labels, run.data, run.rt
+    if split == spec.data.val_split:
+        items, ds = data.val_items, data.val.dataset
+    else:
+        items = make_items(manifest, split, labels)
+        ds = make_dataset(items, build_transforms(spec.transforms, train=False), cache="none")
+    loader = build_loader(
+        ds,
+        EpochSampler(len(items), shuffle=False),
+        batch_size=spec.eval.batch_size,
+        workers=spec.data.workers,
+    )
+    probs, y, idx, _ = predict_probs(
+        run.model, loader, task=labels.task, device=rt.device, amp_dtype=run.state.amp_dtype,
+        channels_last=run.state.channels_last, description=f"predict {split}",
+    )  # fmt: skip
+    if not items:
+        probs = np.zeros((0, labels.num_outputs))
+    write_predictions(out, manifest, labels, split, probs, idx, spec.eval.threshold)
+    pos = max(labels.positive_index, 0)
+    return compute_metric(labels.task, probs, y, pos) if items else float("nan")
+
+
+def _model_meta(
+    spec: PipelineSpec,
+    model: torch.nn.Module,
+    labels: LabelInfo,
+    wmeta: dict[str, Any],
+    state: Any,
+    val_auc: float,
+) -> Any:
+    """The ``ModelMeta`` of model.json: the architecture from the model, the rest from training."""
+    from medres.models import ModelMeta
+    from medres.train.transforms import preprocessing_dict
+
+    return ModelMeta.for_model(
+        model,
+        task=labels.task,
+        classes=tuple(labels.classes),
+        label_columns=tuple(labels.label_columns),
+        weights_source=spec.model.weights,
+        preprocessing=preprocessing_dict(spec.transforms, weights=wmeta),
+        threshold=spec.eval.threshold,
+        best_epoch=state.best_epoch,
+        val_auc=None if math.isnan(val_auc) else val_auc,
+        positive_class=labels.positive_class if labels.task == "binary" else None,
+    )
+
+
+def _best_val_auc(history: Sequence[dict[str, Any]]) -> float:
+    vals = (r["val_auc"] for r in history if not math.isnan(r["val_auc"]))
+    return max(vals, default=float("nan"))
+
+
+def finish(
+    spec: PipelineSpec,
+    run: TrainedRun,
+    wmeta: dict[str, Any],
+    run_dir: Path,
+    t_start: float,
+) -> TrainResult:
+    """Best checkpoint -> predictions_val/test.csv and the model dir (rank 0 only)."""
+    from medres.models import save_model_dir
+
+    state = run.state
+    _load_best(run.model, run_dir, run.rt)
+    aucs = {
+        split: _predict_split(spec, split, run, run_dir / out_name)
+        for split, out_name in (
+            (spec.data.val_split, "predictions_val.csv"),
+            (spec.data.test_split, "predictions_test.csv"),
+        )
+    }
+    val_auc = aucs[spec.data.val_split]
+    meta = _model_meta(spec, run.model, run.labels, wmeta, state, val_auc)
+    model_dir = save_model_dir(run_dir / "model", run.model, meta)
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=Path(model_dir),
+        epochs_completed=state.epoch,
+        best_epoch=state.best_epoch,
+        best_val_auc=_best_val_auc(state.history),
+        val_auc=val_auc,
+        test_auc=aucs[spec.data.test_split],
+        seconds=time.perf_counter() - t_start,
+        history=state.history,
+    )
