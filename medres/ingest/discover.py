@@ -1,7 +1,8 @@
 """Discovery: turn SOURCE arguments (folders, files, archives) into a flat list of inputs.
 
-Owns walking folders, naming ``source`` strings, and the safe extraction of archives
-(limits, unsafe members). Imports: ``medres.errors`` and ``ingest.codes`` only.
+Owns walking folders and naming ``source`` strings; the safe extraction of archives
+(limits, unsafe members) is :mod:`medres.ingest.archives`, re-exported here. Imports:
+``medres.errors``, ``medres.phi`` (the key file name), ``ingest.codes``, ``ingest.archives``.
 
 Choices made here:
 
@@ -26,70 +27,77 @@ Choices made here:
   member-count, size or compression-ratio limits rejects the whole archive, detected while
   streaming so a bomb stops early. A member that cannot be read (encrypted, unsupported
   compression, corrupt) is rejected alone (``unreadable``); a tar stream cut short keeps
-  the members before the cut. Nested archives are not opened (they fail as ``not_dicom``).
+  the members before the cut. Two members of the same name, or a name longer than the file
+  system allows, are both extracted (the later one under a scratch name of its own; its
+  ``source`` gets ``#2``, ``#3``... so every input is accounted once).
+* **Nested archives** (a zip inside a tar...) are opened too, up to :data:`MAX_DEPTH`
+  levels, under the limits of the outermost archive (one member count and one byte total
+  for all levels); a nested archive that breaks a limit or cannot be read is rejected alone
+  (its own row), a deeper one is rejected as ``archive_unsafe``. ``source`` reads
+  ``outer.tar!inner.zip!member``. **``.dcm.gz``** files (a gzip-compressed DICOM file, in a
+  folder or an archive) are decompressed into scratch under the same limits.
+* **Names that are not UTF-8** (Latin-1 bytes from old systems) are read; their ``source``
+  shows the undecodable bytes as backslash escapes (``caf\\xe9.dcm``), so every writer can
+  store it. Control characters show as ``?``.
+* **Output folders are not inputs.** A folder below a SOURCE that holds a medres output
+  (``.medres_key``, or ``manifest.csv`` with ``ingest.json``) is not entered, and in a
+  SOURCE folder that is itself an output folder (or the ``--out`` folder) the entries
+  medres writes there (``manifest.csv``, ``errors.csv``, ``ingest.json``, the key, cache,
+  lock and scratch, ``images/img-*``) are passed over. Such files are not discovered at all:
+  they count nowhere (not in ``seen``); one log line says how many folders were passed over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
 import shutil
-import stat
-import tarfile
-import zipfile
-import zlib
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 from medres.errors import ArchiveError, ConfigError
+from medres.ingest.archives import (
+    ARCHIVE_SUFFIXES,
+    MAX_DEPTH,
+    ArchiveLimits,
+    InputFile,
+    Rejected,
+    clean_source,
+    extract_archive,
+    gunzip_file,
+    is_archive,
+    safe_member_path,
+    short_name,
+)
 from medres.ingest.codes import Code
+from medres.phi import KEY_FILE
+
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "MAX_DEPTH",
+    "ArchiveLimits",
+    "Discovery",
+    "InputFile",
+    "Rejected",
+    "clean_source",
+    "discover",
+    "extract_archive",
+    "is_archive",
+    "root_prefixes",
+    "safe_member_path",
+]
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-_COPY_CHUNK = 1 << 20
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    """Limits applied to every archive; exceeding one rejects the archive (``archive_unsafe``).
-
-    ``max_ratio`` is uncompressed/compressed size, checked per zip member (members larger
-    than ``ratio_min_bytes``) and for the archive as a whole; 200 is far above what DICOM
-    reaches (a few x for raw pixels, ~50x for blank frames) and far below a bomb (1000x+).
-    """
-
-    max_members: int = 200_000
-    max_total_bytes: int = 64 * 1024**3
-    max_member_bytes: int = 8 * 1024**3
-    max_ratio: float = 200.0
-    ratio_min_bytes: int = 1 << 20
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One file to scan. ``path`` is where it lies on disk now (scratch for archive members);
-    ``source`` is the PHI-safe display path; ``fingerprint`` changes when its content may have.
-    """
-
-    path: Path
-    source: str
-    size: int
-    fingerprint: str
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An input rejected during discovery (one ``errors.csv`` row)."""
-
-    source: str
-    code: str
-    message: str
+# what ingest/score write into their output folder (passed over when a SOURCE is one)
+_OUTPUT_MARKERS = (KEY_FILE, "manifest.csv", "ingest.json")
+_OUTPUT_ENTRIES = frozenset(
+    {KEY_FILE, "manifest.csv", "errors.csv", "ingest.json", ".medres_cache.json",
+     ".medres_lock", ".medres_scratch"}
+)  # fmt: skip
 
 
 @dataclass
@@ -105,17 +113,6 @@ class Discovery:
         return len(self.files) + len(self.rejected)
 
 
-def clean_source(text: str) -> str:
-    """A one-line printable form of an (attacker-controlled) member name."""
-    return _CONTROL.sub("?", text)
-
-
-def is_archive(path: Path) -> bool:
-    """Archive by name: the suffixes in :data:`ARCHIVE_SUFFIXES` (case-insensitive)."""
-    name = path.name.lower()
-    return any(name.endswith(s) for s in ARCHIVE_SUFFIXES)
-
-
 def root_prefixes(sources: list[Path]) -> list[str]:
     """The ``source`` prefix of each SOURCE argument (see the module docstring).
 
@@ -123,7 +120,7 @@ def root_prefixes(sources: list[Path]) -> list[str]:
     """
     if len(sources) == 1:
         return [""]
-    names = [p.name or p.resolve().name for p in sources]
+    names = [clean_source(p.name or p.resolve().name) for p in sources]
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if name in seen:
@@ -166,19 +163,61 @@ def discover(
                 if on_input:
                     on_input()
         else:
-            _add_file(result, src, src.name, scratch / f"a{i}", limits)
+            _add_file(result, src, clean_source(src.name), scratch / f"a{i}", limits)
             if on_input:
                 on_input()
+    _unique_sources(result)
     return result
+
+
+def _unique_sources(result: Discovery) -> None:
+    """Give every input its own ``source`` (``#2``, ``#3``... on repeats): the ledger and
+    the outputs are keyed by it, so a repeat would silently hide a file."""
+    seen: set[str] = set()
+
+    def unique(source: str) -> str:
+        new, n = source, 1
+        while new in seen:
+            n += 1
+            new = f"{source}#{n}"
+        seen.add(new)
+        return new
+
+    for i, f in enumerate(result.files):
+        if (s := unique(f.source)) != f.source:
+            result.files[i] = InputFile(f.path, s, f.size, f.fingerprint)
+    for i, r in enumerate(result.rejected):
+        if (s := unique(r.source)) != r.source:
+            result.rejected[i] = Rejected(s, r.code, r.message)
 
 
 def _join(prefix: str, rel: str) -> str:
     return f"{prefix}/{rel}" if prefix else rel
 
 
+def _is_output_folder(folder: Path) -> bool:
+    """A medres output folder (ingest or score): its key, or a manifest with ingest.json."""
+    has = [(folder / m).is_file() for m in _OUTPUT_MARKERS]
+    return has[0] or (has[1] and has[2])
+
+
+def _owned(rel_parts: tuple[str, ...]) -> bool:
+    """Whether a path relative to an output folder is something medres wrote there."""
+    if len(rel_parts) == 1 and rel_parts[0] in _OUTPUT_ENTRIES:
+        return True
+    return (
+        len(rel_parts) == 2
+        and rel_parts[0] == "images"
+        and rel_parts[1].startswith(("img-", ".img-"))
+    )
+
+
 def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
-    """Regular files (and file symlinks) under ``root``, sorted, with posix relative paths."""
+    """Regular files (and file symlinks) under ``root``, sorted, with posix relative paths
+    (cleaned, see :func:`clean_source`). Output folders are passed over (module docstring)."""
     found: list[tuple[Path, str]] = []
+    root_is_output = root.resolve() in excluded or _is_output_folder(root)
+    passed = 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
         keep = []
@@ -188,7 +227,10 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
                 # the name is not logged: folder names may hold patient names or IDs
                 log.debug("not following a directory symlink below a SOURCE folder")
                 continue
-            if excluded and sub.resolve() in excluded:
+            if (excluded and sub.resolve() in excluded) or _is_output_folder(sub):
+                passed += 1
+                continue
+            if root_is_output and d == root and name in _OUTPUT_ENTRIES:
                 continue
             keep.append(name)
         dirnames[:] = keep
@@ -196,7 +238,16 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
             p = d / name
             if not p.is_file():  # dangling link, fifo, socket, device
                 continue
-            found.append((p, p.relative_to(root).as_posix()))
+            rel = p.relative_to(root)
+            if root_is_output and _owned(rel.parts):
+                continue
+            found.append((p, clean_source(rel.as_posix())))
+    if passed or root_is_output:
+        log.info(
+            "passed over %d medres output folder(s) below a SOURCE%s (their files are not inputs)",
+            passed,
+            " and the output files in the SOURCE folder itself" if root_is_output else "",
+        )
     found.sort(key=lambda t: t[1])
     yield from found
 
@@ -223,289 +274,17 @@ def _add_file(result: Discovery, path: Path, source: str, scratch: Path, limits:
             result.files.append(InputFile(f.path, f.source, f.size, f"{base_fp}:{f.fingerprint}"))
         result.rejected.extend(rejected)
         return
-    result.files.append(InputFile(path, source, st.st_size, f"{st.st_size}:{st.st_mtime_ns}"))
-
-
-# ---------------------------------------------------------------------------------------
-# archives
-
-
-def safe_member_path(name: str) -> PurePosixPath | None:
-    """The relative path a member may be written to, or ``None`` when it would escape.
-
-    Rejects absolute paths (``/x``, ``\\x``, ``C:x``), any ``..`` component and empty names;
-    backslashes count as separators (zip files made on Windows).
-    """
-    norm = name.replace("\\", "/")
-    if not norm or norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
-        return None
-    parts = [p for p in norm.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        return None
-    return PurePosixPath(*parts)
-
-
-def extract_archive(
-    archive: Path, dest: Path, source: str, limits: ArchiveLimits
-) -> tuple[list[InputFile], list[Rejected]]:
-    """Extract ``archive`` into ``dest`` (created) and list its files.
-
-    Returns the extracted files (``source`` = ``<source>!<member>``, ``fingerprint`` from the
-    member's size and CRC/mtime) and the members rejected one by one. Raises
-    :class:`ArchiveError` when a limit is exceeded or the archive cannot be read at all;
-    the caller removes ``dest`` then.
-    """
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        if archive.name.lower().endswith(".zip"):
-            return _extract_zip(archive, dest, source, limits)
-        return _extract_tar(archive, dest, source, limits)
-    except ArchiveError:
-        raise
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, ValueError) as exc:
-        raise ArchiveError(
-            f"{source}: the archive cannot be read ({type(exc).__name__}); "
-            "check that it is complete and not corrupted",
-            code=Code.UNREADABLE.value,
-        ) from None
-
-
-def _limit_error(source: str, what: str) -> ArchiveError:
-    return ArchiveError(
-        f"{source}: archive rejected, {what}; extract it yourself if you trust it or raise "
-        "the limit (--max-archive-members / --max-archive-gb / --max-archive-ratio)",
-        code=Code.ARCHIVE_UNSAFE.value,
-    )
-
-
-class _Budget:
-    """Running totals of bytes written for one archive, checked while streaming."""
-
-    def __init__(self, source: str, limits: ArchiveLimits, compressed_size: int) -> None:
-        self.source = source
-        self.limits = limits
-        self.compressed = max(compressed_size, 1)
-        self.total = 0
-
-    def add(self, n: int) -> None:
-        self.total += n
-        if self.total > self.limits.max_total_bytes:
-            raise _limit_error(
-                self.source, f"more than {self.limits.max_total_bytes} bytes uncompressed"
-            )
-        if (
-            self.total > self.limits.ratio_min_bytes
-            and self.total / self.compressed > self.limits.max_ratio
-        ):
-            raise _limit_error(
-                self.source,
-                f"compression ratio above {self.limits.max_ratio:g} (possible zip bomb)",
-            )
-
-
-def _copy_limited(src, out_path: Path, member_limit: int, budget: _Budget, source: str) -> int:
-    written = 0
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        while block := src.read(_COPY_CHUNK):
-            written += len(block)
-            if written > member_limit:
-                raise _limit_error(source, "a member is larger than its header says or the limit")
-            budget.add(len(block))
-            out.write(block)
-    return written
-
-
-def _target(dest: Path, rel: PurePosixPath, source: str) -> Path:
-    out = dest.joinpath(*rel.parts)
-    # belt and braces: the resolved parent must stay inside dest (no link can exist there,
-    # as only regular files and real directories are ever created)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.parent.resolve().is_relative_to(dest.resolve()):
-        raise _limit_error(source, "a member path escapes the destination")
-    return out
-
-
-def _extract_zip(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
-    files: list[InputFile] = []
-    rejected: list[Rejected] = []
-    with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
-        if len(infos) > limits.max_members:
-            raise _limit_error(
-                source, f"{len(infos)} members exceed the limit {limits.max_members}"
-            )
-        declared = sum(i.file_size for i in infos)
-        if declared > limits.max_total_bytes:
-            raise _limit_error(source, f"{declared} bytes uncompressed exceed the limit")
-        for info in infos:
-            if info.file_size > max(limits.ratio_min_bytes, 1) and info.file_size > (
-                limits.max_ratio * max(info.compress_size, 1)
-            ):
-                raise _limit_error(
-                    source,
-                    f"compression ratio above {limits.max_ratio:g} (possible zip bomb)",
-                )
-        budget = _Budget(source, limits, archive.stat().st_size)
-        for info in infos:
-            msource = f"{source}!{clean_source(info.filename)}"
-            if info.is_dir():
-                continue
-            mode = info.external_attr >> 16
-            rel = safe_member_path(info.filename)
-            reason = None
-            if rel is None:
-                reason = "its path escapes the archive folder (absolute or '..')"
-            elif stat.S_ISLNK(mode):
-                reason = "it is a symbolic link"
-            elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: permission bits only
-                reason = "it is not a regular file"
-            elif info.file_size > limits.max_member_bytes:
-                raise _limit_error(source, f"a member exceeds {limits.max_member_bytes} bytes")
-            if reason is not None or rel is None:
-                rejected.append(_unsafe_member(msource, reason or "unsafe name"))
-                continue
-            got = _extract_member(
-                lambda info=info: zf.open(info),
-                dest, rel, info.file_size, budget, source, msource,
-                f"{info.file_size}:{info.CRC:08x}",
-            )  # fmt: skip
-            (files if isinstance(got, InputFile) else rejected).append(got)  # type: ignore[arg-type]
-    return files, rejected
-
-
-def _check_tar_member_count(archive: Path, source: str, limits: ArchiveLimits) -> None:
-    """Count members from headers only (nothing written) and stop at the limit.
-
-    Tar has no central directory, so without this pass an over-limit archive would be
-    extracted up to the limit before being rejected. The pass reads headers and skips data
-    (a seek for plain tar; compressed tars are decompressed once more, bounded by the limit).
-    """
-    count = 0
-    try:
-        with tarfile.open(archive, mode="r:*") as tf:
-            while tf.next() is not None:
-                count += 1
-                if count > limits.max_members:
-                    raise _limit_error(source, f"more than {limits.max_members} members")
-                tf.members.clear()  # keep memory flat on huge archives
-    except _MEMBER_ERRORS:
-        return  # corrupt/cut archives are handled (and reported) by the extraction pass
-
-
-def _extract_tar(archive: Path, dest: Path, source: str, limits: ArchiveLimits):
-    files: list[InputFile] = []
-    rejected: list[Rejected] = []
-    budget = _Budget(source, limits, archive.stat().st_size)
-    _check_tar_member_count(archive, source, limits)
-    count = 0
-    with tarfile.open(archive, mode="r:*") as tf:
-        while True:
-            try:
-                member = tf.next()
-            except _MEMBER_ERRORS as exc:
-                if count == 0:
-                    raise
-                rejected.append(
-                    Rejected(
-                        source,
-                        Code.UNREADABLE.value,
-                        f"{source}: the archive is cut short or corrupt after {count} members "
-                        f"({type(exc).__name__}); the members before were used, re-copy it",
-                    )
-                )
-                break
-            if member is None:
-                break
-            count += 1
-            if count > limits.max_members:
-                raise _limit_error(source, f"more than {limits.max_members} members")
-            msource = f"{source}!{clean_source(member.name)}"
-            if member.isdir():
-                continue
-            rel = safe_member_path(member.name)
-            reason = None
-            if rel is None:
-                reason = "its path escapes the archive folder (absolute or '..')"
-            elif member.issym() or member.islnk():
-                reason = "it is a link"
-            elif not member.isreg():
-                reason = "it is a device, FIFO or other special file"
-            elif member.size > limits.max_member_bytes:
-                raise _limit_error(source, f"a member exceeds {limits.max_member_bytes} bytes")
-            else:
-                try:  # the stdlib's own 'data' filter as a second opinion
-                    tarfile.data_filter(member, str(dest))
-                except tarfile.FilterError as exc:
-                    reason = f"the tar 'data' filter refused it ({type(exc).__name__})"
-            if reason is not None or rel is None:
-                rejected.append(_unsafe_member(msource, reason or "unsafe name"))
-                continue
-            got = _extract_member(
-                lambda member=member: tf.extractfile(member),
-                dest, rel, member.size, budget, source, msource,
-                f"{member.size}:{int(member.mtime)}",
-            )  # fmt: skip
-            (files if isinstance(got, InputFile) else rejected).append(got)  # type: ignore[arg-type]
-    return files, rejected
-
-
-# per-member failures: encrypted, unsupported compression, corrupt or truncated data, name
-# clashes on disk. They reject the member (and, for a tar stream, the rest of the archive).
-# zipfile.BadZipFile is not among them: a member whose data disagrees with its header
-# (size/CRC) means the headers lie, and the whole archive is rejected.
-_MEMBER_ERRORS = (
-    OSError,
-    EOFError,
-    RuntimeError,
-    NotImplementedError,
-    tarfile.TarError,
-    zlib.error,
-)
-
-
-def _extract_member(
-    open_member: Callable[[], Any],
-    dest: Path,
-    rel: PurePosixPath,
-    declared: int,
-    budget: _Budget,
-    source: str,
-    msource: str,
-    fingerprint: str,
-) -> InputFile | Rejected:
-    """Stream one member to ``dest/rel``; limits raise, read failures reject the member."""
-    out = None
-    try:
-        out = _target(dest, rel, source)
-        if out.exists():
-            return _unsafe_member(msource, "it duplicates an earlier member name")
-        fh = open_member()
-        if fh is None:
-            return _unsafe_member(msource, "it has no data")
-        with fh:
-            size = _copy_limited(fh, out, declared, budget, source)
-    except ArchiveError:
-        if out is not None:
-            with contextlib.suppress(OSError):
-                out.unlink()
-        raise
-    except _MEMBER_ERRORS as exc:
-        if out is not None and out.is_file():
-            with contextlib.suppress(OSError):
-                out.unlink()
-        return Rejected(
-            msource,
-            Code.UNREADABLE.value,
-            f"{msource}: archive member cannot be read ({type(exc).__name__}: encrypted, "
-            "unsupported compression, corrupt or cut short); re-create the archive",
-        )
-    return InputFile(out, msource, size, fingerprint)
-
-
-def _unsafe_member(msource: str, reason: str) -> Rejected:
-    return Rejected(
-        msource,
-        Code.ARCHIVE_UNSAFE.value,
-        f"archive member not extracted: {reason}; nothing was written for it",
-    )
+    fp = f"{st.st_size}:{st.st_mtime_ns}"
+    if path.name.lower().endswith(".dcm.gz"):
+        scratch.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="gz", dir=scratch)) / short_name(path.name[:-3])
+        try:
+            got = gunzip_file(path, out, source, limits)
+        except ArchiveError as exc:
+            got = Rejected(source, exc.code, str(exc))
+        if isinstance(got, Rejected):
+            result.rejected.append(got)
+        else:
+            result.files.append(InputFile(got.path, source, got.size, fp))
+        return
+    result.files.append(InputFile(path, source, st.st_size, fp))

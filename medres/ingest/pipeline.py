@@ -46,7 +46,10 @@ Choices made here:
   identity tokens of *all* headers of the run (``--source-paths``: ``identity`` by default,
   ``all``, or ``keep`` for de-identified data). Labels keyed by ``path`` are joined on the
   raw paths before redaction. The cache stores sources as keyed hashes and the redactor's
-  hashed tokens, so an incremental run redacts exactly like a full one.
+  hashed tokens, so an incremental run redacts exactly like a full one. Free-text header
+  values of every record (:data:`~medres.ingest.records.FREE_TEXT_FIELDS`: Manufacturer,
+  BodyPartExamined, ...) pass :meth:`PathRedactor.redact_value` before the cache and the
+  manifest are written, in every ``--source-paths`` mode.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ from medres.ingest.outputs import (
     write_outputs,
 )
 from medres.ingest.plan import PlannedJob, plan_jobs
-from medres.ingest.records import ImageRecord
+from medres.ingest.records import FREE_TEXT_FIELDS, ImageRecord
 from medres.ingest.tasks import DecodeJob, ScanResult, decode_task, scan_task
 from medres.io import LOCK_NAME, output_lock
 from medres.phi import PathRedactor, load_or_create_key
@@ -312,8 +315,17 @@ def _decode_stage(
     cached_files = sum(len(r.sources) for r in records)
     decoded, reused = _decode(jobs, groups, cache, new_cache, config, pool, run.ledger)
     records += decoded
+    # free-text header values may hold a name or ID: filtered before cache and manifest
+    new_cache.units = {fp: _filtered(r, run.redactor) for fp, r in new_cache.units.items()}
+    records = [_filtered(r, run.redactor) for r in records]
     save_cache(config.out_dir, new_cache, cache_settings(config), run.key, run.redactor)
     return records, cached_files + reused
+
+
+def _filtered(rec: ImageRecord, redactor: PathRedactor) -> ImageRecord:
+    """``rec`` with its free-text header values passed through the identifier filter."""
+    values = {f: redactor.redact_value(getattr(rec, f)) for f in FREE_TEXT_FIELDS}
+    return rec if all(v == getattr(rec, f) for f, v in values.items()) else replace(rec, **values)
 
 
 def _decode(

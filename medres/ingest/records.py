@@ -18,6 +18,8 @@ from medres.dataset.manifest import MANIFEST_COLUMNS
 
 # manifest columns an image record fills (labels and split are joined later)
 RECORD_COLUMNS: tuple[str, ...] = tuple(c for c in MANIFEST_COLUMNS if c not in ("label", "split"))
+# fields copied from free-text header values (filtered by medres.phi before any output)
+FREE_TEXT_FIELDS: tuple[str, ...] = ("modality", "manufacturer", "body_part", "sex", "warnings")
 
 
 @dataclass(frozen=True)

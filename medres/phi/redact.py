@@ -4,6 +4,18 @@ Folder and file names (and messages that quote them) often carry a patient's nam
 UIDs. The redactor learns those tokens from DICOM headers, keeps only their keyed hashes,
 and replaces every path component or word that contains one by ``~`` + a pseudonym.
 
+Matching rule (tokens and compared text alike): Unicode NFKC, then casefold, then every
+non-alphanumeric character removed, so NFD names (macOS), full-width digits
+(``ＭＲＮ０００９``), ``SMITH^JOHN``, ``Smith_John`` and ``smith john`` all match. A
+PatientName is split into ``=`` groups and each group into parts on ``^``, spaces and
+commas; a part is a token when it has 3+ characters, or 2+ when it holds a CJK character
+(Han, kana, Hangul: such names are often 2 characters a part); each group's parts joined
+without separators (in order and reversed) are tokens too. Paths match by containment (a
+component holding a token anywhere is replaced whole). Free text matches whole tokens
+only: a word is split at punctuation, letter/digit and lower/upper changes, and each CJK
+character stands alone; a run of consecutive pieces must equal a token. DICOM tag
+notation ``(gggg,eeee)`` is never changed.
+
 Owns: :data:`SOURCE_PATH_MODES` and :class:`PathRedactor`. Imports: ``medres.errors`` and
 :mod:`medres.phi.keys`.
 """
@@ -13,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,11 +34,19 @@ from medres.phi.keys import PSEUDONYM_HEX, pseudonym
 
 SOURCE_PATH_MODES = ("identity", "all", "keep")
 _SEPARATORS = re.compile(r"([/!\\])")
-_NOT_ALNUM = re.compile(r"[^0-9a-z]+")
+_NOT_ALNUM = re.compile(r"[\W_]+")
 _NAME_SPLIT = re.compile(r"[\^\s,]+")
 _REDACTED = re.compile(r"~[0-9a-f]{16}")
 _TEXT_SPLIT = re.compile(r"""([\s/!\\:;,()\[\]{}<>'"=|]+)""")
 _MIN_TOKEN = 3
+_MIN_CJK_TOKEN = 2
+_CJK = re.compile(
+    r"[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u3400-\u4dbf\u4e00-\u9fff"
+    r"\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff]"
+)
+_TAG = re.compile(r"(\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\))")
+# pieces of a word for whole-token matching: a CJK character, a letter run, a digit run
+_PIECE = re.compile(r"[^\W\d_]+|\d+")
 # header fields that identify a patient or a study (attributes of ``DicomHeader``)
 _ID_FIELDS = (
     "patient_id",
@@ -37,7 +58,16 @@ _ID_FIELDS = (
 
 
 def _norm(text: str) -> str:
-    return _NOT_ALNUM.sub("", text.lower())
+    return _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _pieces(word: str) -> list[str]:
+    """``word`` (NFKC) cut at punctuation, letter/digit and lower->upper changes, each CJK
+    character alone; each piece normalised like a token."""
+    word = unicodedata.normalize("NFKC", word)
+    word = re.sub(r"(?<=[^\W\d_])(?=[A-Z][a-z])|(?<=[a-z])(?=[A-Z])", " ", word)
+    word = _CJK.sub(lambda m: f" {m.group(0)} ", word)
+    return [_norm(p) for p in _PIECE.findall(word)]
 
 
 class PathRedactor:
@@ -48,9 +78,9 @@ class PathRedactor:
     * **Tokens** are collected from every DICOM header of a run (:meth:`add_header`):
       PatientID, OtherPatientIDs, AccessionNumber, PatientBirthDate, StudyInstanceUID,
       SeriesInstanceUID as whole values, and each part of PatientName split on ``^``,
-      spaces and commas. Values are compared on lower-case alphanumerics only, so
-      ``SMITH^JOHN``, ``Smith_John`` and ``smith john`` all match; tokens shorter than 3
-      characters are ignored (they would match almost every name).
+      spaces and commas (plus the joined parts). Values are compared after NFKC, casefold
+      and removal of non-alphanumerics (module doc); tokens shorter than 3 characters (2
+      with a CJK character) are ignored (they would match almost every name).
     * **Tokens are never held in clear**: only their keyed hashes (and lengths) are kept,
       so the redactor's state (:attr:`hashed_tokens`) can be stored next to the data (the
       ingest cache, the scoring ledger) and a resumed run redacts exactly like the first.
@@ -89,7 +119,8 @@ class PathRedactor:
 
     def _add_token(self, token: str) -> None:
         token = _norm(token)
-        if len(token) < _MIN_TOKEN or token in self._seen:
+        least = _MIN_CJK_TOKEN if _CJK.search(token) else _MIN_TOKEN
+        if len(token) < least or token in self._seen:
             return
         self._seen.add(token)  # in memory only (a series repeats its values per file)
         h = self._hash(token)
@@ -109,8 +140,13 @@ class PathRedactor:
         for n in names:
             if n is None:
                 continue
-            for part in _NAME_SPLIT.split(str(n)):
-                self._add_token(part)
+            for group in unicodedata.normalize("NFKC", str(n)).split("="):
+                parts = [p for p in _NAME_SPLIT.split(group) if p]
+                for part in parts:
+                    self._add_token(part)
+                if len(parts) > 1:
+                    self._add_token("".join(parts))
+                    self._add_token("".join(reversed(parts)))
 
     def add_header(self, header: Any) -> None:
         """Add the identity tokens of a ``DicomHeader`` (missing fields are ignored)."""
@@ -149,6 +185,44 @@ class PathRedactor:
             self._memo[component] = hit
         return hit
 
+    def _has_whole_token(self, word: str) -> bool:
+        """Whether a run of consecutive pieces of ``word`` (see :func:`_pieces`) is a token."""
+        pieces = _pieces(word)
+        longest = max(self._lengths, default=0)
+        for i in range(len(pieces)):
+            joined = ""
+            for piece in pieces[i:]:
+                joined += piece
+                if len(joined) > longest:
+                    break
+                if len(joined) in self._lengths and self._hash(joined) in self._hashes:
+                    return True
+        return False
+
+    def _words(self, text: str) -> str:
+        """``text`` with every word holding a whole token pseudonymised; tag notation kept."""
+        out = []
+        for j, chunk in enumerate(_TAG.split(text)):
+            if j % 2:
+                out.append(chunk)
+                continue
+            parts = _TEXT_SPLIT.split(chunk)
+            out.extend(
+                p
+                if i % 2 or not p or _REDACTED.fullmatch(p) or not self._has_whole_token(p)
+                else "~" + pseudonym(p, self.key)
+                for i, p in enumerate(parts)
+            )
+        return "".join(out)
+
+    def redact_value(self, value: str) -> str:
+        """A free-text header value (Manufacturer, BodyPartExamined, ...) with every word
+        that holds a whole token pseudonymised; applied in every mode, ``keep`` included
+        (that mode is about paths)."""
+        if not value or not self._hashes:
+            return value
+        return self._words(value)
+
     # ---- redaction
     def _component(self, comp: str, first: bool) -> str:
         if not comp or comp in (".", "..") or _REDACTED.fullmatch(comp):
@@ -176,10 +250,4 @@ class PathRedactor:
                 text = text.replace(src, self.redact(src))
         if not self._hashes:
             return text
-        parts = _TEXT_SPLIT.split(text)
-        return "".join(
-            p
-            if i % 2 or not p or _REDACTED.fullmatch(p) or not self.identifies(p)
-            else "~" + pseudonym(p, self.key)
-            for i, p in enumerate(parts)
-        )
+        return self._words(text)

@@ -11,8 +11,15 @@ Optional extra ``medres[dicom-out]`` (highdicom). Choices:
 - Content: a container "medres AI result" holding the study-level aggregate (max over
   its series) and, per series, the probability of every class (unit "no units") and the
   predicted label, under private codes (scheme ``99MEDRES``): not a TID 1500 report.
-- The SR is a derived object that carries raw identifiers by design; it is written only
-  when asked for, and only into OUT_DIR.
+- Identity: without ``--keep-ids`` (the default) the SR carries no patient or study
+  identifier besides the UIDs that link it to the study: PatientName, PatientID,
+  PatientBirthDate, AccessionNumber and ReferringPhysicianName are present but **empty**
+  (type 2, no keyed pseudonym: a PACS would file an empty ID as "unknown", a pseudonym as
+  another patient), and :data:`_DROPPED` identifiers (OtherPatientIDs, IssuerOfPatientID,
+  ...) are removed from the evidence before highdicom copies its patient and study
+  modules. StudyInstanceUID, the evidence SeriesInstanceUIDs and SOPInstanceUIDs are kept.
+  With ``--keep-ids`` the patient and study modules are copied as they are. The SR is
+  written only when asked for, and only into OUT_DIR.
 - Every scored series of a study that was discovered in this run is included, also if
   it was committed by an earlier (interrupted) run; the SR file is rewritten atomically.
 
@@ -45,6 +52,28 @@ _TYPE2 = (
     "ReferringPhysicianName",
     "StudyID",
     "AccessionNumber",
+)
+
+# emptied in the SR without --keep-ids (type 2: present but empty)
+_BLANKED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+# removed from the evidence without --keep-ids
+_DROPPED = (
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "IssuerOfPatientID",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "ReferringPhysicianIdentificationSequence",
+    "StudyID",
 )
 
 
@@ -82,15 +111,17 @@ def write_ledger_srs(
     refs: Mapping[str, DicomRef],
     classes: Sequence[str],
     out_dir: Path,
+    *,
+    keep_ids: bool = False,
 ) -> Path:
     """One SR per study of the ``ok`` ledger rows of ``model_hash`` whose item is in ``refs``
-    (item key -> :class:`DicomRef`); returns ``out_dir``."""
+    (item key -> :class:`DicomRef`); returns ``out_dir``. Identity: see the module doc."""
     results = [
         SeriesResult(ref.study_uid, ref.study_key, ref.header_path, r.scores, r.pred)
         for r in ledger.records(model_hash)
         if r.status == "ok" and (ref := refs.get(r.item_key)) is not None
     ]
-    write_study_srs(results, out_dir, classes)
+    write_study_srs(results, out_dir, classes, keep_ids=keep_ids)
     return out_dir
 
 
@@ -100,8 +131,10 @@ def write_study_srs(
     classes: Sequence[str],
     *,
     manufacturer: str = "medres",
+    keep_ids: bool = False,
 ) -> list[Path]:
-    """Write one SR per study of ``results``; returns the written paths."""
+    """Write one SR per study of ``results``; returns the written paths (identity: see the
+    module doc)."""
     hd = _require_highdicom()
     by_study: dict[str, list[SeriesResult]] = {}
     for r in results:
@@ -109,19 +142,26 @@ def write_study_srs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        _write_one(hd, rows, out, classes, manufacturer) for _, rows in sorted(by_study.items())
+        _write_one(hd, rows, out, classes, manufacturer, keep_ids)
+        for _, rows in sorted(by_study.items())
     ]
     log.info("wrote %d DICOM SR(s) to %s", len(written), out)
     return written
 
 
-def _evidence(rows: Sequence[SeriesResult]) -> list[Any]:
+def _evidence(rows: Sequence[SeriesResult], keep_ids: bool) -> list[Any]:
     """One header (no pixel data) per series; type-2 attributes absent in the wild are
-    added empty (the SR needs them)."""
+    added empty (the SR needs them); without ``keep_ids`` identifiers emptied or removed."""
     import pydicom
 
     evidence = [pydicom.dcmread(r.header_path, stop_before_pixels=True) for r in rows]
     for ds in evidence:
+        if not keep_ids:
+            for kw in _DROPPED:
+                if kw in ds:
+                    delattr(ds, kw)
+            for kw in _BLANKED:
+                setattr(ds, kw, "")
         for kw in _TYPE2:
             if kw not in ds:
                 setattr(ds, kw, "")
@@ -183,14 +223,19 @@ def _series_item(hd: Any, r: SeriesResult, ds: Any, classes: Sequence[str]) -> A
 
 
 def _write_one(
-    hd: Any, rows: Sequence[SeriesResult], out: Path, classes: Sequence[str], manufacturer: str
+    hd: Any,
+    rows: Sequence[SeriesResult],
+    out: Path,
+    classes: Sequence[str],
+    manufacturer: str,
+    keep_ids: bool,
 ) -> Path:
     """The SR of one study, written atomically to ``out/<study_key>.dcm``."""
     from pydicom.uid import generate_uid
 
     from medres.io import atomic_open
 
-    evidence = _evidence(rows)
+    evidence = _evidence(rows, keep_ids)
     items = _study_items(hd, rows, classes)
     items += [_series_item(hd, r, ds, classes) for r, ds in zip(rows, evidence, strict=True)]
     root = hd.sr.ContainerContentItem(name=_code(hd, "RESULT", "medres AI result"))

@@ -391,7 +391,12 @@ def _score_sources(
         stats = _run_loop(job, ledger, stream, done, summary, refs, top)
         if refs:  # before the scratch (extracted archive members) goes away
             summary.outputs["dicom"] = write_ledger_srs(
-                ledger, job.info.model_hash, refs, job.info.classes, out / "dicom"
+                ledger,
+                job.info.model_hash,
+                refs,
+                job.info.classes,
+                out / "dicom",
+                keep_ids=job.config.keep_ids,
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

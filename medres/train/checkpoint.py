@@ -43,7 +43,9 @@ __all__ = [
     "FORMAT",
     "LAST",
     "capture_rng",
+    "check_resume",
     "load_checkpoint",
+    "non_finite",
     "restore_rng",
     "restore_state",
     "save_checkpoint",
@@ -91,9 +93,30 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def non_finite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating tensor of ``tensors`` holding NaN/inf, else None."""
+    floats = [(k, v) for k, v in tensors.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats:
+        return None
+    ok = torch.stack([torch.isfinite(v).all() for _, v in floats]).cpu()
+    bad = [k for (k, _), good in zip(floats, ok.tolist(), strict=True) if not good]
+    return bad[0] if bad else None
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus the format tag) atomically with ``torch.save``."""
+    """Write ``state`` (plus the format tag) atomically with ``torch.save``.
+
+    Refuses (TrainError, nothing written) a ``model`` state dict holding NaN/inf, so a
+    diverged run never replaces a good checkpoint.
+    """
     path = Path(path)
+    bad = non_finite(state.get("model") or {})
+    if bad:
+        raise TrainError(
+            f"{path.name}: model weight {bad} is not finite (NaN/inf; training diverged); the "
+            "checkpoint was not written; lower --lr, check the input images, or use "
+            "--set train.amp=none"
+        )
     payload = {"format": FORMAT, **state}
     with atomic_open(path, "wb") as fh:
         torch.save(payload, fh)
@@ -146,10 +169,12 @@ def _comparable(spec_dict: dict[str, Any]) -> dict[str, Any]:
     keep = {"model", "transforms"}
     out = {s: v for s, v in spec_dict.items() if s in keep}
     out["data"] = {
-        k: spec_dict["data"][k] for k in ("task", "label_columns", "classes", "manifest")
+        k: (spec_dict.get("data") or {}).get(k)
+        for k in ("task", "label_columns", "classes", "manifest")
     }
     out["train"] = {
-        k: spec_dict["train"][k] for k in ("batch_size", "lr", "optimizer", "scheduler", "seed")
+        k: (spec_dict.get("train") or {}).get(k)
+        for k in ("batch_size", "lr", "optimizer", "scheduler", "seed")
     }
     return out
 
@@ -164,14 +189,19 @@ def _diff(a: Any, b: Any, prefix: str = "") -> str | None:
     return None if a == b else prefix.rstrip(".")
 
 
-def restore_state(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], path: Path) -> None:
-    """Load ``saved`` (a :func:`state_payload`) into ``st``; refuse a changed pipeline."""
+def check_resume(saved: dict[str, Any], spec_dict: dict[str, Any], path: Path) -> None:
+    """Refuse (TrainError) resuming ``saved`` with a pipeline that changed what it trains."""
     diff = _diff(_comparable(saved.get("pipeline") or {}), _comparable(spec_dict))
     if diff:
         raise TrainError(
             f"{path}: the run was trained with a different {diff}; resume with the original "
             "pipeline and flags (only train.epochs and runtime options may change)"
         )
+
+
+def restore_state(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], path: Path) -> None:
+    """Load ``saved`` (a :func:`state_payload`) into ``st``; refuse a changed pipeline."""
+    check_resume(saved, spec_dict, path)
     try:
         unwrap(st.model).load_state_dict(saved["model"])
         st.optimizer.load_state_dict(saved["optimizer"])

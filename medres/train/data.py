@@ -50,6 +50,7 @@ __all__ = [
     "LabelInfo",
     "build_data",
     "build_loader",
+    "check_images",
     "check_leakage",
     "class_weights",
     "epoch_seed",
@@ -78,6 +79,40 @@ def check_leakage(rows: Sequence[dict[str, str]], manifest_name: str = "manifest
                 f"{manifest_name}: patient {pk} is in both the {prev!r} and {split!r} splits "
                 "(leakage); re-split by patient (medres ingest --val-frac/--test-frac) or fix "
                 "the split column"
+            )
+
+
+def _row_dims(row: dict[str, str]) -> int | None:
+    dims, shape = row.get("dims", ""), row.get("shape", "")
+    if dims.strip().isdigit():
+        return int(dims)
+    return len(shape.split("x")) if shape else None
+
+
+def check_images(manifest: Manifest, spec: DataSpec) -> None:
+    """Before training: every image of the used splits exists and all are 2D or all 3D.
+
+    Raises ManifestError naming the manifest line, ``image_id`` and ``image_path`` (the
+    pseudonymous names ingest writes) of the first offending row.
+    """
+    name = Path(manifest.path).name
+    splits = {spec.train_split, spec.val_split, spec.test_split}
+    used = [(i, r) for i, r in enumerate(manifest.rows, start=2) if r.get("split", "") in splits]
+    dims = Counter(d for _, r in used if (d := _row_dims(r)) is not None)
+    common = dims.most_common(1)[0][0] if dims else None
+    for line, row in used:
+        where = f"{name} line {line} (image_id {row['image_id']})"
+        if not manifest.resolve(row).is_file():
+            raise ManifestError(
+                f"{where}: image file {row['image_path']!r} is missing; re-run `medres ingest` "
+                "into this folder, fix image_path, or remove the row"
+            )
+        d = _row_dims(row)
+        if common is not None and d is not None and d != common:
+            raise ManifestError(
+                f"{where}: a {d}D image in a manifest of {common}D images; one run trains on "
+                "2D or on 3D images only: split the manifest (or remove the row), or set "
+                "data.train_split/val_split/test_split to splits of one kind"
             )
 
 

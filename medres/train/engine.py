@@ -18,9 +18,13 @@ Choices:
 * DDP: every rank evaluates the whole validation set after the BatchNorm buffers are
   broadcast from rank 0, so all ranks take the same early-stopping decision without
   extra communication. Train loss is averaged over ranks.
+* Divergence: a non-finite training loss, or non-finite weights after an epoch, stops
+  training with a :class:`~medres.errors.TrainError` before that epoch is checkpointed
+  (the weights are the same on every rank, so every rank stops at the same epoch).
 
-Imports ``medres.train.spec``, ``medres.models`` (parameter groups), ``medres.runtime``
-(autocast, unwrap), ``medres.progress`` and ``medres.errors`` only.
+Imports ``medres.train.spec``/``checkpoint`` (the finiteness check), ``medres.models``
+(parameter groups), ``medres.runtime`` (autocast, unwrap), ``medres.progress`` and
+``medres.errors`` only.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import torch
 from torch import nn
 
 from medres import progress
-from medres.errors import ConfigError
+from medres.errors import ConfigError, TrainError
 from medres.runtime import autocast, cpu_has_amx, unwrap
+from medres.train.checkpoint import non_finite
 from medres.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ __all__ = [
     "EvalOutput",
     "TrainState",
     "autocast",
+    "check_finite_weights",
     "compute_metric",
     "evaluate",
     "fit",
@@ -269,7 +275,10 @@ def train_one_epoch(
             i += 1
             if i % state.grad_accum == 0 or i == n_batches:
                 _optimizer_step(state)
-            loss_sum += loss.detach().double().cpu() * x.shape[0]
+            value = loss.detach().double().cpu()
+            if not torch.isfinite(value):
+                raise _diverged(state, f"the training loss is {float(value)} at batch {i}")
+            loss_sum += value * x.shape[0]
             n_seen += x.shape[0]
             bar.advance()
     on, _world = _dist()
@@ -288,6 +297,27 @@ def train_one_epoch(
         "train_time_s": elapsed,
         "data_wait_frac": wait / elapsed if elapsed > 0 else 0.0,
     }
+
+
+_DIVERGED_FIX = (
+    "training stopped and this epoch was not saved; lower --lr (or --set train.grad_clip=1), "
+    "check the input images for NaN or extreme values, or use --set train.amp=none"
+)
+
+
+def _diverged(state: TrainState, what: str) -> TrainError:
+    """The one-line error of a run that diverged during epoch ``state.epoch + 1``."""
+    return TrainError(
+        f"epoch {state.epoch + 1}, step {state.step}: {what} (not finite: training diverged); "
+        + _DIVERGED_FIX
+    )
+
+
+def check_finite_weights(state: TrainState) -> None:
+    """Raise TrainError when a weight or buffer of ``state.model`` holds NaN/inf."""
+    bad = non_finite(unwrap(state.model).state_dict())
+    if bad:
+        raise _diverged(state, f"model weight {bad} holds NaN/inf")
 
 
 def _optimizer_step(state: TrainState) -> None:
@@ -440,6 +470,7 @@ def fit(
             before_epoch(state.epoch)
         t0 = time.perf_counter()
         tr = train_one_epoch(state, train_loader)
+        check_finite_weights(state)
         ev = evaluate(state, val_loader, positive_index)
         value = selection_score(metric, ev)
         is_best = not math.isnan(value) and (

@@ -79,7 +79,7 @@ class TrainResult:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, rt: Runtime) -> Path:
-    """Refuse a wrong ``--resume`` either way; create checkpoints/; returns last.pt's path."""
+    """Refuse a wrong ``--resume`` either way (writes nothing); returns last.pt's path."""
     from medres.train.checkpoint import LAST
 
     last = run_dir / "checkpoints" / LAST
@@ -91,8 +91,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, rt: Runtime) -> Path:
         raise TrainError(
             f"{run_dir}: already holds a training run; pass --resume to continue it or choose a new --out"
         )
-    if rt.main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     return last
 
 
@@ -253,6 +251,7 @@ def finish(
 ) -> TrainResult:
     """Best checkpoint -> predictions_val/test.csv and the model dir (rank 0 only)."""
     from medres.models import save_model_dir
+    from medres.train.checkpoint import non_finite
 
     state = run.state
     _load_best(run.model, run_dir, run.rt)
@@ -264,6 +263,12 @@ def finish(
         )
     }
     val_auc = aucs[spec.data.val_split]
+    bad = non_finite(run.model.state_dict())
+    if bad:
+        raise TrainError(
+            f"model weight {bad} holds NaN/inf (training diverged); the model dir was not "
+            "written; lower --lr, check the input images, or use --set train.amp=none"
+        )
     meta = _model_meta(spec, run.model, run.labels, wmeta, state, val_auc)
     model_dir = save_model_dir(run_dir / "model", run.model, meta)
     return TrainResult(

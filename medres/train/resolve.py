@@ -11,6 +11,7 @@ of a 2D network on 3D images. Imports ``medres.train.spec``/``data``/``transform
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 from collections import Counter
@@ -86,11 +87,12 @@ def check_ranges(spec: PipelineSpec) -> None:
     checks = [
         (t.epochs >= 1, "train.epochs", "at least 1"),
         (t.batch_size >= 1, "train.batch_size", "at least 1"),
-        (t.lr > 0, "train.lr", "positive"),
+        (t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite positive number (e.g. 0.001)"),
+        (t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", "0 or a finite positive number"),
         (t.grad_accum >= 1, "train.grad_accum", "at least 1"),
-        (t.grad_clip >= 0, "train.grad_clip", "0 (off) or positive"),
+        (t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip", "0 (off) or a finite positive number"),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "in [0, 1)"),
-        (t.warmup_epochs >= 0, "train.warmup_epochs", "0 or positive"),
+        (t.warmup_epochs >= 0 and math.isfinite(t.warmup_epochs), "train.warmup_epochs", "0 or a finite positive number"),
         (t.early_stopping >= 0, "train.early_stopping", "0 (off) or positive"),
         (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), "train.device", "auto, cpu or cuda"),
         (spec.data.workers >= 0, "data.workers", "0 or positive"),
@@ -98,7 +100,7 @@ def check_ranges(spec: PipelineSpec) -> None:
         (spec.data.cache in ("none", "memory", "disk"), "data.cache", "none, memory or disk"),
         (spec.model.channels_last in ("auto", "on", "off"), "model.channels_last", "auto, on or off"),
         (spec.model.freeze_backbone_epochs >= 0, "model.freeze_backbone_epochs", "0 or positive"),
-        (spec.model.backbone_lr_mult > 0, "model.backbone_lr_mult", "positive"),
+        (spec.model.backbone_lr_mult > 0 and math.isfinite(spec.model.backbone_lr_mult), "model.backbone_lr_mult", "a finite positive number"),
         (spec.eval.metric in ("auc", "loss"), "eval.metric", "auc or loss"),
         (spec.eval.batch_size >= 0, "eval.batch_size", "0 (= train.batch_size) or positive"),
     ]  # fmt: skip

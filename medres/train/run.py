@@ -26,11 +26,12 @@ RNG state is restored from the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,17 @@ EpochCallback = Callable[[int, dict[str, Any]], None]
 
 # ------------------------------------------------------------------------------------ stages
 def _read_inputs(spec: PipelineSpec) -> tuple[PipelineSpec, Manifest, Any]:
-    """Read the manifest, refuse patient leakage, resolve the spec: (spec, manifest, labels)."""
+    """Read the manifest, refuse patient leakage, missing images and mixed 2D/3D, resolve
+    the spec: (spec, manifest, labels)."""
     from medres.dataset.manifest import read_manifest
-    from medres.train.data import check_leakage
+    from medres.train.data import check_images, check_leakage
 
     if not spec.data.manifest:
         raise ConfigError("data.manifest is not set; pass --manifest DIR/manifest.csv")
     manifest = read_manifest(spec.data.manifest)
     check_leakage(manifest.rows, Path(manifest.path).name)
     spec, labels = resolve_spec(spec, manifest)
+    check_images(manifest, spec.data)
     return spec, manifest, labels
 
 
@@ -213,6 +216,89 @@ def _epoch_end(
 
 
 # --------------------------------------------------------------------------------------- run
+@contextlib.contextmanager
+def _run_dir_lock(run_dir: Path, rt: Runtime) -> Iterator[None]:
+    """Rank 0 holds ``output_lock(run_dir, "train")`` for the whole run; every rank learns
+    whether it got it (one all-reduce), so a refused lock stops all ranks, none waits."""
+    from medres.io import output_lock
+
+    with contextlib.ExitStack() as stack:
+        error: ConfigError | None = None
+        if rt.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                stack.enter_context(output_lock(run_dir, command="train"))
+            except ConfigError as exc:
+                error = exc
+        if rt.distributed:
+            import torch.distributed as dist
+
+            flag = torch.tensor([0 if error is None else 1], device=rt.device)
+            dist.all_reduce(flag)
+            if error is None and int(flag.item()):
+                error = ConfigError(f"rank 0 could not lock --out {run_dir.name!r}; see its error")
+        if error is not None:
+            raise error
+        yield
+
+
+def _check_resume(spec: PipelineSpec, last_path: Path, rt: Runtime) -> dict[str, Any]:
+    """Load last.pt and refuse an incompatible resume before anything is written."""
+    from medres.train import checkpoint as ckpt
+
+    saved = ckpt.load_checkpoint(last_path, map_location=rt.device)
+    ckpt.check_resume(saved, spec.to_dict(), last_path)
+    return saved
+
+
+def _train_locked(
+    spec: PipelineSpec,
+    inputs: tuple[Manifest, Any],
+    rt: Runtime,
+    run_dir: Path,
+    resume: bool,
+    on_epoch_end: EpochCallback | None,
+    t_start: float,
+) -> tuple[TrainResult | None, Any]:
+    """The run under the lock: (the result on rank 0, else None; the engine state)."""
+    from medres.runtime import seed_everything
+    from medres.train import checkpoint as ckpt
+    from medres.train.data import build_data
+    from medres.train.engine import fit
+    from medres.train.outputs import TrainedRun, finish, open_tensorboard, prepare_run_dir
+
+    manifest, labels = inputs
+    last_path = prepare_run_dir(run_dir, resume, rt)
+    saved = _check_resume(spec, last_path, rt) if resume else None
+    if rt.main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        dump_pipeline(spec, run_dir / "pipeline.yaml")
+    seed_everything(spec.train.seed, spec.train.deterministic)
+
+    model, wmeta = _build_model(spec, labels, rt)
+    data = build_data(spec, manifest, labels, rt, run_dir)
+    state = _make_state(spec, model, data, labels, rt)
+    spec_dict = spec.to_dict()
+    if saved is not None:
+        ckpt.restore_state(state, saved, spec_dict, last_path)
+    tb = open_tensorboard(spec, run_dir, rt)
+    try:
+        fit(
+            state, data.train, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
+            early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
+            before_epoch=_before_epoch(spec, model, data, rt),
+            on_epoch_end=_epoch_end(spec_dict, run_dir, rt, tb, on_epoch_end),
+        )  # fmt: skip
+    finally:
+        if tb is not None:
+            tb.close()
+    if not rt.main:
+        return None, state
+    return finish(
+        spec, TrainedRun(manifest, labels, model, state, data, rt), wmeta, run_dir, t_start
+    ), state
+
+
 def run_train(
     spec: PipelineSpec,
     out_dir: str | os.PathLike[str],
@@ -225,49 +311,30 @@ def run_train(
     ``on_epoch_end(epoch, row)`` (optional) runs on every rank after each epoch, once its
     checkpoint and ``history.csv`` row are on disk; ``row`` is that history row.
 
+    Every input check (manifest rows and image files, the spec, ``--resume`` compatibility)
+    runs before the first file is written, and rank 0 holds the run dir's
+    :func:`~medres.io.output_lock` for the whole run (a second ``medres train`` into the
+    same ``--out`` fails at once).
+
     Raises ConfigError/ManifestError/TrainError/WeightsError for user-fixable problems
-    (leakage, empty splits, a run dir that already holds a run, bad resume state, ...).
+    (leakage, empty splits, a run dir that already holds a run, bad resume state, a
+    diverged run, ...).
     """
-    from medres.runtime import seed_everything, shutdown_distributed
-    from medres.train import checkpoint as ckpt
-    from medres.train.data import build_data
-    from medres.train.engine import fit
-    from medres.train.outputs import TrainedRun, finish, open_tensorboard, prepare_run_dir
+    from medres.runtime import shutdown_distributed
 
     t_start = time.perf_counter()
     run_dir = Path(out_dir)
     spec, manifest, labels = _read_inputs(spec)
     rt = _start_runtime(spec)
-    last_path = prepare_run_dir(run_dir, resume, rt)
-    if rt.main:
-        dump_pipeline(spec, run_dir / "pipeline.yaml")
-    seed_everything(spec.train.seed, spec.train.deterministic)
-
-    model, wmeta = _build_model(spec, labels, rt)
-    data = build_data(spec, manifest, labels, rt, run_dir)
-    state = _make_state(spec, model, data, labels, rt)
-    spec_dict = spec.to_dict()
-    if resume:
-        saved = ckpt.load_checkpoint(last_path, map_location=rt.device)
-        ckpt.restore_state(state, saved, spec_dict, last_path)
-    tb = open_tensorboard(spec, run_dir, rt)
-    fit(
-        state, data.train, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
-        early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
-        before_epoch=_before_epoch(spec, model, data, rt),
-        on_epoch_end=_epoch_end(spec_dict, run_dir, rt, tb, on_epoch_end),
-    )  # fmt: skip
-    if tb is not None:
-        tb.close()
-    result = None
-    if rt.main:
-        trained = TrainedRun(manifest, labels, model, state, data, rt)
-        result = finish(spec, trained, wmeta, run_dir, t_start)
+    with _run_dir_lock(run_dir, rt):
+        result, st = _train_locked(
+            spec, (manifest, labels), rt, run_dir, resume, on_epoch_end, t_start
+        )
     if rt.distributed:
         shutdown_distributed()
     if result is None:  # non-zero ranks
         result = TrainResult(
-            run_dir, run_dir / "model", state.epoch, state.best_epoch, float("nan"), float("nan"),
-            float("nan"), time.perf_counter() - t_start, state.history, rank=rt.rank,
+            run_dir, run_dir / "model", st.epoch, st.best_epoch, float("nan"), float("nan"),
+            float("nan"), time.perf_counter() - t_start, st.history, rank=rt.rank,
         )  # fmt: skip
     return result

@@ -6,10 +6,12 @@ data read straight from the file at the offset found by the header scan
 plugins (:func:`decode_encapsulated`); and a full ``dcmread`` + ``pixel_array`` for
 everything else (:func:`decode_dataset`, which also classifies the error). With
 ``workers > 1``, compressed stacks whose estimated serial decode time exceeds
-``_POOL_WORTH_S`` are decoded in :class:`medres.workers.IsolatedPool` processes. It also
-owns the value mapping (:func:`apply_values`: modality LUT per slice, MONOCHROME1
-inversion, output dtype) and :func:`run_guarded`, which turns any decoder failure into
-``IngestError(code=decode_failed)``. Imports :mod:`.header`, :mod:`medres.ingest.image`,
+``_POOL_WORTH_S`` are decoded in :class:`medres.workers.IsolatedPool` processes. A file
+whose file meta lacks TransferSyntaxUID is decoded with the syntax it was read with. It
+also owns :func:`mask_unused_bits` (stored words -> their BitsStored bits, sign-extended,
+on every path, as pydicom's ``pixel_array``), the value mapping (:func:`apply_values`:
+modality LUT per slice, MONOCHROME1 inversion, output dtype) and :func:`run_guarded`,
+which turns any decoder failure into ``IngestError(code=decode_failed)``. Imports :mod:`.header`, :mod:`medres.ingest.image`,
 :mod:`medres.workers`, numpy and pydicom.
 """
 
@@ -24,7 +26,16 @@ from pydicom.pixels import get_decoder
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.ingest.dicom.header import NO_CATCH, DicomHeader, Slice, Stack, as_code
+from medres.ingest.dicom.header import (
+    EXPLICIT_BE,
+    EXPLICIT_LE,
+    IMPLICIT_LE,
+    NO_CATCH,
+    DicomHeader,
+    Slice,
+    Stack,
+    as_code,
+)
 from medres.ingest.image import to_output_dtype
 from medres.workers import IsolatedPool
 
@@ -49,6 +60,37 @@ def stored_dtype(h: DicomHeader) -> np.dtype:
         return np.dtype("<f8")
     kind = "i" if h.pixel_representation == 1 else "u"
     return np.dtype(f"<{kind}{h.bits_allocated // 8}")
+
+
+def mask_unused_bits(raw: np.ndarray, bits: Sequence[int]) -> tuple[float, float]:
+    """Keep only the low BitsStored bits of each slice of ``raw`` (axis 0; ``bits[k]`` is
+    slice k's BitsStored), sign-extending signed data, in place; return the value range the
+    result is guaranteed to lie in.
+
+    PS3.5 8.1.1: bits above the stored ones are not pixel data. As pydicom's ``pixel_array``
+    this is a shift left then right by BitsAllocated - BitsStored, whatever HighBit says.
+    A slice whose values are already in range (the common case) is only scanned, not
+    rewritten. Float data and BitsStored >= the word size are left as they are.
+    """
+    if raw.dtype.kind not in "iu":
+        return -math.inf, math.inf
+    info = np.iinfo(raw.dtype)
+    width = raw.dtype.itemsize * 8
+    signed = raw.dtype.kind == "i"
+    ranges = [(float(info.min), float(info.max))] if not len(bits) else []
+    same = len(set(bits)) == 1
+    groups = [(bits[0], raw)] if same else [(b, raw[k]) for k, b in enumerate(bits)]
+    for b, part in groups:
+        if not 0 < b < width:
+            ranges.append((float(info.min), float(info.max)))
+            continue
+        lo, hi = (-(1 << (b - 1)), (1 << (b - 1)) - 1) if signed else (0, (1 << b) - 1)
+        ranges.append((float(lo), float(hi)))
+        if part.size and (int(part.min()) < lo or int(part.max()) > hi):
+            shift = raw.dtype.type(width - b)
+            np.left_shift(part, shift, out=part)
+            np.right_shift(part, shift, out=part)
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
 def fast_ok(h: DicomHeader) -> bool:
@@ -89,6 +131,7 @@ def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
             f"{h.source}: cannot re-read file ({type(exc).__name__}); re-copy it",
             code=Code.TRUNCATED,
         ) from None
+    _set_transfer_syntax(ds, h.transfer_syntax)
     try:
         arr = ds.pixel_array
     except NO_CATCH:
@@ -130,6 +173,25 @@ def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
     else:
         arr = arr.reshape(nf, h.rows, h.cols, arr.shape[-1])
     return arr, ds
+
+
+def _set_transfer_syntax(ds: Any, tsyntax: str) -> None:
+    """Give a dataset whose file meta lacks TransferSyntaxUID the syntax it was read with
+    (``tsyntax``, inferred by the header scan; else pydicom's detected encoding), which
+    pydicom's decoders need."""
+    from pydicom.dataset import FileMetaDataset
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    if not tsyntax:
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            return
+        tsyntax = IMPLICIT_LE if implicit else (EXPLICIT_LE if little else EXPLICIT_BE)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    meta.TransferSyntaxUID = tsyntax
 
 
 def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
@@ -274,12 +336,15 @@ def apply_values(
     h0: DicomHeader,
     orient: Callable[[np.ndarray], np.ndarray],
     ds: Any = None,
+    stored_range: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Modality LUT per slice (axis 0 of ``raw``), MONOCHROME1 inversion, output dtype.
 
     ``orient`` maps a (slices, rows, cols)-shaped array to a view in canonical layout; the
     result is written once, F-contiguous, in that layout (the value pass doubles as the
     reorientation copy, and the NIfTI writer can then write it without another copy).
+    ``stored_range`` bounds the stored values (from :func:`mask_unused_bits`; default the
+    dtype's range).
     """
     lut = _lut_sequence(ds)
     slopes = np.array([s.slope for s in slices], dtype=np.float64)
@@ -299,8 +364,9 @@ def apply_values(
         and bool(np.all(inters == np.round(inters)))
     )
     if integral and not mono1:
-        # unused high bits are not masked (as pydicom), so only the dtype bounds the values
         blo, bhi = float(np.iinfo(raw.dtype).min), float(np.iinfo(raw.dtype).max)
+        if stored_range is not None:
+            blo, bhi = max(blo, stored_range[0]), min(bhi, stored_range[1])
         lo, hi = blo + inters.min(), bhi + inters.max()
         if not (lo >= -32768 and hi <= 32767) and raw.size:
             # the stored-bits range does not settle it: look at the actual values

@@ -24,6 +24,7 @@ from medres.ingest.dicom.decode import (
     apply_values,
     decode_all,
     fast_ok,
+    mask_unused_bits,
     read_native,
     run_guarded,
     stored_dtype,
@@ -61,13 +62,23 @@ def _load_stack(stack: Stack, workers: int) -> LoadedImage:
         raw = _read_all_native(stack, all_slices, workers)
     else:
         raw, ds0 = _decode_stack(stack, all_slices, workers)
+    stored_range = None
+    if raw.ndim == 3:  # stored values (colour ones were masked before any palette lookup)
+        stored_range = mask_unused_bits(
+            raw, [stack.headers[s.header_index].bits_stored for s in all_slices]
+        )
     raw = _without_duplicates(stack, raw)
     orient, affine, dims = _canonical(stack, raw.shape)
     if raw.ndim == 4:  # colour: no modality LUT
         values = np.asfortranarray(to_output_dtype(orient(raw)))
     else:
         values = apply_values(
-            raw, stack.slices, h0, orient, ds0 if h0.has_modality_lut_sequence else None
+            raw,
+            stack.slices,
+            h0,
+            orient,
+            ds0 if h0.has_modality_lut_sequence else None,
+            stored_range,
         )
     if dims == 2:
         values = values[:, :, 0]

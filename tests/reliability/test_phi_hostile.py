@@ -1,0 +1,103 @@
+"""Hostile headers (issue #16): a patient's name and ID in free-text header fields never
+reach an ingest output, and ``score --dicom-out`` without ``--keep-ids`` writes an SR
+without patient identifiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.models import write_dicom_2d, write_model_dir
+from typer.testing import CliRunner
+
+from medres.cli import app
+
+pydicom = pytest.importorskip("pydicom")
+
+runner = CliRunner()
+NAME = "CANARYFAM^CANARYGIVEN"
+PID = "CANARYPID9"
+CANARIES = ("canaryfam", "canarygiven", "canarypid9")
+
+
+def _series(folder: Path, n: int = 3) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    for k in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.PatientName = PID, NAME
+        ds.Manufacturer = "CanaryFam CanaryGiven"  # a name where a vendor belongs
+        ds.BodyPartExamined = f"{PID}_CHEST"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality = "CT"
+        ds.Rows = ds.Columns = 8
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0, 0, 2.0 * k]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.full((8, 8), k, dtype=np.int16).tobytes()
+        pydicom.dcmwrite(folder / f"IM{k:04d}", ds, enforce_file_format=True)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace").lower()
+
+
+def test_names_in_free_text_header_fields_reach_no_ingest_output(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _series(src / "site" / "ct")
+    (src / "site" / "broken.dcm").write_bytes(b"not dicom " + NAME.encode())
+    out = tmp_path / "ds"
+    for _ in range(2):  # a second, incremental run reuses the cache: still clean
+        res = runner.invoke(app, ["ingest", str(src), "--out", str(out), "--workers", "0"])
+        assert res.exit_code == 0, res.output
+        for name in ("manifest.csv", ".medres_cache.json", "errors.csv", "ingest.json"):
+            text = _text(out / name)
+            assert not any(c in text for c in CANARIES), name
+        assert not any(c in res.output.lower() for c in CANARIES)
+    manifest = _text(out / "manifest.csv")
+    assert "~" in manifest and "ct" in manifest  # filtered, not dropped
+
+
+def test_score_dicom_out_without_keep_ids_writes_no_patient_identifiers(tmp_path: Path) -> None:
+    pytest.importorskip("highdicom")
+    model = write_model_dir(tmp_path / "model", image_size=(16, 16))
+    study = "1.2.826.0.1.3680043.8.498.303"
+    p = write_dicom_2d(
+        tmp_path / "src" / "a.dcm", study_uid=study, series_uid=study + ".1", patient_id=PID
+    )
+    ds = pydicom.dcmread(p)
+    ds.PatientName, ds.PatientBirthDate = NAME, "19500101"
+    ds.ReferringPhysicianName, ds.AccessionNumber = "CANARYFAM^DOC", "ACCCANARY1"
+    ds.OtherPatientIDs = "CANARYPID9X"
+    ds.save_as(p)
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["score", str(model), str(tmp_path / "src"), "--out", str(out), "--workers", "0",
+              "--dicom-out"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (sr_path,) = sorted((out / "dicom").glob("*.dcm"))
+    sr = pydicom.dcmread(sr_path)
+    for kw in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
+               "ReferringPhysicianName"):  # fmt: skip
+        assert str(sr.get(kw, "") or "") == "", kw
+    assert "OtherPatientIDs" not in sr
+    raw = sr_path.read_bytes().lower()
+    assert b"canary" not in raw and b"19500101" not in raw
+    # what links it to the study stays
+    assert sr.StudyInstanceUID == study
+    refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert [r.SeriesInstanceUID for r in refs] == [study + ".1"]
