@@ -6,7 +6,8 @@ library only (scikit-learn stays in the evaluators and the tests). The statistic
 choices, so that a reviewer can check them against the references:
 
 * **AUC** is the Mann-Whitney statistic ``U / (n1 n0)`` with tied positive/negative pairs
-  counting 1/2. It equals ``sklearn.metrics.roc_auc_score`` and the trapezoidal area under
+  counting 1/2, computed from the exact rank sum (one rounding: exactly 1.0 or 0.0 under
+  perfect separation). It equals ``sklearn.metrics.roc_auc_score`` and the trapezoidal area under
   the empirical ROC curve.
 * **ROC points** sit at every unique score value; a case is called positive when
   ``score >= threshold``. Tied scores therefore move the curve diagonally, never through
@@ -18,12 +19,15 @@ choices, so that a reviewer can check them against the references:
   overall, so ties get the Mann-Whitney 1/2. Covariances use ``ddof=1`` as in DeLong et
   al. (1988) and pROC.
 * **DeLong CI** default: on the AUC scale, ``AUC +/- z sqrt(V)`` clipped to [0, 1], which is
-  what pROC's ``ci.auc(method="delong")`` reports. ``transform="logit"`` builds the interval
+  what pROC's ``ci.auc(method="delong")`` reports. Under perfect separation the variance
+  is 0 and the interval is [1, 1] (or [0, 0]); it is ``None`` (never NaN) when a class has
+  fewer than 2 cases. ``transform="logit"`` builds the interval
   on ``logit(AUC)`` with the delta-method SE ``sqrt(V) / (AUC (1 - AUC))`` and maps it back;
   it stays inside (0, 1) and is better behaved near 1 with small samples.
 * **Paired DeLong test** for two score columns on the same cases:
-  ``z = (A1 - A2) / sqrt(V1 + V2 - 2 Cov12)``, two-sided normal p-value; the CI of the
-  difference is ``(A1 - A2) +/- z sqrt(Var)`` (not clipped).
+  ``z = (A1 - A2) / sqrt(V1 + V2 - 2 Cov12)``, two-sided normal p-value from the survival
+  function (``erfc``, so a large ``|z|`` gives a tiny positive p, not 0); the CI of the
+  difference is ``(A1 - A2) +/- z sqrt(Var)`` (not clipped), as pROC's ``roc.test``.
 * **Bootstrap**: stratified (positives and negatives, or each class, resampled separately
   so every replicate keeps the observed class counts), seeded (``numpy.random.default_rng``),
   percentile CI. It is vectorised: a replicate is a row of multiplicity weights, and the
@@ -44,6 +48,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from statistics import NormalDist
 from typing import Any
 
@@ -124,7 +129,9 @@ def delong(scores: np.ndarray, y: np.ndarray) -> DeLong:
     tx = midranks(x_pos)
     ty = midranks(x_neg)
     tz = midranks(np.concatenate([x_pos, x_neg], axis=1))
-    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    # U = wins + ties / 2 from the rank sum; midranks are half-integers, so the sum and U are
+    # exact and one division gives the correctly rounded AUC (exactly 1.0 / 0.0 when separated)
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2.0) / (m * n)
     # structural components: share of negatives below each positive (ties 1/2) and
     # share of positives above each negative (ties 1/2)
     v_pos = (tz[:, :m] - tx) / n
@@ -193,11 +200,17 @@ def delong_paired(dl: DeLong, i: int, j: int, level: float = 0.95) -> PairedTest
     zq = z_value(level)
     ci = (diff - zq * math.sqrt(var), diff + zq * math.sqrt(var))
     if var <= 1e-15:
-        p = 1.0 if abs(diff) < 1e-12 else 0.0
+        p = 1.0 if diff == 0.0 else 0.0  # AUCs are exact: equal U, equal float
         return PairedTest(a, b, diff, var, None, p, ci)
     z = diff / math.sqrt(var)
-    p = 2.0 * (1.0 - NormalDist().cdf(abs(z)))
-    return PairedTest(a, b, diff, var, z, p, ci)
+    return PairedTest(a, b, diff, var, z, two_sided_p(z), ci)
+
+
+def two_sided_p(z: float) -> float:
+    """Two-sided standard-normal p-value ``2 P(Z > |z|)``, via ``erfc`` so that it stays
+    positive (and not 0.0) far into the tail: ``1 - cdf`` loses everything past ``|z| ~ 8.3``.
+    """
+    return math.erfc(abs(z) / math.sqrt(2.0))
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
@@ -323,6 +336,16 @@ def confusion_at(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[in
     return tp, fp, int(np.sum(~yb)) - fp, int(np.sum(yb)) - tp
 
 
+def _target_fraction(target: float) -> tuple[int, int]:
+    """A target rate as the fraction of the decimal it prints as (0.9 -> (9, 10)).
+
+    The denominator is capped at 10**6 (a 1/3 target typed as 0.3333333333333333 is 1/3),
+    which keeps ``count * denominator`` inside int64 for up to 10**12 cases.
+    """
+    f = Fraction(repr(float(target))).limit_denominator(10**6)
+    return f.numerator, f.denominator
+
+
 def operating_points(
     y: np.ndarray,
     score: np.ndarray,
@@ -334,8 +357,11 @@ def operating_points(
 ) -> dict[str, dict[str, Any]]:
     """Operating points chosen *and measured* on the same data (optimistic by design).
 
-    * ``youden``: the threshold maximising ``sensitivity + specificity - 1``; among ties
-      the highest threshold (fewest positive calls).
+    * ``youden``: the threshold maximising ``sensitivity + specificity - 1``; among exact
+      ties the highest threshold (fewest positive calls). The candidates are every unique
+      score and a threshold just above every score (all called negative, J = 0), as in
+      pROC's ``coords(..., "best")``; J is compared exactly, as the integer
+      ``tp * n_negative - fp * n_positive``.
     * ``sensitivity_0.90``: the highest threshold whose sensitivity is >= 0.90, i.e. the
       best specificity that keeps the target sensitivity.
     * ``specificity_0.90``: the lowest threshold whose specificity is >= 0.90 (best
@@ -343,23 +369,28 @@ def operating_points(
       positives, the threshold lies just above every score (all called negative).
     * ``user``: the given ``threshold``.
 
-    Every point reports its threshold, the rule ``score >= threshold``, the counts,
-    sensitivity/specificity/PPV/NPV/accuracy and their Wilson CIs.
+    Targets are read as the decimals they print as (0.9 is 9/10) and compared with the
+    integer counts exactly, never through a float tolerance. Every point reports its
+    threshold, the rule ``score >= threshold``, the counts, sensitivity/specificity/PPV/
+    NPV/accuracy and their Wilson CIs.
     """
     yb = np.asarray(y, dtype=bool)
     s = np.asarray(score, dtype=float)
     c = curve(yb, s)
-    tpr, fpr, thr = c.tpr, c.fpr, c.thresholds
+    thr, tp, fp = c.thresholds, c.tp.astype(np.int64), c.fp.astype(np.int64)
+    above = float(np.nextafter(thr[0], np.inf))  # just above every score: all negative
     chosen: dict[str, tuple[float, float | None]] = {}
-    j = tpr - fpr
-    chosen["youden"] = (float(thr[int(np.argmax(j))]), None)
+    j = np.r_[0, tp * c.n_negative - fp * c.n_positive]  # (sens + spec - 1) * n_pos * n_neg
+    best = int(np.argmax(j))  # the first maximum: the highest threshold among exact ties
+    chosen["youden"] = (above if best == 0 else float(thr[best - 1]), None)
     for t in sensitivity_targets:
-        k = int(np.argmax(tpr >= t - 1e-12))  # tpr reaches 1 at the lowest threshold
+        num, den = _target_fraction(t)
+        k = int(np.argmax(tp * den >= num * c.n_positive))  # tp reaches n_pos at the end
         chosen[f"sensitivity_{t:.2f}"] = (float(thr[k]), float(t))
     for t in specificity_targets:
-        ok = np.flatnonzero(1.0 - fpr >= t - 1e-12)
-        value = float(thr[ok[-1]]) if ok.size else float(np.nextafter(thr[0], np.inf))
-        chosen[f"specificity_{t:.2f}"] = (value, float(t))
+        num, den = _target_fraction(t)
+        ok = np.flatnonzero((c.n_negative - fp) * den >= num * c.n_negative)
+        chosen[f"specificity_{t:.2f}"] = (float(thr[ok[-1]]) if ok.size else above, float(t))
     if threshold is not None:
         chosen["user"] = (float(threshold), None)
     out: dict[str, dict[str, Any]] = {}

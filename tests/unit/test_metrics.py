@@ -332,3 +332,62 @@ def test_bootstrap_coverage_large():
     boot, delong_cov = _coverage(n_sims=1000, n_pos=60, n_neg=90, n_boot=2000, seed=7)
     assert 0.92 <= boot <= 0.97, boot
     assert 0.92 <= delong_cov <= 0.97, delong_cov
+
+
+# ---------------------------------------------------------------------------------------
+# exactness (issue #16): AUC under separation, Youden ties, tail p-values
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("m", "n"), [(1, 11), (2, 7), (2, 10), (3, 3), (5, 29), (17, 2)])
+def test_perfect_separation_gives_exact_auc_and_a_collapsed_ci(m, n):
+    y = np.r_[np.ones(m, bool), np.zeros(n, bool)]
+    s = np.r_[np.arange(m) + 100.0, np.arange(n, dtype=float)]
+    assert M.auc(y, s) == 1.0 and M.auc(y, -s) == 0.0  # not 0.9999999999999999
+    for score, a in ((s, 1.0), (-s, 0.0)):
+        dl = M.delong(score, y)
+        assert dl.aucs[0] == a
+        if m >= 2 and n >= 2:
+            assert dl.var(0) == 0.0
+            for transform in M.CI_TRANSFORMS:
+                assert M.auc_ci(a, dl.var(0), 0.95, transform) == (a, a)
+        else:
+            assert M.auc_ci(a, dl.var(0)) is None  # undefined variance: None, never NaN
+
+
+def test_auc_is_the_exact_mann_whitney_fraction_with_ties():
+    rng = np.random.default_rng(16)
+    for _ in range(50):
+        m, n = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        pos, neg = rng.integers(0, 4, m), rng.integers(0, 4, n)
+        wins = sum(int(a > b) for a in pos for b in neg)
+        ties = sum(int(a == b) for a in pos for b in neg)
+        y = np.r_[np.ones(m, bool), np.zeros(n, bool)]
+        assert M.auc(y, np.r_[pos, neg].astype(float)) == (wins + ties / 2) / (m * n)
+
+
+def test_youden_exact_tie_takes_the_highest_threshold():
+    # thresholds 5 (sens 1/3, spec 1) and -1 (sens 1, spec 1/3) both have J = 1/3 exactly;
+    # in floating point 1 - 2/3 > 1/3 - 0, which picked the lowest threshold
+    y = np.array([True, True, True, False, False, False])
+    s = np.array([-1.0, 0.0, 5.0, 2.0, -1.0, -2.0])
+    op = M.operating_points(y, s)["youden"]
+    assert op["threshold"] == 5.0
+    assert (op["tp"], op["fp"]) == (1, 0)
+
+
+def test_youden_without_a_useful_threshold_calls_all_negative():
+    # every threshold has J = 0; the highest of the tied candidates is above every score
+    y = np.array([True, False, True, False])
+    op = M.operating_points(y, np.full(4, 0.5))["youden"]
+    assert op["threshold"] > 0.5 and op["sensitivity"] == 0.0 and op["specificity"] == 1.0
+
+
+def test_tiny_p_value_stays_positive_and_matches_the_normal_tail():
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    s1, s2 = y * 3.0 + rng.normal(0, 1, 600), rng.normal(0, 1, 600)
+    t = M.delong_paired(M.delong(np.vstack([s1, s2]), y), 0, 1)
+    assert t.z is not None and t.z > 20
+    assert 0.0 < t.p_value < 1e-100  # 2 * (1 - cdf(z)) gave exactly 0.0
+    assert t.p_value == pytest.approx(2 * NormalDist().pdf(t.z) / t.z, rel=0.01)  # Mills
+    assert M.two_sided_p(-3.0) == M.two_sided_p(3.0) == pytest.approx(0.0026997960632601866)
+    assert M.two_sided_p(0.0) == 1.0
