@@ -21,6 +21,7 @@ Usage::
     python benchmarks/score.py                      # all workloads, fp32 (+ bf16 at 224 px)
     python benchmarks/score.py --workloads small2d --repeats 5 --json out.json
     python benchmarks/score.py --tiny               # smoke run (seconds)
+    python benchmarks/score.py --workloads ct       # real-size CT row (benchmarks/score_ct.py)
 
 Fairness: ``--threads`` (default: all cores) is the machine every variant gets. The
 ceiling and the naive loop give all of it to torch; ``medres`` splits it itself (plain
@@ -235,8 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
     results: list[Result] = []
+    ct = None  # the real-size CT row (benchmarks/score_ct.py; opt-in: --workloads ...,ct)
     with tempfile.TemporaryDirectory(prefix="medres-bench-score-") as tmp:
         for name in args.workloads.split(","):
+            if name == "ct":
+                from score_ct import bench_ct
+
+                ct = bench_ct(Path(tmp), max(1, min(args.repeats, 3)), args.tiny)
+                continue
             results.extend(bench(table[name], Path(tmp), args))
     print(f"\n{'workload':10} {'prec':5} {'medres':>9} {'naive':>9} {'ceiling':>9} "
           f"{'/ceiling':>9} {'/naive':>7} {'e2e':>8}  max|dp| vs fp32")  # fmt: skip
@@ -247,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.workload:10} {r.precision:5} {r.medres:9,.0f} {r.naive:9,.0f} {r.ceiling:9,.0f} "
             f"{q['medres/ceiling']:9.2f} {q['medres/naive']:7.2f} {r.medres_end_to_end:8,.0f}  {d}"
         )
+    if ct is not None:
+        from score_ct import print_ct
+
+        print_ct(ct)
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:

@@ -28,6 +28,26 @@ class ConfigError(MedresError):
     code = "config"
 
 
+class OutputDirError(ConfigError):
+    """An output folder (``--out``) is a file, lies below a file, or cannot be written."""
+
+    code = "output_dir"
+
+
+class DiskFullError(MedresError, OSError):
+    """The disk (or quota) of an output folder is full; earlier outputs are left intact.
+
+    Also an ``OSError`` with ``errno`` ENOSPC, so library callers that handle a full disk
+    as an ``OSError`` keep working.
+    """
+
+    code = "disk_full"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.errno = 28  # ENOSPC (errno.ENOSPC on every platform medres runs on)
+
+
 class ManifestError(MedresError):
     """A manifest or labels file is missing, malformed or inconsistent."""
 

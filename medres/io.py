@@ -1,22 +1,42 @@
-"""Small shared helpers: atomic writes, hashing, output-folder locks, size options.
+"""Small shared helpers: atomic writes, output folders, disk space, hashing, size options.
 
 Owns: :func:`atomic_open` (and the text/JSON writers on it), :func:`sha256_file`,
 :func:`output_lock` and :func:`parse_size` (the one ``"N,N,N"`` / ``"NxNxN"`` rule of CLI
-size options). Core module: imports the standard library and ``medres.errors`` only.
+size options), and the one output-folder and disk-space rule of every command that writes:
+
+* :func:`check_output_dir` at the start: ``--out`` must not be a file, lie below a file or
+  be read-only (a real probe write, so a read-only mount and a root user are both told the
+  truth), and its disk must hold the space the command needs;
+* :func:`disk_guard` around the writes: an ``OSError`` ENOSPC/EDQUOT (also when wrapped, as
+  ``torch.save`` does) or SQLite's "database or disk is full" becomes one
+  :class:`~medres.errors.DiskFullError` line naming the folder, the space free and needed.
+  :func:`output_lock` holds one for its whole body. Every writer writes through a temp file
+  and ``os.replace``, so a full disk leaves the previous outputs as they were and the same
+  command resumes once space is freed.
+
+Core module: imports the standard library and ``medres.errors`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
+import sqlite3
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from medres.errors import ConfigError
+from medres.errors import ConfigError, DiskFullError, OutputDirError
+
+# errno values that mean "no space": the disk is full, or the user's quota is
+_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e)
+# the errno values of a folder that cannot be written (permissions, read-only mount)
+_READONLY_ERRNOS = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
 
 
 def _umask() -> int:
@@ -57,14 +77,190 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 LOCK_NAME = ".medres_lock"
+PROBE_PREFIX = ".medres_probe."
+# the least free space a command starts with: its small outputs (CSV, JSON, the lock)
+MIN_FREE_BYTES = 1 << 20
+
+
+# ------------------------------------------------------------------ output dirs, disk space
+def is_disk_full(exc: BaseException | None) -> bool:
+    """True when ``exc`` (or an exception it was raised from) means the disk is full.
+
+    ENOSPC/EDQUOT ``OSError``; SQLite's ``database or disk is full``; and any exception whose
+    ``__cause__``/``__context__`` chain holds one (``torch.save`` wraps the ``OSError`` of a
+    file handle in a ``RuntimeError``).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, DiskFullError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(exc, sqlite3.Error) and "disk is full" in str(exc).lower():
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _size(n: int) -> str:
+    """``n`` bytes as a short human size (``"1.5 GiB"``)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free to this user on the disk of ``path`` (or of its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full_error(folder: str | os.PathLike[str], need_bytes: int = 0) -> DiskFullError:
+    """The one-line :class:`DiskFullError` for ``folder`` (free space read now)."""
+    free = free_bytes(folder)
+    need = f", about {_size(need_bytes)} needed" if need_bytes > 0 else ""
+    have = "unknown space" if free is None else f"{_size(free)}"
+    return DiskFullError(
+        f"no space left on the disk of {str(folder)!r} ({have} free{need}); the earlier "
+        "outputs there are intact: free some space (or pass another --out) and run the same "
+        "command again, it resumes"
+    )
 
 
 @contextlib.contextmanager
-def output_lock(out_dir: str | os.PathLike[str], command: str = "ingest") -> Iterator[None]:
+def disk_guard(
+    folder: str | os.PathLike[str], need_bytes: int | Callable[[], int] = 0
+) -> Iterator[None]:
+    """Turn a disk-full error raised inside the block into :func:`disk_full_error`.
+
+    ``need_bytes`` may be a callable, evaluated only when the disk is full (an estimate that
+    costs a walk over the inputs is paid only then). Other errors pass unchanged.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        need = need_bytes() if callable(need_bytes) else need_bytes
+        raise disk_full_error(folder, int(need or 0)) from None
+
+
+def tree_bytes(paths: Any) -> int:
+    """Total size of the files at or below ``paths`` (a space estimate; unreadable parts
+    count 0)."""
+    total = 0
+    for root in paths:
+        root = Path(root)
+        try:
+            if root.is_file():
+                total += root.stat().st_size
+                continue
+            for dirpath, _dirs, files in os.walk(root):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(dirpath, name)).st_size
+        except OSError:
+            continue
+    return total
+
+
+def largest_file(folder: str | os.PathLike[str]) -> int:
+    """Size of the largest file below ``folder`` (0 when none): the room one more atomic
+    rewrite of it needs."""
+    best = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                best = max(best, os.lstat(os.path.join(dirpath, name)).st_size)
+    return best
+
+
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe_write(folder: Path, option: str) -> None:
+    """Create and remove a small file in ``folder``: the only true writability test."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
+        try:
+            os.write(fd, b"medres")
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise disk_full_error(folder) from None
+        raise OutputDirError(
+            f"{option} {str(folder)!r} cannot be written ({exc.strerror or exc}); choose a "
+            "folder you can write to (not a read-only mount)"
+        ) from None
+
+
+def check_output_dir(
+    path: str | os.PathLike[str], need_bytes: int = 0, *, option: str = "--out"
+) -> Path:
+    """Create ``path`` as an output folder and prove it can be written; returns it.
+
+    Raises :class:`~medres.errors.OutputDirError` (one line naming ``option``) when ``path``
+    is an existing file, lies below a file, or cannot be created or written (permissions, a
+    read-only mount; checked with a real probe file, so it holds for root too), and
+    :class:`~medres.errors.DiskFullError` when its disk has less than ``need_bytes`` free.
+    """
+    out = Path(path)
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputDirError(
+            f"{option} {str(out)!r} is a file, not a folder; pass a folder (new, or the earlier "
+            "output of the same command)"
+        )
+    base = _first_existing(out)
+    if base != out and not base.is_dir():
+        raise OutputDirError(
+            f"{option} {str(out)!r} lies below the file {str(base)!r}; no folder can be made "
+            "there: pass a path whose parents are folders"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in _FULL_ERRNOS:
+            raise disk_full_error(base, need_bytes) from None
+        raise OutputDirError(
+            f"{option} {str(out)!r} cannot be created in {str(base)!r} "
+            f"({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+    _probe_write(out, option)
+    free = free_bytes(out)
+    if need_bytes > 0 and free is not None and free < need_bytes:
+        raise disk_full_error(out, need_bytes)
+    return out
+
+
+@contextlib.contextmanager
+def output_lock(
+    out_dir: str | os.PathLike[str],
+    command: str = "ingest",
+    need_bytes: int | Callable[[], int] = 0,
+) -> Iterator[None]:
     """One ``medres <command>`` at a time per output folder (``.medres_lock`` holds its pid).
 
     A lock whose owner is gone (no such pid) is stale and taken over; a live owner raises
-    :class:`~medres.errors.ConfigError`. The lock file is removed on exit.
+    :class:`~medres.errors.ConfigError`. The lock file is removed on exit. The body runs
+    under :func:`disk_guard` (a full disk becomes one line naming ``out_dir`` and
+    ``need_bytes``, an estimate of the space the command needs).
     """
     out = Path(out_dir)
     lock = out / LOCK_NAME
@@ -91,7 +287,8 @@ def output_lock(out_dir: str | os.PathLike[str], command: str = "ingest") -> Ite
     with os.fdopen(fd, "w") as fh:
         fh.write(str(os.getpid()))
     try:
-        yield
+        with disk_guard(out, need_bytes):
+            yield
     finally:
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()

@@ -169,20 +169,18 @@ def setup_runtime(device: str, *, threads: int = 0, setting: str = "--device") -
 
 # ----------------------------------------------------------------------------------- threads
 def auto_threads(procs_on_node: int) -> int:
-    """CPU threads per process: the idle cores shared among this node's processes.
+    """CPU threads per process: the machine's cores shared among this node's processes.
 
-    Measured on a 2-core machine at load ~5: ResNet-18 64^2 epochs took 6 s with one thread
-    and 35 s with torch's default of two (OpenMP threads spinning against other processes),
-    so oversubscription is avoided even at the cost of an idle core on a quiet machine.
+    The count depends on the machine only, never on its momentary load: a different thread
+    count changes float reductions in the last bits, so a load-dependent count made two runs
+    with the same seed differ (issue #17). On a machine shared with other jobs, oversubscription
+    can cost a lot (measured on 2 cores at load ~5: 6 s per epoch with one thread, 35 s with
+    two); pin the count there with ``train.threads`` / ``--threads``.
     """
     import torch
 
     cores = os.cpu_count() or 1
-    try:
-        busy = int(os.getloadavg()[0])
-    except OSError:  # pragma: no cover - platforms without getloadavg
-        busy = 0
-    return max(1, min(torch.get_num_threads(), cores - busy) // max(procs_on_node, 1))
+    return max(1, min(torch.get_num_threads(), cores) // max(procs_on_node, 1))
 
 
 def set_threads(threads: int, device: torch.device, procs_on_node: int = 1) -> int:

@@ -15,12 +15,17 @@ Two ways in: :meth:`IsolatedPool.map` (a list in, a list out: ingest) and
 caller works on earlier answers: scoring overlaps decoding with the model). A worker
 ``initializer`` sets up per-worker state once (scoring's decoder).
 
-This module is part of the shared core: it imports only :mod:`medres.errors`.
+A worker that hits a full disk (ENOSPC/EDQUOT) fails the whole call in the parent with
+``OSError(ENOSPC)``, never the item as a bad input.
+
+This module is part of the shared core: it imports only :mod:`medres.errors` and
+:mod:`medres.io`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import multiprocessing as mp
@@ -36,6 +41,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from medres.errors import IngestError, MedresError
+from medres.io import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,9 @@ log = logging.getLogger(__name__)
 _MAX_STARTUP_DEATHS = 5
 DECODE_FAILED = "decode_failed"
 TIMEOUT = "timeout"
+# a worker that hits a full disk fails the whole map (raised again in the parent as ENOSPC):
+# a full disk is the machine's fault, never the input's, so no item is marked as bad
+DISK_FULL = "disk_full"
 # modules the forkserver imports once, so that each forked worker starts warm
 _PRELOAD = ("medres.ingest.tasks", "medres.ingest.dicom")
 
@@ -65,12 +74,21 @@ class Failure:
 
 
 def _describe(exc: BaseException) -> Failure:
+    if is_disk_full(exc):
+        return Failure(DISK_FULL, "no space left on the output disk")
     if isinstance(exc, IngestError):
         return Failure(str(exc.code), str(exc))
     if isinstance(exc, MemoryError):
         return Failure(TIMEOUT, "the per-file memory limit was exceeded")
     # never echo the exception text: decoder messages can quote header values
     return Failure(DECODE_FAILED, f"unexpected {type(exc).__name__} while reading")
+
+
+def _raise_if_disk_full(res: tuple[bool, Any]) -> None:
+    """A worker's disk-full answer stops the caller: raised as ``OSError(ENOSPC)``."""
+    ok, val = res
+    if not ok and isinstance(val, Failure) and val.code == DISK_FULL:
+        raise OSError(errno.ENOSPC, "No space left on device (in a worker process)")
 
 
 def _resolve(ref: str) -> Callable[[Any], Any]:
@@ -385,6 +403,7 @@ class IsolatedPool:
 
     # -- supervision -----------------------------------------------------------------------
     def _finish(self, idx: int, res: tuple[bool, Any], done: list[int]) -> None:
+        _raise_if_disk_full(res)
         if idx not in self._results:
             self._results[idx] = res
             done.append(idx)
@@ -493,6 +512,8 @@ class IsolatedPool:
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:
+                if is_disk_full(exc):
+                    raise
                 results.append((False, _describe(exc)))
             if on_result:
                 on_result(i)

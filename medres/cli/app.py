@@ -7,7 +7,10 @@ the order ``medres --help`` lists them. A command parses its options, builds one
 config, calls one library function and prints a summary.
 
 Exit codes: 0 success; 1 user error (one line on stderr, no traceback; ``--verbose`` shows
-it); 2 usage error.
+it), a full disk included (one line naming the folder and the space free); 2 usage error
+(wrong or missing options: one line naming the option and the command's ``--help``, the
+click convention); 130 interrupted (Ctrl-C: one line; every output is written atomically, so
+the same command resumes). ``-h`` is ``--help`` everywhere.
 
 Imports: typer, rich, ``medres.errors``, ``medres.progress`` and the command modules of this
 package, which import the library lazily inside each command (start-up stays free of
@@ -26,6 +29,7 @@ from typer.core import TyperGroup
 
 from medres import __version__, progress
 from medres.cli import data, evaluate, ingest, models, score, train
+from medres.cli import plan as plan_cli
 from medres.cli.console import err_console
 from medres.errors import MedresError
 
@@ -34,17 +38,86 @@ log = logging.getLogger("medres")
 _STATE: dict[str, Any] = {"verbose": False}
 
 
+# click's UsageError as typer raises it (typer >= 0.29 vendors click; older ones use click)
+_UsageError: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError"
+)
+
+
+class _UsageLine(_UsageError):  # type: ignore[misc,valid-type]
+    """A usage error shown as one line (exit 2) instead of click's usage block."""
+
+    def __init__(self, message: str, ctx: Any = None, where: str = "medres") -> None:
+        super().__init__(message, ctx=ctx)
+        self.where = ctx.command_path if ctx is not None else where
+
+    def show(self, file: Any = None) -> None:
+        message = self.format_message().rstrip(".")
+        typer.echo(f"error: {message}; see '{self.where} --help'", err=True)
+
+
+def _one_line(exc: Any, where: str = "medres") -> Exception:
+    if type(exc).__name__ == "NoArgsIsHelpError" or isinstance(exc, _UsageLine):
+        return exc  # bare `medres`: the help page
+    return _UsageLine(exc.format_message(), ctx=exc.ctx, where=where)
+
+
+def _out_option(args: list[str]) -> str | None:
+    """The ``--out``/``-o`` value of a command line (names the folder of a full disk)."""
+    for i, arg in enumerate(args):
+        if arg in ("--out", "-o") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--out="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    if _STATE["verbose"]:
+        traceback.print_exc()
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
 class _MedresGroup(TyperGroup):
-    """Turns :class:`MedresError` into one line on stderr and exit code 1."""
+    """The error boundary: :class:`MedresError` and a full disk -> one line, exit 1; a
+    usage error -> one line, exit 2; Ctrl-C -> one line, exit 130."""
+
+    def make_context(self, info_name: str | None, args: list[str], **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, **extra)
+        except _UsageError as exc:
+            raise _one_line(exc) from None
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        ctx.meta["medres.args"] = list(args)  # names the folder of a full disk
+        return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except _UsageError as exc:
+            args = ctx.meta.get("medres.args") or [""]
+            raise _one_line(exc, f"{ctx.command_path} {args[0]}".strip()) from None
         except MedresError as exc:
-            if _STATE["verbose"]:
-                traceback.print_exc()
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+            raise _fail(str(exc), 1) from None
+        except KeyboardInterrupt:
+            raise _fail(
+                "interrupted (Ctrl-C); outputs are written atomically, so the earlier ones "
+                "are intact: run the same command again to resume",
+                130,
+            ) from None
+        except Exception as exc:
+            from medres.io import disk_full_error, is_disk_full
+
+            if not is_disk_full(exc):
+                raise
+            folder = (
+                _out_option(ctx.meta.get("medres.args", []))
+                or getattr(exc, "filename", None)
+                or "the output folder"
+            )
+            raise _fail(str(disk_full_error(folder)), 1) from None
 
 
 app = typer.Typer(
@@ -56,6 +129,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=True,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -106,6 +180,7 @@ def _register() -> None:
         ("synth", data.synth_cmd),
         ("ingest", ingest.ingest_cmd),
         ("models", models.models_cmd),
+        ("plan", plan_cli.plan_cmd),
         ("train", train.train_cmd),
         ("evaluate", evaluate.evaluate_cmd),
         ("score", score.score_cmd),

@@ -15,7 +15,8 @@ from medres.cli.console import out_console
 
 def ingest_cmd(
     sources: Annotated[
-        list[Path], typer.Argument(help="Folders, files or .zip/.tar/.tar.gz archives.")
+        list[str],
+        typer.Argument(help="Folders, files, .zip/.tar/.tar.gz archives or PACS URLs."),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset output folder.")],
     labels: Annotated[
@@ -31,7 +32,7 @@ def ingest_cmd(
         typer.Option("--label-key", help="Key column of --labels when it has several."),
     ] = None,
     workers: Annotated[
-        int, typer.Option("--workers", "-j", help="Worker processes (0 = one per core).")
+        int, typer.Option("--workers", "-j", help="Worker processes (0 = one per idle core).")
     ] = 0,
     val_frac: Annotated[
         float, typer.Option("--val-frac", help="Fraction of patients for validation.")
@@ -82,13 +83,32 @@ def ingest_cmd(
             "component pseudonymised), keep (as they are; de-identified data only).",
         ),
     ] = "identity",
+    uneven_spacing: Annotated[
+        str,
+        typer.Option(
+            "--uneven-spacing",
+            help="Slices not evenly spaced (or missing): resample (default: onto a regular "
+            "grid at the smallest gap, linear, with a warning) or reject (missing_slices / "
+            "inconsistent_geometry).",
+        ),
+    ] = "resample",
+    query: Annotated[
+        list[str] | None,
+        typer.Option("--query", help="PACS SOURCE: a filter KEYWORD=VALUE (repeatable)."),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", help="PACS SOURCE: at most N studies.")] = 0,
 ) -> None:
     """Turn DICOM/NIfTI folders and archives into validated volumes plus a manifest."""
+    import shutil
+
     from medres.ingest.discover import ArchiveLimits
+    from medres.ingest.pacs import build_query, local_sources
     from medres.ingest.pipeline import IngestConfig, run_ingest
 
+    scratch = out / ".pacs-retrieve"  # PACS SOURCEs are retrieved here, removed after
+    paths = local_sources(sources, scratch, build_query(query or [], limit=limit))
     config = IngestConfig(
-        sources=tuple(sources),
+        sources=paths,
         out_dir=out,
         labels=labels,
         label_key=label_key,
@@ -102,13 +122,17 @@ def ingest_cmd(
         worker_memory_mb=worker_memory_mb,
         incremental=incremental,
         source_paths=source_paths,
+        uneven_spacing=uneven_spacing,
         limits=ArchiveLimits(
             max_members=max_archive_members,
             max_total_bytes=int(max_archive_gb * 1024**3),
             max_ratio=max_archive_ratio,
         ),
     )
-    report = run_ingest(config)
+    try:
+        report = run_ingest(config)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     _print_ingest_summary(report)
 
 

@@ -18,8 +18,11 @@ def score_cmd(
         Path, typer.Argument(help="Model dir written by `medres train` (RUN_DIR/model or RUN_DIR).")
     ],
     sources: Annotated[
-        list[Path],
-        typer.Argument(help="Folders, files, .zip/.tar archives, or one manifest.csv."),
+        list[str],
+        typer.Argument(
+            help="Folders, files, .zip/.tar archives, one manifest.csv, or one PACS URL: "
+            "dicomweb+http(s)://host:port/path or dimse://AET@host:port."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (ledger + CSVs).")],
     workers: Annotated[
@@ -86,6 +89,28 @@ def score_cmd(
         int | None,
         typer.Option("--worker-memory-mb", help="Address-space limit per decode worker (MiB)."),
     ] = None,
+    query: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--query", help="PACS SOURCE: a DICOM attribute filter KEYWORD=VALUE (repeatable)."
+        ),
+    ] = None,
+    study_date: Annotated[
+        str, typer.Option("--study-date", help="PACS SOURCE: YYYYMMDD or YYYYMMDD-YYYYMMDD.")
+    ] = "",
+    accessions: Annotated[
+        Path | None,
+        typer.Option("--accessions", help="PACS SOURCE: a file with one accession per line."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", help="PACS SOURCE: at most N studies (0: all).")
+    ] = 0,
+    push: Annotated[
+        bool,
+        typer.Option(
+            "--push", help="Store the --dicom-out SRs back on the PACS (STOW-RS / C-STORE)."
+        ),
+    ] = False,
     source_paths: Annotated[
         str,
         typer.Option(
@@ -98,11 +123,18 @@ def score_cmd(
 ) -> None:
     """Score folders/archives of scans with a trained model; re-running resumes."""
     from medres.score import ScoreConfig, score
+    from medres.score.pacs_items import split_sources
 
+    paths, pacs = split_sources(
+        sources, query=query, study_date=study_date, accessions=accessions, limit=limit,
+        push=push, dicom_out=dicom_out,
+    )  # fmt: skip
     summary = score(
         ScoreConfig(
             model_dir=model_dir,
-            sources=tuple(sources),
+            sources=paths,
+            pacs=pacs,
+            push=push,
             out_dir=out,
             batch_size=batch_size,
             workers=workers,

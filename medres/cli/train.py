@@ -40,6 +40,21 @@ def train_cmd(
     ] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto|cpu|cuda.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    threshold_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--threshold-rule",
+            help="Binary operating threshold chosen on validation: youden (default), "
+            "sensitivity:0.9, specificity:0.9 or fixed (eval.threshold).",
+        ),
+    ] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            help="Minutes for the whole run: the plan fits it, training stops at it.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")
     ] = False,
@@ -50,9 +65,14 @@ def train_cmd(
         ),
     ] = None,
 ) -> None:
-    """Train a 2D/3D ResNet on an ingested manifest."""
+    """Train a 2D/3D ResNet on an ingested manifest (without a pipeline: the `medres plan`)."""
+    import time
+
     from medres.errors import ConfigError
-    from medres.train.run import build_spec, run_train
+    from medres.train.plan import spec_for_train, train_deadline
+    from medres.train.run import run_train
+
+    t_start = time.perf_counter()
 
     overrides = _overrides(
         set_,
@@ -67,11 +87,22 @@ def train_cmd(
             "transforms.image_size": image_size,
             "train.device": device,
             "train.seed": seed,
+            "eval.threshold_rule": threshold_rule,
         },
     )
     if out is None:
         raise ConfigError("--out is required: the run directory to write (e.g. --out runs/r1)")
-    result = run_train(build_spec(pipeline, overrides), out, resume=resume)
+    if resume and pipeline is None and (out / "pipeline.yaml").is_file():
+        pipeline = out / "pipeline.yaml"  # the run's resolved spec, not a fresh plan
+    spec, plan = spec_for_train(pipeline, overrides, time_budget or 0.0)
+    if plan is not None:
+        out_console.print(plan.summary(), markup=False, highlight=False, soft_wrap=True)
+    deadline = train_deadline(plan, time_budget or 0.0, t_start)
+    result = run_train(spec, out, resume=resume, deadline=deadline)
+    if result.rank == 0 and plan is not None:
+        from medres.io import atomic_write_text
+
+        atomic_write_text(out / "plan.yaml", plan.to_yaml())
     if result.rank == 0:
         out_console.print(
             f"run {result.run_dir}: best epoch {result.best_epoch}/{result.epochs_completed}, "

@@ -53,12 +53,16 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "study_key",
     "series_key",
     "n_slices",
+    "n_volumes",
+    "volume_axis",
     "warnings",
     "label",
     "split",
 )
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "image_path")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# what the 4th axis of a multi-volume (4D) image holds; empty for 2D/3D images
+VOLUME_AXES: tuple[str, ...] = ("time", "diffusion", "echo", "other")
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,15 @@ def _validate_row(row: dict[str, str], name: str, lineno: int, labels: tuple[str
     dims = row.get("dims", "")
     if dims and dims not in ("2", "3"):
         raise ManifestError(f"{where}: dims is {dims!r}; use 2 or 3")
+    nvol, axis = row.get("n_volumes", ""), row.get("volume_axis", "")
+    if nvol and not (nvol.isdigit() and int(nvol) >= 1):
+        raise ManifestError(
+            f"{where}: n_volumes is {nvol!r}; use a whole number >= 1 or leave empty"
+        )
+    if axis and axis not in VOLUME_AXES:
+        raise ManifestError(
+            f"{where}: volume_axis is {axis!r}; use one of {', '.join(VOLUME_AXES)} or leave empty"
+        )
     split = row.get("split", "")
     if split and split not in SPLITS:
         raise ManifestError(

@@ -28,13 +28,13 @@ from typing import Any
 import numpy as np
 
 from medres import progress
-from medres.errors import EvaluationError
 from medres.evaluate import metrics as M
+from medres.evaluate.calibration import before_scaling, read_run_calibration, validation_threshold
 from medres.evaluate.comparisons import compare_all
 from medres.evaluate.config import EvaluateConfig, check_config
 from medres.evaluate.inputs import Predictions, load_predictions
 from medres.evaluate.subgroups import binary_subgroups, macro_subgroups
-from medres.io import atomic_write_text
+from medres.io import MIN_FREE_BYTES, atomic_write_text, check_output_dir, disk_guard
 
 __all__ = [
     "METRICS_FORMAT",
@@ -74,6 +74,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     from medres.evaluate.report import render_report
 
     check_config(config)
+    check_output_dir(Path(config.out), MIN_FREE_BYTES)  # a file/read-only --out: before work
     with progress.task("evaluate", total=3, unit="step") as step:
         preds = load_predictions(config)
         step.advance()
@@ -93,18 +94,12 @@ def evaluate_predictions(preds: Predictions, config: EvaluateConfig) -> dict[str
 
 def _write_outputs(out: Path, text: str, page: str) -> tuple[Path, Path]:
     """Write ``metrics.json`` and ``report.html`` atomically into ``out`` (made if needed)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise EvaluationError(f"--out {out}: is a file; pass a folder for the outputs") from None
-    except OSError as exc:
-        raise EvaluationError(
-            f"--out {out}: cannot be created ({exc.strerror}); pick a writable folder"
-        ) from None
+    check_output_dir(out, len(text.encode()) + len(page.encode()))  # file/read-only/space
     metrics_path = out / "metrics.json"
     report_path = out / "report.html"
-    atomic_write_text(metrics_path, text)
-    atomic_write_text(report_path, page)
+    with disk_guard(out, len(text.encode()) + len(page.encode())):
+        atomic_write_text(metrics_path, text)
+        atomic_write_text(report_path, page)
     log.info("wrote %s and %s", metrics_path, report_path)
     return metrics_path, report_path
 
@@ -253,6 +248,25 @@ def _binary_model(
     return m
 
 
+def _add_run_calibration(
+    y: np.ndarray, s: np.ndarray, model: dict[str, Any], curves: dict[str, Any],
+    name: str, cfg: EvaluateConfig,
+) -> None:  # fmt: skip
+    """A run dir's validation-chosen threshold and calibration before scaling (if recorded)."""
+    cal = read_run_calibration(Path(cfg.target))
+    if cal is None or not M.is_probability(s):
+        return
+    if cal.threshold is not None:
+        model["validation_threshold"] = validation_threshold(y, s, cal, cfg.ci_level)
+        model["validation_threshold"]["same_cases"] = cfg.split == cal.stats.get("split", "val")
+        if cfg.threshold is None:
+            basis = f"threshold chosen on validation ({cal.rule}; model.json)"
+            model["confusion_matrix"] = _confusion_block(y, s, cal.threshold, basis)
+    block, rel = before_scaling(y, s, cal, cfg.ece_bins)
+    model["calibration_before"] = block
+    curves["reliability_before_scaling"] = {name: rel}
+
+
 def _evaluate_binary(p: Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
     y, S = p.y, p.scores
     dl = M.delong(S, y)
@@ -269,6 +283,8 @@ def _evaluate_binary(p: Predictions, cfg: EvaluateConfig) -> dict[str, Any]:
         if M.is_probability(s):
             curves["reliability"][name] = M.reliability(y, s, cfg.ece_bins)
     first = p.names[0]
+    if len(p.names) == 1:
+        _add_run_calibration(y, S[0], models[first], curves, first, cfg)
     out = _header(p, cfg)
     out.update(
         {

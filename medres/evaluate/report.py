@@ -321,7 +321,7 @@ def _binary_sections(m: dict[str, Any]) -> str:
         _pr_fig(curves, {k: v["average_precision"] for k, v in models.items()}, prevalence),
     ]
     if curves.get("reliability"):
-        figs.append(_calibration_fig(curves["reliability"]))
+        figs.append(_calibration_fig(_reliability_curves(m)))
     for name, v in models.items():
         cm = v["confusion_matrix"]
         figs.append(
@@ -351,7 +351,9 @@ def _binary_sections(m: dict[str, Any]) -> str:
     )
     notes = {v.get("calibration_note") for v in models.values() if v.get("calibration_note")}
     out += "".join(f"<p class='note'>{_e(n)}</p>" for n in notes)
-    out += "<h2>Operating points</h2><p class='note'>Thresholds chosen and measured on these same cases, so they are optimistic; confirm them on independent data. A case is positive when score ≥ threshold. Wilson CIs.</p>"
+    out += _calibration_table(models)
+    out += _validation_threshold_table(models)
+    out += "<h2>Operating points</h2><p class='note'>Chosen on these cases (optimistic): thresholds chosen and measured on these same cases, so they are optimistic; confirm them on independent data. A case is positive when score ≥ threshold. Wilson CIs.</p>"
     for name, v in models.items():
         orows = []
         for op, d in v["operating_points"].items():
@@ -387,6 +389,85 @@ def _binary_sections(m: dict[str, Any]) -> str:
         )
     out += _binary_subgroups(m)
     return out
+
+
+def _reliability_curves(m: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The reliability curves to plot: before and after temperature scaling when recorded."""
+    curves = m.get("curves", {})
+    after = curves.get("reliability") or {}
+    before = curves.get("reliability_before_scaling") or {}
+    if not before:
+        return after
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, bins in after.items():
+        if name in before:
+            t = (m["models"].get(name, {}).get("calibration_before") or {}).get("temperature")
+            out[f"{name} before scaling"] = before[name]
+            out[f"{name} after scaling (T = {_f(t)})"] = bins
+        else:
+            out[name] = bins
+    return out
+
+
+def _calibration_table(models: dict[str, Any]) -> str:
+    """ECE and Brier before and after the validation-fitted temperature (run dirs)."""
+    rows = [
+        (
+            _e(name),
+            _f(b.get("temperature")),
+            _f(b.get("ece")),
+            _f(v.get("ece")),
+            _f(b.get("ece_adaptive")),
+            _f(v.get("ece_adaptive")),
+            _f(b.get("brier")),
+            _f(v.get("brier")),
+        )
+        for name, v in models.items()
+        if (b := v.get("calibration_before"))
+    ]
+    if not rows:
+        return ""
+    head = ["score", "temperature", "ECE before", "ECE after", "adaptive ECE before"]
+    return (
+        "<h2>Calibration before and after temperature scaling</h2><p class='note'>The "
+        "temperature was fitted on the validation split by medres train; the scores above "
+        "are the scaled probabilities.</p>"
+        + _table([*head, "adaptive ECE after", "Brier before", "Brier after"], rows)
+    )
+
+
+def _validation_threshold_table(models: dict[str, Any]) -> str:
+    """The threshold chosen on validation (model.json) measured on these cases: honest."""
+    rows = [
+        (
+            _e(name),
+            _e(d.get("threshold_rule")),
+            _f(d["threshold"], 4),
+            f"{_f(d['sensitivity'])} ({_ci(d['sensitivity_ci'])})",
+            f"{_f(d['specificity'])} ({_ci(d['specificity_ci'])})",
+            f"{_f(d['ppv'])} ({_ci(d['ppv_ci'])})",
+            f"{_f(d['npv'])} ({_ci(d['npv_ci'])})",
+            f"{d['tp']}/{d['fp']}/{d['tn']}/{d['fn']}",
+        )
+        for name, v in models.items()
+        if (d := v.get("validation_threshold"))
+    ]
+    if not rows:
+        return ""
+    same = any((v.get("validation_threshold") or {}).get("same_cases") for v in models.values())
+    where = (
+        "measured here on the validation cases it was chosen on (optimistic)"
+        if same
+        else "applied here to cases it never saw: the honest estimate"
+    )
+    return (
+        "<h2 id='validation-threshold'>Operating threshold chosen on validation</h2>"
+        "<p class='note'>Chosen by medres train on the validation split (stored in "
+        f"model.json, used by medres score) and {where}. Wilson CIs.</p>" + _table(_VT_HEAD, rows)
+    )
+
+
+_VT_HEAD = ["score", "rule", "threshold", "sensitivity", "specificity", "PPV", "NPV", "TP/FP/TN/FN"]
 
 
 def _binary_subgroups(m: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ files and the rejections inside it, and per image fingerprint its
 unchanged and whose images exist is trusted whole (:func:`trusted_groups`,
 :func:`reuse_trusted`). On disk every source is a keyed hash (paths may hold PHI) and
 rejection messages are redacted; :func:`load_cache` maps the hashes back to the current
-inputs' paths. A change of version, ``--min-slices`` or ``--compress`` voids the cache.
+inputs' paths. A change of version (the cache format's ``_CACHE_VERSION``, bumped whenever
+the identity filter changes, or medres's), ``--min-slices`` or ``--compress`` voids the cache.
 Imports: core, ``ingest.config``, ``ingest.accounting``, ``ingest.discover``,
 ``ingest.records``, ``ingest.tasks``.
 """
@@ -36,7 +37,10 @@ from medres.phi import PathRedactor, pseudonym
 log = logging.getLogger(__name__)
 
 CACHE_NAME = ".medres_cache.json"
-_CACHE_VERSION = 3
+# 4: identity tokens are NFKC-casefolded whole tokens and free-text header values are
+# filtered (issue #16); a cache of an earlier version holds tokens hashed the old way and
+# records filtered the old way, so it is rebuilt, never reused
+_CACHE_VERSION = 4
 _SRC_MARK = "\x1f\x1f"  # a rejection message's own source, in the cache
 # failures that may not happen again (load, memory, a crashed worker): never cached
 TRANSIENT_CODES = frozenset({Code.TIMEOUT.value, Code.DECODE_FAILED.value, Code.UNREADABLE.value})
@@ -67,7 +71,10 @@ Trusted = dict[str, list[tuple[str, ImageRecord]]]
 
 def cache_settings(config: IngestConfig) -> str:
     """What a cached image depends on besides its inputs (a change voids the cache)."""
-    return f"{__version__}|min_slices={config.min_slices}|compress={config.compress}"
+    return (
+        f"{__version__}|min_slices={config.min_slices}|compress={config.compress}"
+        f"|uneven={config.uneven_spacing}"
+    )
 
 
 def image_fingerprint(parts: Sequence[tuple[str, str]], config: IngestConfig) -> str:

@@ -27,6 +27,9 @@ class Code(str, Enum):
     ARCHIVE_UNSAFE = "archive_unsafe"  # path escape, link out, device file, bomb, limits
     TIMEOUT = "timeout"  # per-file time/memory limit exceeded
     DUPLICATE_INPUT = "duplicate_input"  # same SOPInstanceUID seen twice (identical copies)
+    INVALID_MOSAIC = "invalid_mosaic"  # Siemens mosaic whose tiles cannot be cut or placed
+    UNSUPPORTED_VALUES = "unsupported_values"  # complex data, floats beyond float32's range
+    WRONG_DIMS = "wrong_dims"  # score: a 2D image for a 3D model or the other way round
 
     def __str__(self) -> str:
         return self.value
@@ -50,4 +53,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "archive_unsafe": "An archive member escapes the destination, is a link/device, or exceeds limits.",
     "timeout": "Decoding one input exceeded the per-file time or memory limit.",
     "duplicate_input": "The same SOP instance was seen twice; the copy was skipped.",
+    "invalid_mosaic": "A Siemens mosaic whose tile count, grid or geometry is missing or inconsistent.",
+    "unsupported_values": "Voxel values medres cannot store as they are: complex numbers, or floats beyond the float32 range.",
+    "wrong_dims": "Scoring: the image is 2D and the model 3D, or the other way round (no slice is picked silently).",
 }

@@ -21,13 +21,17 @@ SCRATCH_DIR = ".medres_scratch"
 class IngestConfig:
     """Everything ``medres ingest`` needs; built once by the CLI (or by library users).
 
-    ``workers``: worker processes (0 = one per core; 1 still isolates in one worker;
+    ``workers``: worker processes (0 = one per idle core, see ``pipeline.idle_workers``;
+    1 still isolates in one worker;
     ``isolate=False`` runs everything in this process, for tests and debugging).
     ``min_slices``: 3D stacks with fewer slices are rejected (``too_few_slices``).
     ``file_timeout_s``: per header/decode item; ``worker_memory_mb``: address-space limit
     per worker (``None`` = none). ``incremental``: reuse unchanged images of a previous run.
     ``source_paths``: how ``source`` paths are written (:class:`medres.phi.PathRedactor`
-    mode: ``identity``, ``all`` or ``keep``).
+    mode: ``identity``, ``all`` or ``keep``). ``uneven_spacing``: ``resample`` (default:
+    irregular or missing slices onto a regular grid, with a warning) or ``reject`` (the
+    strict ``missing_slices`` / ``inconsistent_geometry`` rejection); see
+    :mod:`medres.ingest.dicom.resample`.
     """
 
     sources: tuple[Path, ...]
@@ -46,6 +50,7 @@ class IngestConfig:
     isolate: bool = True
     limits: ArchiveLimits = field(default_factory=ArchiveLimits)
     source_paths: str = "identity"
+    uneven_spacing: str = "resample"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,10 @@ def check_config(config: IngestConfig) -> None:
             f"--source-paths {config.source_paths!r} is not known; use one of "
             f"{', '.join(SOURCE_PATH_MODES)}"
         )
+    if config.uneven_spacing not in ("resample", "reject"):
+        raise ConfigError(
+            f"--uneven-spacing {config.uneven_spacing!r} is not known; use resample or reject"
+        )
     if config.workers < 0:
         raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")
     if config.min_slices < 1:
@@ -88,10 +97,7 @@ def check_config(config: IngestConfig) -> None:
         )
     if config.file_timeout_s <= 0:
         raise ConfigError("--file-timeout must be positive (seconds)")
-    if config.out_dir.exists() and not config.out_dir.is_dir():
-        raise ConfigError(
-            f"--out {config.out_dir.name!r} exists and is not a folder; choose a folder"
-        )
+    # --out itself (a file, below a file, read-only, disk space): medres.io.check_output_dir
     for i, src in enumerate(config.sources):
         if not src.exists():
             raise ConfigError(

@@ -1,8 +1,9 @@
 """Discovery: turn SOURCE arguments (folders, files, archives) into a flat list of inputs.
 
 Owns walking folders and naming ``source`` strings; the safe extraction of archives
-(limits, unsafe members) is :mod:`medres.ingest.archives`, re-exported here. Imports:
-``medres.errors``, ``medres.phi`` (the key file name), ``ingest.codes``, ``ingest.archives``.
+(limits, unsafe members) is :mod:`medres.ingest.archives`, re-exported here; following a
+DICOMDIR's references is :mod:`medres.ingest.dicomdir`. Imports: ``medres.errors``,
+``medres.phi`` (the key file name), ``ingest.codes``, ``ingest.archives``, ``ingest.dicomdir``.
 
 Choices made here:
 
@@ -36,6 +37,11 @@ Choices made here:
   (its own row), a deeper one is rejected as ``archive_unsafe``. ``source`` reads
   ``outer.tar!inner.zip!member``. **``.dcm.gz``** files (a gzip-compressed DICOM file, in a
   folder or an archive) are decompressed into scratch under the same limits.
+* **DICOMDIR** (a media directory, in a folder, an archive or given as the SOURCE) is
+  followed: its referenced files are inputs (matched case-insensitively, never outside its
+  folder: an escaping reference is ``archive_unsafe``, a missing one ``unreadable``; a file
+  found both ways counts once) and the DICOMDIR itself is a ``not_image`` skip, never a
+  junk row (rules in :mod:`medres.ingest.dicomdir`).
 * **Names that are not UTF-8** (Latin-1 bytes from old systems) are read; their ``source``
   shows the undecodable bytes as backslash escapes (``caf\\xe9.dcm``), so every writer can
   store it. Control characters show as ``?``.
@@ -72,6 +78,7 @@ from medres.ingest.archives import (
     short_name,
 )
 from medres.ingest.codes import Code
+from medres.ingest.dicomdir import follow_dicomdirs
 from medres.phi import KEY_FILE
 
 __all__ = [
@@ -166,6 +173,9 @@ def discover(
             _add_file(result, src, clean_source(src.name), scratch / f"a{i}", limits)
             if on_input:
                 on_input()
+    result.files, result.rejected = follow_dicomdirs(
+        result.files, result.rejected, limits.max_members
+    )
     _unique_sources(result)
     return result
 

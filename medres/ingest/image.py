@@ -39,6 +39,7 @@ class LoadedImage:
     accession: str = ""
     sources: list[str] = field(default_factory=list)
     n_slices: int = 1
+    n_volumes: int = 1  # > 1: a trailing volume axis (X, Y, Z, T); meta["volume_axis"] says what
     warnings: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -50,7 +51,7 @@ class LoadedImage:
 
     @property
     def spatial_ndim(self) -> int:
-        return self.array.ndim - (1 if self.channels > 1 else 0)
+        return self.array.ndim - (1 if self.channels > 1 else 0) - (1 if self.n_volumes > 1 else 0)
 
     @property
     def shape(self) -> tuple[int, ...]:

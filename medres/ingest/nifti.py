@@ -6,8 +6,16 @@ Choices made (docs/architecture.md, "Canonical image on disk"):
   applies ``scl_slope``/``scl_inter``, rejects a non-finite or singular affine, and
   reorients 3D data to the closest canonical RAS+ orientation by permuting and flipping
   axes only (never resampling), so every voxel keeps its world coordinate. 2D data (and
-  ``X x Y x 1``) stays as (X, Y). A 4th dimension of size 1 is dropped; real 4D series are
-  rejected (split them into 3D files). RGB24 data becomes a trailing channel axis of 3.
+  ``X x Y x 1``) stays as (X, Y). A 4th dimension of size 1 is dropped; a real 4D image
+  keeps its volumes as (X, Y, Z, T) with only the spatial axes reoriented (``n_volumes``;
+  ``volume_axis`` ``other``: the header's time step is not carried over), 5D and more are
+  rejected. RGB24 data becomes a trailing channel axis of 3.
+- 4D images (DICOM multi-volume series, 4D NIfTI) are written as (X, Y, Z, T) with
+  pixdim[4] = the repetition time (s) for a ``time`` axis (else 1.0, unit unknown) and a
+  sidecar ``img-x.json`` next to the image (:func:`sidecar_path`; the body is
+  :meth:`medres.ingest.dicom.volume_keys.VolumeAxis.sidecar`), written before the image.
+- Values: complex data and float64 values beyond the float32 range are refused
+  (``unsupported_values``), never silently cut to their real part or to +-inf.
 - :func:`write_image` writes exactly the array and affine of a
   :class:`~medres.ingest.image.LoadedImage`: int16 when all values are integral and fit,
   else float32; sform = the affine (code 1, scanner); qform = the same when the affine has
@@ -16,7 +24,8 @@ Choices made (docs/architecture.md, "Canonical image on disk"):
   write and read than ``.nii.gz`` (gzip level 1 is used when asked for). The write is
   atomic (temp file, then ``os.replace``).
 
-Imports only :mod:`medres.ingest.image` and :mod:`medres.ingest.codes` (nibabel lazily);
+Imports only :mod:`medres.ingest.image`, :mod:`medres.ingest.codes` and :mod:`medres.io`
+(nibabel lazily);
 the DICOM reader imports this module to write its images, never the other way round.
 """
 
@@ -35,10 +44,11 @@ import numpy as np
 from medres.errors import IngestError
 from medres.ingest.codes import Code
 from medres.ingest.image import LoadedImage, to_output_dtype
+from medres.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_nifti", "is_ras_diagonal", "load_nifti", "write_image"]
+__all__ = ["is_nifti", "is_ras_diagonal", "load_nifti", "sidecar_path", "write_image"]
 
 _NO_CATCH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -149,6 +159,30 @@ def is_ras_diagonal(affine: Any) -> bool:
     return bool(np.all(d > 0) and np.count_nonzero(m) == 3)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_values(data: np.ndarray, src: str) -> None:
+    """Refuse (``unsupported_values``) what the float32/int16 image on disk cannot hold:
+    complex voxels (the imaginary part would be dropped) and finite floats beyond float32's
+    range (they would become +-inf). Float64 precision beyond float32's is not checked."""
+    if np.iscomplexobj(data):
+        raise IngestError(
+            f"{src}: complex-valued NIfTI ({data.dtype}); medres stores real images only: save "
+            "the magnitude (abs) or the real part as float32",
+            code=Code.UNSUPPORTED_VALUES,
+        )
+    if data.dtype.kind == "f" and data.dtype.itemsize > 4 and data.size:
+        finite = np.abs(np.asarray(data)[np.isfinite(data)])
+        peak = float(finite.max()) if finite.size else 0.0
+        if peak > _F32_MAX:
+            raise IngestError(
+                f"{src}: values up to {peak:.3g} exceed the float32 range (3.4e38) medres "
+                "stores images in; rescale the image (or save it in other units)",
+                code=Code.UNSUPPORTED_VALUES,
+            )
+
+
 def _canonical(
     data: np.ndarray, affine: np.ndarray, codes: tuple[int, int], src: str
 ) -> LoadedImage:
@@ -157,17 +191,22 @@ def _canonical(
     if data.dtype.names:  # RGB24 / RGBA32 structured
         data = np.stack([data[n] for n in data.dtype.names[:3]], axis=-1)
         channels = 3
+    _check_values(data, src)
     spatial = data.shape[: data.ndim - (1 if channels > 1 else 0)]
     while len(spatial) > 3 and spatial[-1] == 1:
         data = data.reshape(spatial[:-1] + data.shape[len(spatial) :])
         spatial = spatial[:-1]
+    n_volumes = 1
+    if len(spatial) == 4 and channels == 1:  # 4D: spatial axes reoriented, volumes kept
+        n_volumes, spatial = int(spatial[3]), spatial[:3]
     if len(spatial) > 3:
         raise IngestError(
-            f"{src}: 4D NIfTI with {spatial[3]} volumes is not supported; split it into 3D files",
+            f"{src}: {len(spatial)}D NIfTI is not supported (at most 3 spatial dims and one "
+            "volume axis); split it into 3D or 4D files",
             code=Code.INVALID_NIFTI,
         )
     warnings: list[str] = []
-    if len(spatial) == 3 and spatial[2] == 1:
+    if len(spatial) == 3 and spatial[2] == 1 and n_volumes == 1:
         data = data.reshape(spatial[:2] + data.shape[3:])
         spatial = spatial[:2]
     if len(spatial) == 3:
@@ -196,13 +235,14 @@ def _canonical(
     if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
         warnings.append("non_finite_values")
     values = to_output_dtype(np.asarray(data))
-    return LoadedImage(
+    img = LoadedImage(
         array=values,
         affine=affine,
         dims=dims,
         channels=channels,
         sources=[src],
         n_slices=int(spatial[2]) if dims == 3 else 1,
+        n_volumes=n_volumes,
         warnings=warnings,
         meta={
             "format": "nifti",
@@ -210,6 +250,16 @@ def _canonical(
             "sform_code": codes[1],
         },
     )
+    if n_volumes > 1:  # what the 4th axis holds is not in a NIfTI header we trust
+        img.meta["volume_axis"] = {
+            "format": "medres-volumes/1",
+            "volume_axis": "other",
+            "n_volumes": n_volumes,
+            "key": "NIfTI 4th axis",
+            "key_values": [str(k) for k in range(n_volumes)],
+            "repetition_time_s": None,
+        }
+    return img
 
 
 # NIfTI-1 datatype codes the fast path reads as plain arrays (no RGB, no complex)
@@ -311,9 +361,18 @@ def _write_nii(nimg: object, arr: np.ndarray, path: str) -> None:
         fh.write(memoryview(data.T).cast("B") if data.size else b"")
 
 
+def sidecar_path(image_path: Path) -> Path:
+    """The sidecar JSON of a 4D image: ``img-x.nii`` / ``img-x.nii.gz`` -> ``img-x.json``."""
+    name = Path(image_path).name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name.removesuffix(".nii")
+    return Path(image_path).with_name(stem + ".json")
+
+
 def write_image(img: LoadedImage, path: Path) -> None:
-    """Write ``img`` to ``path`` (``.nii`` or ``.nii.gz``) atomically; see the module docstring."""
-    import nibabel as nib
+    """Write ``img`` to ``path`` (``.nii`` or ``.nii.gz``) atomically; see the module docstring.
+    A ``.nii`` is written without importing nibabel (:mod:`medres.ingest.niftihdr`: the same
+    header bytes)."""
+    from medres.ingest.niftihdr import lean_image
 
     path = Path(path)
     name = path.name
@@ -329,7 +388,11 @@ def write_image(img: LoadedImage, path: Path) -> None:
     if arr.dtype not in (np.int16, np.float32):
         arr = to_output_dtype(arr)
     affine = np.asarray(img.affine, dtype=float)
-    nimg = nib.Nifti1Image(arr, affine)
+    nimg: Any = lean_image(arr, affine) if suffix == ".nii" else None
+    if nimg is None:
+        import nibabel as nib
+
+        nimg = nib.Nifti1Image(arr, affine)
     hdr = nimg.header
     hdr.set_sform(affine, code=1)
     if _has_shear(affine):
@@ -337,15 +400,24 @@ def write_image(img: LoadedImage, path: Path) -> None:
     else:
         hdr.set_qform(affine, code=1)
     hdr.set_xyzt_units("mm")
+    axis = img.meta.get("volume_axis") if img.n_volumes > 1 else None
+    if axis is not None:  # 4D: pixdim[4] = the repetition time of a time axis (s)
+        tr = axis.get("repetition_time_s") if axis.get("volume_axis") == "time" else None
+        hdr["pixdim"][4] = float(tr) if tr else 1.0
+        hdr.set_xyzt_units("mm", "sec" if tr else "unknown")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         if suffix == ".nii.gz":
+            import nibabel as nib
+
             nib.openers.Opener.default_compresslevel = 1
             nib.save(nimg, tmp)
         else:
             _write_nii(nimg, arr, tmp)
+        if axis is not None:  # the sidecar first: an image on disk always has its sidecar
+            atomic_write_json(sidecar_path(path), axis)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

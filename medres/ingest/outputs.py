@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import platform
 import sys
 import time
@@ -69,10 +68,14 @@ def write_errors(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def prune_images(out: Path, keep: set[str]) -> None:
-    """Remove images a previous run wrote that are no longer in the manifest."""
+    """Remove images a previous run wrote that are no longer in the manifest (a 4D image's
+    sidecar ``img-x.json`` goes with its image)."""
+    from medres.ingest.nifti import sidecar_path
+
     images = out / IMAGES_DIR
     if not images.is_dir():
         return
+    keep = keep | {f"{IMAGES_DIR}/{sidecar_path(Path(k)).name}" for k in keep}
     for p in images.iterdir():
         rel = f"{IMAGES_DIR}/{p.name}"
         if rel not in keep and (p.name.startswith("img-") or p.name.startswith(".img-")):
@@ -81,13 +84,18 @@ def prune_images(out: Path, keep: set[str]) -> None:
 
 
 def _versions() -> dict[str, str]:
+    """Versions of medres, Python and the readers, from the installed metadata: a reader the
+    run did not need (pydicom, nibabel: ~0.5 s) is not imported just to name its version."""
+    from importlib import metadata
+
     out = {"medres": __version__, "python": platform.python_version()}
     for mod in ("pydicom", "nibabel", "numpy"):
         m = sys.modules.get(mod)
-        if m is None:
+        version = getattr(m, "__version__", "") if m is not None else ""
+        if not version:
             with contextlib.suppress(Exception):
-                m = importlib.import_module(mod)
-        out[mod] = getattr(m, "__version__", "") if m else ""
+                version = metadata.version(mod)
+        out[mod] = version
     return out
 
 
@@ -105,6 +113,7 @@ def _settings(
         "test_frac": config.test_frac,
         "seed": config.seed,
         "min_slices": config.min_slices,
+        "uneven_spacing": config.uneven_spacing,
         "compress": config.compress,
         "file_timeout_s": config.file_timeout_s,
         "worker_memory_mb": config.worker_memory_mb,

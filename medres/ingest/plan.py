@@ -73,8 +73,10 @@ def plan_jobs(
     by_source = {f.source: f for f in files}
     groups: dict[str, CacheGroup] = {}
     header_group: dict[str, str] = {}
+    gids: dict[tuple[str, str], str] = {}  # one pair of keyed hashes per series, not per file
     for h in headers:
-        gid = group_id(h, key)
+        ident = (h.study_uid, h.series_uid)
+        gid = gids.get(ident) or gids.setdefault(ident, group_id(h, key))
         header_group[h.source] = gid
         groups.setdefault(gid, CacheGroup()).inputs[h.source] = by_source[h.source].fingerprint
     planner = _Planner(config, key, by_source)
@@ -97,7 +99,9 @@ def _plan_stacks(
     """Group DICOM headers into stacks: a job per kept stack, a rejection per other file."""
     from medres.ingest import dicom  # imported only when there is something to group
 
-    policy = dicom.GeometryPolicy(min_slices=planner.config.min_slices)
+    policy = dicom.GeometryPolicy(
+        min_slices=planner.config.min_slices, uneven_spacing=planner.config.uneven_spacing
+    )
     stacks, rejections = dicom.group_stacks(list(headers), policy)
     for src, code, message in grouping_rejections(headers, stacks, rejections):
         ledger.reject(src, code, message)

@@ -47,6 +47,8 @@ class ImageRecord:
     study_key: str = ""
     series_key: str = ""
     n_slices: str = ""
+    n_volumes: str = ""
+    volume_axis: str = ""
     warnings: str = ""
     accession_key: str = ""
     sources: tuple[str, ...] = ()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medres.errors import ConfigError, ModelError
+from medres.io import check_output_dir, disk_guard
 from medres.models.bundle import export_monai_bundle, monai_resnet_args, verify_monai_bundle
 from medres.models.export_formats import (
     ATOL,
@@ -114,7 +115,13 @@ def export_model(
         )
     model, meta = load_run_model(run_dir)
     shape = input_shape(meta, input_size)
-    return MODEL_EXPORTERS[fmt](model, meta, out, shape)
+    target = Path(out)  # torchscript/onnx: a file or a folder; a bundle: a folder
+    bundle = fmt not in ("torchscript", "onnx")
+    folder = target if bundle or target.is_dir() or not target.suffix else target.parent
+    check_output_dir(folder)  # a file / below a file / read-only: one line
+    need = 4 * sum(p.numel() for p in model.parameters())  # float32 weights, about
+    with disk_guard(folder, need):
+        return MODEL_EXPORTERS[fmt](model, meta, out, shape)
 
 
 __all__ = [

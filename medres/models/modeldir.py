@@ -8,7 +8,13 @@ written atomically (temp file then ``os.replace``), weights first:
   (``arch``, ``dims``, ``in_channels``, ``num_classes``, ``stem``), ``medres_version``,
   ``weights_sha256`` and what the trainer records (``task``, ``classes``,
   ``positive_class``, ``label_columns``, ``weights_source``, ``preprocessing``,
-  ``threshold``, ``best_epoch``, ``val_auc``). Optional fields that are unset (None or
+  ``threshold``, ``threshold_rule``, ``temperature``, ``calibration``,
+  ``selected_weights``, ``best_epoch``, ``val_auc``).
+* Probabilities are ``softmax(logits / temperature)`` (sigmoid for multi-label); a binary
+  case is called positive when that probability of ``positive_class`` is >= ``threshold``.
+  A model.json without these fields (older releases) means ``temperature`` 1 and
+  ``threshold`` 0.5 (binary, multi-label) or the argmax (multi-class):
+  :meth:`ModelMeta.effective_temperature` and :meth:`ModelMeta.effective_threshold`. Optional fields that are unset (None or
   empty) are left out of the file; keys this release does not know are kept in
   :attr:`ModelMeta.extra` and written back unchanged.
 
@@ -130,6 +136,10 @@ class ModelMeta:
     weights_source: str | None = None
     preprocessing: Mapping[str, Any] = field(default_factory=FrozenMapping)
     threshold: float | None = None
+    threshold_rule: str | None = None
+    temperature: float | None = None
+    calibration: Mapping[str, Any] = field(default_factory=FrozenMapping)
+    selected_weights: str | None = None
     best_epoch: int | None = None
     val_auc: float | None = None
     weights_sha256: str | None = None
@@ -144,6 +154,7 @@ class ModelMeta:
         if self.positive_class is not None:
             set_(self, "positive_class", str(self.positive_class))
         set_(self, "preprocessing", FrozenMapping(self.preprocessing))
+        set_(self, "calibration", FrozenMapping(self.calibration))
         set_(self, "extra", FrozenMapping(self.extra))
         clash = sorted(set(self.extra) & _FIELD_NAMES)
         if clash:
@@ -191,6 +202,16 @@ class ModelMeta:
                 doc[f.name] = thaw(value)
         doc.update(thaw(self.extra))
         return doc
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature to divide the logits by (1 when model.json has none)."""
+        return self.temperature if self.temperature is not None else 1.0
+
+    @property
+    def effective_threshold(self) -> float:
+        """The binary / multi-label decision threshold (0.5 when model.json has none)."""
+        return self.threshold if self.threshold is not None else 0.5
 
     @classmethod
     def for_model(cls, model: nn.Module, **fields: Any) -> ModelMeta:
@@ -263,6 +284,13 @@ def _stem(value: Any) -> str:
     return str(value)
 
 
+def _temperature(value: Any) -> float | None:
+    t = _opt_float(value)
+    if t is not None and not (t > 0 and t < float("inf")):
+        raise ValueError("expected a positive finite number")
+    return t
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError("expected a JSON object")
@@ -283,6 +311,10 @@ _PARSERS: dict[str, tuple[Any, bool]] = {
     "weights_source": (_opt_string, False),
     "preprocessing": (_mapping, False),
     "threshold": (_opt_float, False),
+    "threshold_rule": (_opt_string, False),
+    "temperature": (_temperature, False),
+    "calibration": (_mapping, False),
+    "selected_weights": (_opt_string, False),
     "best_epoch": (_opt_int, False),
     "val_auc": (_opt_float, False),
     "weights_sha256": (_opt_string, False),

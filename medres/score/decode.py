@@ -25,6 +25,10 @@ Choices:
   workers)`` chunks are in flight (inline chunks count too, they keep the order), which
   bounds memory and keeps the model fed while it computes. Results come back in
   submission order, so a run is deterministic. ``workers=0`` decodes every item inline.
+- **Dimensionality**: an image whose dims differ from the model's saved ``dims`` (a 2D
+  radiograph for a 3D model, a CT volume for a 2D model) is a ``wrong_dims`` row naming
+  both; no 2D image is stretched into a volume, and a volume is cut to its centre slice
+  only for a 2D model whose saved ``slice_mode`` is not ``none`` (trained that way).
 - **Per-item failures are data, not exceptions**: :func:`decode_one` turns a decoder
   failure into a coded :class:`~medres.score.items.Decoded` (``decode_failed`` unless the
   reader raised an ``IngestError`` with its own code; ``timeout`` when decoding ran out
@@ -173,6 +177,22 @@ class MedresDecoder:
 
         return load_nifti(Path(item.payload[0]), item.payload[1] if len(item.payload) > 1 else "")
 
+    def check_dims(self, item: ScoreItem, dims: int) -> None:
+        """Refuse (``wrong_dims``) an image whose dimensionality is not the model's: no
+        2D image is stretched into a volume, and a slice is taken from a volume only when
+        the saved preprocessing says so (a 2D model trained on the slices of volumes:
+        ``slice_mode`` center/random, scored on the centre slice)."""
+        want = int(self.preprocessing.get("dims") or 0)
+        slicing = str(self.preprocessing.get("slice_mode") or "none") != "none"
+        if want == 2 and dims == 3 and slicing:
+            return
+        if want in (2, 3) and dims != want:
+            raise IngestError(
+                f"{item.source}: a {dims}D image, and the model takes {want}D images; score "
+                f"it with a {dims}D model (or leave it out)",
+                code=Code.WRONG_DIMS,
+            )
+
     def in_process(self, item: ScoreItem) -> bool:
         """Whether ``item`` may be decoded in the scoring process (see the module docstring).
 
@@ -192,10 +212,12 @@ class MedresDecoder:
             self._tf = build_transforms(self.preprocessing, train=False, load=False)
 
     def __call__(self, item: ScoreItem) -> np.ndarray:
-        from medres.train.transforms import image_to_metatensor
+        from medres.train.transforms import check_volumes, image_to_metatensor
 
         self.prepare()
         img = self.load(item)
+        self.check_dims(item, img.dims)
+        check_volumes(self.preprocessing, getattr(img, "n_volumes", 1), item.source)  # 4D rule
         # C order before the float32 cast: the transposing copy moves 2-byte voxels, not 4
         img.array = np.ascontiguousarray(img.array)
         with _track_meta(self._track_meta):

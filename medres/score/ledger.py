@@ -208,6 +208,8 @@ class Ledger:
                 )
             version = self.meta("schema_version")
         except sqlite3.DatabaseError as exc:
+            if "disk is full" in str(exc).lower():
+                raise  # not a bad ledger: the caller's disk_guard names the folder
             raise ScoringError(
                 f"{self.path}: not a readable medres ledger ({exc}); "
                 "move it away or score into a fresh --out folder"

@@ -39,11 +39,12 @@ from typing import Any
 
 from medres import progress
 from medres.errors import ConfigError, ScoringError
+from medres.io import MIN_FREE_BYTES, check_output_dir, disk_guard
 from medres.models.modeldir import ModelMeta
 from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key
 from medres.score.cam import TopK, rank_fn
 from medres.score.decode import MedresDecoder
-from medres.score.dicom_out import DicomRef, write_ledger_srs
+from medres.score.dicom_out import Algorithm, DicomRef, write_ledger_srs
 from medres.score.engine import LoopConfig, LoopStats, ScoreItem, background, run_items
 from medres.score.ledger import (
     AGGREGATES,
@@ -94,6 +95,8 @@ class ScoreConfig:
     source_paths: str = "identity"  # medres.phi.PathRedactor mode for written sources
     file_timeout_s: float = 120.0  # per item in a decode worker
     worker_memory_mb: int | None = None  # address-space cap of a decode worker
+    pacs: Any = None  # a medres.score.pacs_items.PacsRequest instead of ``sources``
+    push: bool = False  # store the --dicom-out SRs back on the PACS (STOW-RS / C-STORE)
 
 
 @dataclass
@@ -161,8 +164,19 @@ def load_model(model_dir: Path, device: str) -> tuple[Any, ModelMeta]:
     return load_model_dir(model_dir, device=device)
 
 
-def iter_items(config: ScoreConfig, key: bytes, scratch: Path) -> ItemStream:
+def iter_items(config: ScoreConfig, key: bytes, scratch: Path, model_hash: str = "") -> ItemStream:
     """The items of ``config.sources``, listed now (see :class:`ItemStream`)."""
+    if config.pacs is not None:  # a PACS query: listed and retrieved while iterated
+        from medres.score.pacs_items import pacs_items
+
+        return ItemStream(
+            pacs_items(
+                config.pacs, key=key, scratch=scratch, ledger_path=config.out_dir / LEDGER_NAME,
+                model_hash=model_hash, dicom_out=config.dicom_out,
+                retry_errors=config.retry_errors,
+            ),
+            False,
+        )  # fmt: skip
     sources = list(config.sources)
     if not sources:
         raise ConfigError("no SOURCE given; pass folders, archives or a manifest.csv")
@@ -267,7 +281,7 @@ def score(
     _validate(config)
     shard = resolve_shard(config.shard)
     device = str(resolve_device(config.device))
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(config.out_dir, MIN_FREE_BYTES)  # a file/read-only --out; disk space
     if model is None:
         mdir = resolve_model_dir(config.model_dir)
         mhash = model_hash(mdir)
@@ -284,10 +298,11 @@ def score(
         model,
         device=device,
         precision=config.precision,
-        to_probs=probs_for_task(info.task),
+        to_probs=probs_for_task(info.task, meta.effective_temperature),
         dims=meta.dims,
     )
-    return _score(_Job(config, model, meta, info, decoder, predictor, shard, device))
+    with disk_guard(config.out_dir):  # SQLite "disk is full", ENOSPC: one line, ledger kept
+        return _score(_Job(config, model, meta, info, decoder, predictor, shard, device))
 
 
 def _model_info(config: ScoreConfig, meta: ModelMeta, mhash: str) -> ModelInfo:
@@ -386,7 +401,7 @@ def _score_sources(
     try:
         refs: dict[str, DicomRef] | None = {} if job.config.dicom_out else None
         t_list = time.perf_counter()
-        stream = iter_items(job.config, key, scratch)
+        stream = iter_items(job.config, key, scratch, job.info.model_hash)
         listing_s = time.perf_counter() - t_list
         stats = _run_loop(job, ledger, stream, done, summary, refs, top)
         if refs:  # before the scratch (extracted archive members) goes away
@@ -397,6 +412,10 @@ def _score_sources(
                 job.info.classes,
                 out / "dicom",
                 keep_ids=job.config.keep_ids,
+                algorithm=Algorithm(
+                    f"medres {job.meta.arch}", job.info.model_hash[:16], job.info.positive
+                ),
+                push_to=job.config.pacs.url if job.config.push and job.config.pacs else None,
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -463,7 +482,7 @@ def merge(
     if not sources:
         raise ConfigError("score-merge needs at least one OUT_DIR to merge")
     ledgers = [_ledger_path(Path(s)) for s in sources]
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, MIN_FREE_BYTES)  # a file/read-only --out; disk space
     key_dst = out_dir / KEY_FILE
     key_src = ledgers[0].parent / KEY_FILE
     if not key_dst.exists() and key_src.is_file():

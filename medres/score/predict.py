@@ -1,5 +1,10 @@
 """The model side of scoring: :class:`Predictor` (batched forward) and logits -> probabilities.
 
+Probabilities are the model's logits divided by model.json's ``temperature`` (see
+:func:`probs_for_task`), then softmax (sigmoid for multi-label), exactly as the
+``predictions_*.csv`` of ``medres train``; the ``pred`` column then applies model.json's
+``threshold`` (:mod:`medres.score.ledger`).
+
 Imports: numpy, :mod:`medres.errors`; torch lazily.
 """
 
@@ -109,6 +114,24 @@ def _sigmoid(logits: Any) -> Any:
     return torch.sigmoid(logits)
 
 
-def probs_for_task(task: str) -> Callable[[Any], Any]:
-    """Logits -> probabilities as training does: sigmoid for multilabel, else softmax."""
-    return _sigmoid if task == "multilabel" else default_to_probs
+class _Scaled:
+    """``to_probs(logits / temperature)``: a picklable temperature-scaled mapping."""
+
+    def __init__(self, to_probs: Callable[[Any], Any], temperature: float) -> None:
+        self.to_probs, self.temperature = to_probs, float(temperature)
+
+    def __call__(self, logits: Any) -> Any:
+        return self.to_probs(logits / self.temperature)
+
+
+def probs_for_task(task: str, temperature: float = 1.0) -> Callable[[Any], Any]:
+    """Logits -> probabilities as training does: sigmoid for multilabel, else softmax.
+
+    ``temperature`` (model.json's, fitted on validation by ``medres train``) divides the
+    logits first; 1 (the default, and what an older model.json without one means) leaves
+    them as they are.
+    """
+    base = _sigmoid if task == "multilabel" else default_to_probs
+    if not temperature > 0:
+        raise ConfigError(f"temperature {temperature}: must be > 0; re-save the model dir")
+    return base if temperature == 1.0 else _Scaled(base, temperature)

@@ -11,7 +11,8 @@ Files in ``RUN_DIR/checkpoints/``: ``last.pt`` (full state, rewritten every epoc
 ``best.pt`` (model weights of the best validation epoch). Writes go to a temp file that is
 fsynced and ``os.replace``-d, so a kill at any moment leaves the previous complete file.
 
-Also owns the training-state payload (:func:`state_payload`) and its restore on
+Also owns the training-state payload (:func:`state_payload`: weights, optimiser,
+schedule, scaler, RNGs, the weight EMA and the best-candidate record) and its restore on
 ``--resume`` (:func:`restore_state`), including the check that a resumed run shares the
 original's model, transforms, data and optimisation settings. Imports
 ``medres.runtime``, ``medres.io`` and ``medres.errors`` only.
@@ -158,7 +159,16 @@ def state_payload(st: Any, spec_dict: dict[str, Any]) -> dict[str, Any]:
         "scaler": st.scaler.state_dict() if st.scaler is not None else None,
         "rng": capture_rng(),
         "sampler": {"epoch": st.epoch},
-        "best": {"score": st.best_metric, "epoch": st.best_epoch, "bad_epochs": st.bad_epochs},
+        "best": {
+            "score": st.best_metric,
+            "epoch": st.best_epoch,
+            "bad_epochs": st.bad_epochs,
+            "auc": st.best_auc,
+            "loss": st.best_loss,
+            "max_auc": st.max_auc,
+            "source": st.best_source,
+        },
+        "ema": st.ema.state_dict() if st.ema is not None else None,
         "history": st.history,
         "pipeline": spec_dict,
     }
@@ -208,6 +218,7 @@ def restore_state(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], pat
         st.scheduler.load_state_dict(saved["scheduler"])
         if st.scaler is not None and saved.get("scaler"):
             st.scaler.load_state_dict(saved["scaler"])
+        _restore_ema(st, saved.get("ema"), path)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise TrainError(
             f"{path}: checkpoint does not fit this model ({type(exc).__name__}); start a new run without --resume"
@@ -216,6 +227,24 @@ def restore_state(st: Any, saved: dict[str, Any], spec_dict: dict[str, Any], pat
     st.best_metric = float(saved["best"]["score"])
     st.best_epoch = int(saved["best"]["epoch"])
     st.bad_epochs = int(saved["best"]["bad_epochs"])
+    best = saved["best"]
+    nan = float("nan")
+    # checkpoints before the EMA release hold the score only (the AUC, or minus the loss)
+    st.best_auc = float(best.get("auc", best["score"] if best["score"] >= 0 else nan))
+    st.best_loss = float(best.get("loss", -best["score"] if best["score"] < 0 else nan))
+    st.max_auc = float(best.get("max_auc", st.best_auc))
+    st.best_source = str(best.get("source", "live"))
     st.history = list(saved["history"])
     restore_rng(saved["rng"])
     log.info("resumed from %s after epoch %d", path, st.epoch)
+
+
+def _restore_ema(st: Any, ema_state: dict[str, Any] | None, path: Path) -> None:
+    """Load the EMA of ``last.pt``; a checkpoint without one restarts it from the weights."""
+    if st.ema is None:
+        return
+    if ema_state is None:
+        log.warning("%s holds no weight EMA; it restarts from the resumed weights", path.name)
+        st.ema.module.load_state_dict(unwrap(st.model).state_dict())
+        return
+    st.ema.load_state_dict(ema_state)

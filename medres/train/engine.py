@@ -12,9 +12,19 @@ Choices:
   closure, so its state_dict holds numbers only.
 * AMP: ``bf16`` autocast (CUDA; CPU when asked or, for ``auto``, when the CPU has AMX),
   ``fp16`` autocast with a GradScaler (CUDA). Gradient accumulation divides the loss; clipping unscales first.
-* Selection: validation AUC (macro one-vs-rest for multi-class, mean over labels for
-  multi-label) or validation loss; the best epoch is reported to ``on_epoch_end`` which
-  writes checkpoints. Early stopping counts epochs without improvement.
+* EMA: with ``state.ema`` (:class:`medres.train.ema.WeightEma`) the moving average of the
+  weights is updated after every optimizer step and validated each epoch next to the live
+  weights; both are candidates for the checkpoint.
+* Selection (:func:`is_better`): validation AUC (macro one-vs-rest for multi-class, mean
+  over labels for multi-label) with the validation loss as tie-break. A candidate (the
+  live or the EMA weights after an epoch) becomes the best when its AUC beats the best's
+  by more than ``auc_tolerance``, or when its AUC is within ``auc_tolerance`` of the
+  highest AUC seen so far and its loss is lower. So an early epoch that happens to reach
+  the top AUC with a poor loss is replaced by a later one of (about) the same AUC and a
+  better loss, and the chosen AUC never falls more than the tolerance below the best
+  seen. With ``metric=loss`` (or an undefined AUC) the lowest loss wins. The best is
+  reported to ``on_epoch_end`` which writes checkpoints. Early stopping counts epochs
+  in which no candidate became the best.
 * DDP: every rank evaluates the whole validation set after the BatchNorm buffers are
   broadcast from rank 0, so all ranks take the same early-stopping decision without
   extra communication. Train loss is averaged over ranks.
@@ -22,7 +32,7 @@ Choices:
   training with a :class:`~medres.errors.TrainError` before that epoch is checkpointed
   (the weights are the same on every rank, so every rank stops at the same epoch).
 
-Imports ``medres.train.spec``/``checkpoint`` (the finiteness check), ``medres.models``
+Imports ``medres.train.spec``/``checkpoint`` (the finiteness check)/``selection``, ``medres.models``
 (parameter groups), ``medres.runtime`` (autocast, unwrap), ``medres.progress`` and
 ``medres.errors`` only.
 """
@@ -44,6 +54,7 @@ from medres import progress
 from medres.errors import ConfigError, TrainError
 from medres.runtime import autocast, cpu_has_amx, unwrap
 from medres.train.checkpoint import non_finite
+from medres.train.selection import is_better, select_best, selection_score
 from medres.train.spec import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -56,9 +67,11 @@ __all__ = [
     "compute_metric",
     "evaluate",
     "fit",
+    "is_better",
     "make_loss",
     "make_optimizer",
     "make_scheduler",
+    "predict_logits",
     "predict_probs",
     "selection_score",
     "train_one_epoch",
@@ -207,8 +220,17 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     best_metric: float = float("nan")
+    """Selection score of the best candidate: its AUC, or minus its loss."""
     best_epoch: int = 0
     bad_epochs: int = 0
+    ema: Any = None
+    """A :class:`medres.train.ema.WeightEma`, or None (no EMA)."""
+    best_auc: float = float("nan")
+    best_loss: float = float("nan")
+    max_auc: float = float("nan")
+    """The highest validation AUC of any candidate so far."""
+    best_source: str = "live"
+    """Which weights were the best: ``live`` or ``ema``."""
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -290,6 +312,8 @@ def train_one_epoch(
         dist.all_reduce(t)
         stats = t.cpu()
         _sync_buffers(model)
+        if state.ema is not None:
+            state.ema.broadcast_buffers()
     elapsed = time.perf_counter() - t0
     return {
         "train_loss": float(stats[0] / max(stats[1].item(), 1.0)),
@@ -335,6 +359,8 @@ def _optimizer_step(state: TrainState) -> None:
     opt.zero_grad(set_to_none=True)
     state.scheduler.step()
     state.step += 1
+    if state.ema is not None:
+        state.ema.update(unwrap(state.model))
 
 
 def _sync_buffers(model: nn.Module) -> None:
@@ -377,7 +403,13 @@ def _batches(loader: Iterable[dict[str, Any]], description: str) -> Iterator[dic
     yield from progress.track(loader, description, unit="batch")
 
 
-@torch.no_grad()
+def logits_to_probs(logits: np.ndarray, task: str) -> np.ndarray:
+    """Sigmoid (multilabel) or softmax of float logits, as float32 (the engine's probabilities)."""
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
+    p = torch.sigmoid(t) if task == "multilabel" else torch.softmax(t, dim=1)
+    return p.numpy()
+
+
 def predict_probs(
     model: nn.Module,
     loader: Iterable[dict[str, Any]],
@@ -390,6 +422,29 @@ def predict_probs(
     description: str = "predict",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(probs, labels, manifest indices, mean loss) over ``loader`` in eval mode."""
+    logits, labels, idx, loss = predict_logits(
+        model, loader, task=task, device=device, amp_dtype=amp_dtype, loss_fn=loss_fn,
+        channels_last=channels_last, description=description,
+    )  # fmt: skip
+    if logits.size == 0:
+        return logits, labels, idx, loss
+    return logits_to_probs(logits, task), labels, idx, loss
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    *,
+    task: str,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    loss_fn: nn.Module | None = None,
+    channels_last: bool = False,
+    description: str = "predict",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(float32 logits, labels, manifest indices, mean loss) over ``loader`` in eval mode."""
+    del task  # the logits do not depend on it; kept for a signature like predict_probs
     model.eval()
     probs, labels, idx = [], [], []
     loss_sum, n = 0.0, 0
@@ -406,8 +461,7 @@ def predict_probs(
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, y)) * x.shape[0]
         n += x.shape[0]
-        p = torch.sigmoid(logits) if task == "multilabel" else torch.softmax(logits, dim=1)
-        probs.append(p.cpu().numpy())
+        probs.append(logits.cpu().numpy())
         labels.append(y.cpu().numpy())
         idx.append(torch.as_tensor(batch["index"]).cpu().numpy())
     if not probs:
@@ -416,11 +470,14 @@ def predict_probs(
 
 
 def evaluate(
-    state: TrainState, loader: Iterable[dict[str, Any]], positive_index: int = 1
+    state: TrainState,
+    loader: Iterable[dict[str, Any]],
+    positive_index: int = 1,
+    model: nn.Module | None = None,
 ) -> EvalOutput:
-    """Validation loss and AUC of the current model."""
+    """Validation loss and AUC of ``model`` (default: the current live model)."""
     probs, labels, idx, loss = predict_probs(
-        unwrap(state.model),
+        unwrap(state.model) if model is None else model,
         loader,
         task=state.task,
         device=state.device,
@@ -434,11 +491,37 @@ def evaluate(
     )
 
 
-def selection_score(metric: str, ev: EvalOutput) -> float:
-    """Higher is better: the AUC, or minus the loss (also when the AUC is undefined)."""
-    if metric == "auc" and not math.isnan(ev.metric):
-        return ev.metric
-    return -ev.loss
+def _validate(
+    state: TrainState, val_loader: Any, positive_index: int
+) -> list[tuple[str, EvalOutput]]:
+    """The epoch's candidates: the live weights, then the EMA's (when there is one)."""
+    out = [("live", evaluate(state, val_loader, positive_index))]
+    if state.ema is not None:
+        out.append(("ema", evaluate(state, val_loader, positive_index, model=state.ema.module)))
+    return out
+
+
+def _history_row(
+    state: TrainState, tr: dict[str, float], cands: list[tuple[str, EvalOutput]], t0: float
+) -> dict[str, Any]:
+    ev = cands[0][1]
+    row: dict[str, Any] = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "lr": tr["lr"],
+        "train_loss": tr["train_loss"],
+        "val_loss": ev.loss,
+        "val_auc": ev.metric,
+    }
+    if len(cands) > 1:
+        row.update(ema_val_loss=cands[1][1].loss, ema_val_auc=cands[1][1].metric)
+    row.update(
+        best_epoch=state.best_epoch,
+        best_source=state.best_source,
+        epoch_time_s=round(time.perf_counter() - t0, 3),
+        data_wait_frac=round(tr["data_wait_frac"], 4),
+    )
+    return row
 
 
 def fit(
@@ -450,15 +533,21 @@ def fit(
     metric: str = "auc",
     early_stopping: int = 0,
     positive_index: int = 1,
+    auc_tolerance: float = 0.005,
     before_epoch: Callable[[int], None] | None = None,
     on_epoch_end: Callable[[TrainState, dict[str, Any], bool], None] | None = None,
+    deadline: float = math.inf,
 ) -> TrainState:
     """Train from ``state.epoch`` to ``epochs``; ``on_epoch_end(state, row, is_best)`` persists.
 
+    ``deadline`` (a ``time.perf_counter()`` value, from ``--time-budget``): no epoch starts
+    that would end after it, judged by the last epoch's time.
+
     ``before_epoch(epoch)`` re-seeds sampling/augmentation; ``metric`` is ``auc`` or ``loss``
-    (AUC falls back to loss when undefined, e.g. one class in validation).
-    ``state.best_metric`` holds the selection score (higher is better, see
-    :func:`selection_score`).
+    (AUC falls back to loss when undefined, e.g. one class in validation). After each
+    epoch the live weights (and the EMA's, when ``state.ema`` is set) are validated and
+    chosen by :func:`is_better`; ``state.best_source`` says which weights won, and
+    ``state.best_metric`` holds their selection score (see :func:`selection_score`).
     """
     if metric not in ("auc", "loss"):
         raise ConfigError(f"eval.metric is {metric!r}; use auc or loss")
@@ -471,33 +560,24 @@ def fit(
         t0 = time.perf_counter()
         tr = train_one_epoch(state, train_loader)
         check_finite_weights(state)
-        ev = evaluate(state, val_loader, positive_index)
-        value = selection_score(metric, ev)
-        is_best = not math.isnan(value) and (
-            math.isnan(state.best_metric) or value > state.best_metric
-        )
+        cands = _validate(state, val_loader, positive_index)
+        is_best = select_best(state, cands, metric, auc_tolerance)
         state.epoch += 1
         if is_best:
-            state.best_metric, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+            state.best_epoch, state.bad_epochs = state.epoch, 0
         else:
             state.bad_epochs += 1
-        row = {
-            "epoch": state.epoch,
-            "step": state.step,
-            "lr": tr["lr"],
-            "train_loss": tr["train_loss"],
-            "val_loss": ev.loss,
-            "val_auc": ev.metric,
-            "best_epoch": state.best_epoch,
-            "epoch_time_s": round(time.perf_counter() - t0, 3),
-            "data_wait_frac": round(tr["data_wait_frac"], 4),
-        }
+        row = _history_row(state, tr, cands, t0)
         state.history.append(row)
         log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s  (%.1fs)",
-            state.epoch, epochs, row["train_loss"], ev.loss, ev.metric,
-            "  *best*" if is_best else "", row["epoch_time_s"],
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_auc %.4f%s%s  (%.1fs)",
+            state.epoch, epochs, row["train_loss"], row["val_loss"], row["val_auc"],
+            f"  ema {row['ema_val_loss']:.4f}/{row['ema_val_auc']:.4f}" if state.ema else "",
+            f"  *best* ({state.best_source})" if is_best else "", row["epoch_time_s"],
         )  # fmt: skip
         if on_epoch_end is not None:
             on_epoch_end(state, row, is_best)
+        if state.epoch < epochs and time.perf_counter() + (time.perf_counter() - t0) > deadline:
+            log.info("time budget: stopping after epoch %d of %d", state.epoch, epochs)
+            break
     return state

@@ -4,7 +4,9 @@ Owns what ``run_train`` writes besides checkpoints: ``history.csv`` (one row per
 ``predictions_<split>.csv`` (one row per image: labels, ``prob_<class>``, ``pred`` and the
 manifest's passthrough columns), TensorBoard logs and ``model/`` (weights + model.json,
 via :func:`medres.models.save_model_dir`), plus :func:`finish`, which predicts val/test
-with the best checkpoint. Imports ``medres.train`` siblings, ``medres.models``,
+with the best checkpoint, fits the temperature and the operating threshold on the
+validation logits (:mod:`medres.train.calibrate`), writes both CSVs with the calibrated
+probabilities and ``pred`` at that threshold, and records both in model.json. Imports ``medres.train`` siblings, ``medres.models``,
 ``medres.dataset.manifest``, ``medres.runtime`` and core only; every file is written
 atomically.
 """
@@ -110,8 +112,9 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     """The CSV text of ``history`` (floats to 8 significant digits)."""
     if not history:
         return ""
+    names = list(dict.fromkeys(k for row in history for k in row))  # rows of older releases
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(history[0]), lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", restval="")
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -177,15 +180,12 @@ def _load_best(model: torch.nn.Module, run_dir: Path, rt: Runtime) -> None:
         log.warning("no best checkpoint (validation metric never defined); using the last weights")
 
 
-def _predict_split(
-    spec: PipelineSpec,
-    split: str,
-    run: TrainedRun,
-    out: Path,
-) -> float:
-    """Predict one split into ``out``; returns its AUC (NaN when empty or undefined)."""
+def _predict_logits(
+    spec: PipelineSpec, split: str, run: TrainedRun
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, labels, manifest indices) of one split with the loaded (best) weights."""
     from medres.train.data import EpochSampler, build_loader, make_dataset, make_items
-    from medres.train.engine import compute_metric, predict_probs
+    from medres.train.engine import predict_logits
     from medres.train.transforms import build_transforms
 
     manifest, labels, data, rt = run.manifest, run.labels, run.data, run.rt
@@ -200,40 +200,76 @@ def _predict_split(
         batch_size=spec.eval.batch_size,
         workers=spec.data.workers,
     )
-    probs, y, idx, _ = predict_probs(
+    logits, y, idx, _ = predict_logits(
         run.model, loader, task=labels.task, device=rt.device, amp_dtype=run.state.amp_dtype,
         channels_last=run.state.channels_last, description=f"predict {split}",
     )  # fmt: skip
     if not items:
-        probs = np.zeros((0, labels.num_outputs))
-    write_predictions(out, manifest, labels, split, probs, idx, spec.eval.threshold)
+        logits = np.zeros((0, labels.num_outputs))
+    return logits, y, idx
+
+
+def _calibrate(spec: PipelineSpec, labels: LabelInfo, val: tuple[np.ndarray, ...]) -> Any:
+    """Temperature and operating threshold fitted on the validation logits."""
+    from medres.train.calibrate import fit_calibration, parse_threshold_rule
+
+    rule = parse_threshold_rule(spec.eval.threshold_rule, spec.eval.threshold)
+    logits, y, _ = val
+    return fit_calibration(
+        logits, y, task=labels.task, positive_index=max(labels.positive_index, 0), rule=rule,
+        enabled=spec.eval.calibrate,
+    )  # fmt: skip
+
+
+def _write_split(
+    spec: PipelineSpec,
+    split: str,
+    run: TrainedRun,
+    out: Path,
+    pred: tuple[np.ndarray, ...],
+    cal: Any,
+) -> float:
+    """Calibrated ``predictions_<split>.csv``; returns the split's AUC (NaN when undefined)."""
+    from medres.train.calibrate import apply_temperature
+    from medres.train.engine import compute_metric
+
+    labels = run.labels
+    logits, y, idx = pred
+    probs = apply_temperature(logits, cal.temperature, labels.task)
+    threshold = cal.threshold if cal.threshold is not None else spec.eval.threshold
+    write_predictions(out, run.manifest, labels, split, probs, idx, threshold)
     pos = max(labels.positive_index, 0)
-    return compute_metric(labels.task, probs, y, pos) if items else float("nan")
+    return compute_metric(labels.task, probs, y, pos) if len(idx) else float("nan")
 
 
 def _model_meta(
     spec: PipelineSpec,
-    model: torch.nn.Module,
-    labels: LabelInfo,
+    run: TrainedRun,
     wmeta: dict[str, Any],
-    state: Any,
     val_auc: float,
+    cal: Any,
 ) -> Any:
     """The ``ModelMeta`` of model.json: the architecture from the model, the rest from training."""
     from medres.models import ModelMeta
     from medres.train.transforms import preprocessing_dict
 
+    labels, state = run.labels, run.state
+    binary = labels.task == "binary"
     return ModelMeta.for_model(
-        model,
+        run.model,
         task=labels.task,
         classes=tuple(labels.classes),
         label_columns=tuple(labels.label_columns),
         weights_source=spec.model.weights,
         preprocessing=preprocessing_dict(spec.transforms, weights=wmeta),
-        threshold=spec.eval.threshold,
+        threshold=cal.threshold if binary else spec.eval.threshold,
+        threshold_rule=cal.rule if binary else None,
+        temperature=cal.temperature,
+        calibration=cal.stats,
+        selected_weights=state.best_source,
         best_epoch=state.best_epoch,
         val_auc=None if math.isnan(val_auc) else val_auc,
-        positive_class=labels.positive_class if labels.task == "binary" else None,
+        positive_class=labels.positive_class if binary else None,
     )
 
 
@@ -249,27 +285,33 @@ def finish(
     run_dir: Path,
     t_start: float,
 ) -> TrainResult:
-    """Best checkpoint -> predictions_val/test.csv and the model dir (rank 0 only)."""
+    """Best checkpoint -> calibration on val -> predictions_val/test.csv and the model dir.
+
+    Rank 0 only. The probabilities in both CSVs are temperature-scaled and ``pred`` uses
+    the validation-chosen threshold (binary), exactly as ``medres score`` will.
+    """
     from medres.models import save_model_dir
     from medres.train.checkpoint import non_finite
 
     state = run.state
     _load_best(run.model, run_dir, run.rt)
+    val_split, test_split = spec.data.val_split, spec.data.test_split
+    preds = {split: _predict_logits(spec, split, run) for split in (val_split, test_split)}
+    cal = _calibrate(spec, run.labels, preds[val_split])
     aucs = {
-        split: _predict_split(spec, split, run, run_dir / out_name)
-        for split, out_name in (
-            (spec.data.val_split, "predictions_val.csv"),
-            (spec.data.test_split, "predictions_test.csv"),
+        split: _write_split(
+            spec, split, run, run_dir / f"predictions_{name}.csv", preds[split], cal
         )
+        for split, name in ((val_split, "val"), (test_split, "test"))
     }
-    val_auc = aucs[spec.data.val_split]
+    val_auc = aucs[val_split]
     bad = non_finite(run.model.state_dict())
     if bad:
         raise TrainError(
             f"model weight {bad} holds NaN/inf (training diverged); the model dir was not "
             "written; lower --lr, check the input images, or use --set train.amp=none"
         )
-    meta = _model_meta(spec, run.model, run.labels, wmeta, state, val_auc)
+    meta = _model_meta(spec, run, wmeta, val_auc, cal)
     model_dir = save_model_dir(run_dir / "model", run.model, meta)
     return TrainResult(
         run_dir=run_dir,
@@ -278,7 +320,7 @@ def finish(
         best_epoch=state.best_epoch,
         best_val_auc=_best_val_auc(state.history),
         val_auc=val_auc,
-        test_auc=aucs[spec.data.test_split],
+        test_auc=aucs[test_split],
         seconds=time.perf_counter() - t_start,
         history=state.history,
     )

@@ -81,13 +81,20 @@ def _auto_intensity(rows: list[dict[str, str]], weights_norm: str | None) -> str
     return "range" if weights_norm == "mean_std" else "zscore"
 
 
+# the largest values check_ranges accepts (an lr of 1e38 overflows AdamW's float32 step)
+MAX_LR = 10.0
+MAX_EPOCHS = 100_000
+
+
 def check_ranges(spec: PipelineSpec) -> None:
     """Raise ConfigError naming the first field whose value is out of range."""
     t = spec.train
     checks = [
-        (t.epochs >= 1, "train.epochs", "at least 1"),
+        # upper bounds: absurd values stop here with one line, not in the optimizer (#16)
+        (1 <= t.epochs <= MAX_EPOCHS, "train.epochs", f"between 1 and {MAX_EPOCHS}"),
         (t.batch_size >= 1, "train.batch_size", "at least 1"),
-        (t.lr > 0 and math.isfinite(t.lr), "train.lr", "a finite positive number (e.g. 0.001)"),
+        (0 < t.lr <= MAX_LR, "train.lr", f"a finite positive number at most {MAX_LR:g} (e.g. 0.001)"),
+        (-(2**63) <= t.seed < 2**63, "train.seed", "an integer within +-2**63"),
         (t.weight_decay >= 0 and math.isfinite(t.weight_decay), "train.weight_decay", "0 or a finite positive number"),
         (t.grad_accum >= 1, "train.grad_accum", "at least 1"),
         (t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip", "0 (off) or a finite positive number"),
@@ -167,7 +174,7 @@ def resolve_spec(spec: PipelineSpec, manifest: Manifest) -> tuple[PipelineSpec, 
     """Fill every auto field from the manifest; returns (resolved spec, LabelInfo)."""
     from medres.models import resolve_stem, weights_meta
     from medres.train.data import resolve_labels
-    from medres.train.transforms import transform_spec_from
+    from medres.train.transforms import resolve_volume, transform_spec_from
 
     check_ranges(spec)
     labels = resolve_labels(manifest, spec.data)
@@ -176,6 +183,7 @@ def resolve_spec(spec: PipelineSpec, manifest: Manifest) -> tuple[PipelineSpec, 
     m, t = spec.model, spec.transforms
     dims, slice_mode = _resolve_dims(spec, img_dims, manifest)
     channels = int(_majority([r.get("channels", "") for r in train_rows], "1"))
+    volume, channels = resolve_volume(manifest.rows, t, channels)  # 4D: transforms.volume
     in_ch = m.in_channels or t.in_channels or channels
     wmeta = weights_meta(m.weights, m.arch, in_channels=in_ch)
     size = _resolve_size(spec, train_rows, dims, img_dims)
@@ -201,6 +209,7 @@ def resolve_spec(spec: PipelineSpec, manifest: Manifest) -> tuple[PipelineSpec, 
             t,
             dims=dims,
             in_channels=in_ch,
+            volume=volume,
             image_size=size,
             intensity=intensity,
             mean=mean,

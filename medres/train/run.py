@@ -21,7 +21,13 @@ Run directory::
 DDP (``torchrun --nproc-per-node N -m medres train ...``): gloo on CPU, nccl on CUDA; each
 rank trains on its shard; only rank 0 writes files. Resume is exact on one machine in
 deterministic mode: sampling and augmentation depend only on (seed, epoch), every other
-RNG state is restored from the checkpoint.
+RNG state is restored from the checkpoint, and so are the weight EMA and the
+best-candidate record.
+
+Reproducibility: on CPU the same data, spec and seed give bit-identical weights and
+predictions on one machine: the automatic thread count follows the core count, never the
+load (:func:`medres.runtime.auto_threads`), and ``train.threads`` pins it; see the README's
+"Model selection, calibration and thresholds" for what CUDA does and does not guarantee.
 """
 
 from __future__ import annotations
@@ -65,13 +71,47 @@ def _read_inputs(spec: PipelineSpec) -> tuple[PipelineSpec, Manifest, Any]:
     check_leakage(manifest.rows, Path(manifest.path).name)
     spec, labels = resolve_spec(spec, manifest)
     check_images(manifest, spec.data)
+    _check_quality_settings(spec)
     return spec, manifest, labels
+
+
+def _check_quality_settings(spec: PipelineSpec) -> None:
+    """Refuse a bad threshold rule, EMA decay or AUC tolerance before anything is written."""
+    from medres.train.calibrate import parse_threshold_rule
+
+    parse_threshold_rule(spec.eval.threshold_rule, spec.eval.threshold)
+    if not 0.0 <= spec.train.ema_decay < 1.0:
+        raise ConfigError(
+            f"train.ema_decay is {spec.train.ema_decay}; use a value in [0, 1), e.g. 0.998 "
+            "(0 turns the weight EMA off)"
+        )
+    if not 0.0 <= spec.eval.auc_tolerance < 1.0:
+        raise ConfigError(
+            f"eval.auc_tolerance is {spec.eval.auc_tolerance}; use a value in [0, 1), e.g. 0.005"
+        )
+
+
+def _cpu_threads(spec: PipelineSpec) -> int:
+    """``train.threads``; with ``train.deterministic`` and threads 0, a count that does not
+    depend on the machine's load (the automatic count does, and a different thread count
+    changes float reductions, hence the weights, in the last bits)."""
+    from medres.runtime import dist_env
+
+    if spec.train.threads or not spec.train.deterministic or spec.train.device.startswith("cuda"):
+        return spec.train.threads
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1) // dist_env().local_world)
 
 
 def _start_runtime(spec: PipelineSpec) -> Runtime:
     from medres.runtime import setup_runtime
 
-    rt = setup_runtime(spec.train.device, threads=spec.train.threads, setting="train.device")
+    rt = setup_runtime(spec.train.device, threads=_cpu_threads(spec), setting="train.device")
+    if rt.device.type == "cpu":
+        log.info(
+            "CPU threads: %d (from the core count, not the load, so same-seed runs are "
+            "bit-identical; on a busy machine pin it with --set train.threads=N)",
+            torch.get_num_threads(),
+        )
     if rt.distributed and spec.model.freeze_backbone_epochs:
         raise ConfigError(
             "model.freeze_backbone_epochs is not supported under torchrun DDP; set it to 0 "
@@ -143,6 +183,11 @@ def _make_state(
     amp_dtype = resolve_amp(spec.train.amp, rt.device)
     cw = data.class_weights.to(rt.device) if data.class_weights is not None else None
     loss_fn = make_loss(labels.task, label_smoothing=spec.train.label_smoothing, class_weights=cw)
+    ema = None
+    if spec.train.ema_decay > 0:
+        from medres.train.ema import WeightEma
+
+        ema = WeightEma(model, spec.train.ema_decay)
     return TrainState(
         model=wrapped,
         optimizer=optimizer,
@@ -155,6 +200,7 @@ def _make_state(
         grad_accum=spec.train.grad_accum,
         grad_clip=spec.train.grad_clip,
         channels_last=_channels_last(spec, rt),
+        ema=ema,
     )
 
 
@@ -198,8 +244,13 @@ def _epoch_end(
     def on_epoch_end(st: Any, row: dict[str, Any], is_best: bool) -> None:
         if rt.main:
             if is_best:
-                model = unwrap(st.model)
-                best = {"model": model.state_dict(), "epoch": st.epoch, "score": st.best_metric}
+                model = st.ema.module if st.best_source == "ema" else unwrap(st.model)
+                best = {
+                    "model": model.state_dict(),
+                    "epoch": st.epoch,
+                    "score": st.best_metric,
+                    "source": st.best_source,
+                }
                 ckpt.save_checkpoint(run_dir / "checkpoints" / ckpt.BEST, best)
             ckpt.save_checkpoint(
                 run_dir / "checkpoints" / ckpt.LAST, ckpt.state_payload(st, spec_dict)
@@ -220,14 +271,18 @@ def _epoch_end(
 def _run_dir_lock(run_dir: Path, rt: Runtime) -> Iterator[None]:
     """Rank 0 holds ``output_lock(run_dir, "train")`` for the whole run; every rank learns
     whether it got it (one all-reduce), so a refused lock stops all ranks, none waits."""
-    from medres.io import output_lock
+    from medres.io import MIN_FREE_BYTES, check_output_dir, largest_file, output_lock
 
     with contextlib.ExitStack() as stack:
         error: ConfigError | None = None
         if rt.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            check_output_dir(run_dir, MIN_FREE_BYTES)  # a file/read-only --out; disk space
+
+            def need() -> int:  # a full disk later: a checkpoint rewrite needs its size again
+                return 2 * largest_file(run_dir)
+
             try:
-                stack.enter_context(output_lock(run_dir, command="train"))
+                stack.enter_context(output_lock(run_dir, command="train", need_bytes=need))
             except ConfigError as exc:
                 error = exc
         if rt.distributed:
@@ -259,6 +314,7 @@ def _train_locked(
     resume: bool,
     on_epoch_end: EpochCallback | None,
     t_start: float,
+    deadline: float = math.inf,
 ) -> tuple[TrainResult | None, Any]:
     """The run under the lock: (the result on rank 0, else None; the engine state)."""
     from medres.runtime import seed_everything
@@ -278,16 +334,25 @@ def _train_locked(
     model, wmeta = _build_model(spec, labels, rt)
     data = build_data(spec, manifest, labels, rt, run_dir)
     state = _make_state(spec, model, data, labels, rt)
+    train_loader = data.train
+    if math.isfinite(deadline):  # --time-budget: the LR follows the clock; epochs end at it
+        from medres.train.plan import DeadlineLoader, budget_scheduler
+
+        steps = math.ceil(len(data.train) / spec.train.grad_accum)
+        state.scheduler = budget_scheduler(state.optimizer, spec.train, steps, deadline)
+        if not rt.distributed:  # ranks must agree on the batch count
+            train_loader = DeadlineLoader(data.train, deadline)
     spec_dict = spec.to_dict()
     if saved is not None:
         ckpt.restore_state(state, saved, spec_dict, last_path)
     tb = open_tensorboard(spec, run_dir, rt)
     try:
         fit(
-            state, data.train, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
+            state, train_loader, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
             early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
+            auc_tolerance=spec.eval.auc_tolerance,
             before_epoch=_before_epoch(spec, model, data, rt),
-            on_epoch_end=_epoch_end(spec_dict, run_dir, rt, tb, on_epoch_end),
+            on_epoch_end=_epoch_end(spec_dict, run_dir, rt, tb, on_epoch_end), deadline=deadline,
         )  # fmt: skip
     finally:
         if tb is not None:
@@ -305,8 +370,12 @@ def run_train(
     *,
     resume: bool = False,
     on_epoch_end: EpochCallback | None = None,
+    deadline: float = math.inf,
 ) -> TrainResult:
     """Train ``spec`` on its manifest and write the run directory ``out_dir``.
+
+    ``deadline`` (``time.perf_counter()`` value; ``--time-budget``): no epoch starts that
+    would end after it (see :func:`medres.train.plan.epoch_deadline`).
 
     ``on_epoch_end(epoch, row)`` (optional) runs on every rank after each epoch, once its
     checkpoint and ``history.csv`` row are on disk; ``row`` is that history row.
@@ -328,7 +397,7 @@ def run_train(
     rt = _start_runtime(spec)
     with _run_dir_lock(run_dir, rt):
         result, st = _train_locked(
-            spec, (manifest, labels), rt, run_dir, resume, on_epoch_end, t_start
+            spec, (manifest, labels), rt, run_dir, resume, on_epoch_end, t_start, deadline
         )
     if rt.distributed:
         shutdown_distributed()

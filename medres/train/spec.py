@@ -103,6 +103,11 @@ class TransformSpec:
     """2D network on 3D images: none | center | random (train random, eval centre slice)."""
     slice_axis: int = 2
     """Spatial axis sliced when slice_mode is set (2 = axial for RAS volumes)."""
+    volume: str = "auto"
+    """4D images (manifest n_volumes > 1: fMRI, DTI, multi-echo): first | mean | channels (the
+    volumes become input channels; model.in_channels = n_volumes). auto: first when the
+    training manifest has 4D images (logged); a model trained without them refuses 4D images
+    with an error naming the image and this option."""
     mean: tuple[float, ...] = ()
     """Per-channel mean subtracted after intensity scaling; empty = the weights' (or none)."""
     std: tuple[float, ...] = ()
@@ -186,6 +191,8 @@ class TrainSpec:
     only with AMX)."""
     seed: int = 0
     """Seed for weights init, shuffling and augmentation."""
+    ema_decay: float = 0.998
+    """EMA of the weights (0 = off): decay per optimizer step, warmed up as (1+n)/(10+n)."""
     deterministic: bool = False
     """torch deterministic algorithms (bit-reproducible on one machine; slower on CUDA)."""
     threads: int = 0
@@ -203,7 +210,14 @@ class EvalSpec:
     batch_size: int = 0
     """Batch size for validation/prediction (0 = train.batch_size)."""
     threshold: float = 0.5
-    """Binary/multi-label decision threshold for the ``pred`` column."""
+    """Multi-label decision threshold, and the binary one when ``threshold_rule`` is fixed."""
+    threshold_rule: str = "youden"
+    """youden | sensitivity:0.9 | specificity:0.9 | fixed: the binary operating threshold,
+    chosen on the calibrated validation predictions and stored in model.json."""
+    auc_tolerance: float = 0.005
+    """Checkpoint choice: val AUCs within this of the best are ties, broken by val loss."""
+    calibrate: bool = True
+    """Fit a temperature on the validation split (binary and multi-class)."""
 
 
 @dataclass(frozen=True)
@@ -339,13 +353,72 @@ def section_from_dict(cls: type, values: dict[str, Any], *, source: str) -> Any:
     return cls(**kw)
 
 
+# bounds of a pipeline YAML (a real one: ~2 KiB, depth 3, a few dozen values)
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 10_000
+
+
+def check_yaml_shape(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_YAML_DEPTH` or expanding (aliases counted
+    at their full size, so a "billion laughs" document) to more than
+    :data:`MAX_YAML_VALUES` values, before anything is built: PyYAML's event parser is
+    iterative, its composer is recursive and its aliases are expanded by whoever walks
+    the result."""
+    sizes: dict[str, int] = {}  # anchor -> expanded values
+    open_: list[list[Any]] = []  # [anchor, expanded values so far] per open collection
+    total = 0
+    for ev in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            open_.append([ev.anchor, 1])
+            if len(open_) > MAX_YAML_DEPTH:
+                raise ConfigError(
+                    f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels; a pipeline "
+                    "is sections of fields (see pipelines/README.md)"
+                )
+            total += 1
+            continue
+        if isinstance(ev, yaml.CollectionEndEvent):
+            anchor, n = open_.pop()
+            if anchor:
+                sizes[anchor] = n
+        elif isinstance(ev, yaml.AliasEvent):
+            n = sizes.get(ev.anchor, 1)
+            total += n
+        elif isinstance(ev, yaml.ScalarEvent):
+            n = 1
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+            total += 1
+        else:
+            continue
+        if open_:
+            open_[-1][1] += n
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{source}: YAML expands to more than {MAX_YAML_VALUES} values (aliases "
+                "repeat whole subtrees); a pipeline has a few dozen fields: remove the aliases"
+            )
+
+
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineSpec:
-    """Read a pipeline YAML with ``yaml.safe_load`` into a :class:`PipelineSpec`."""
+    """Read a pipeline YAML with ``yaml.safe_load`` into a :class:`PipelineSpec`.
+
+    Bounded (:func:`check_yaml_shape`): at most :data:`MAX_YAML_BYTES`, nesting and alias
+    expansion refused with one line before anything is built.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found; pass an existing YAML file or omit it")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{path}: {path.stat().st_size} bytes, more than a pipeline file can be "
+            f"({MAX_YAML_BYTES} bytes); pass the pipeline YAML (see pipelines/README.md)"
+        )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        check_yaml_shape(text, str(path))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -377,6 +450,7 @@ def parse_set_options(items: list[str] | None) -> dict[str, Any]:
             )
         key, _, raw = item.partition("=")
         try:
+            check_yaml_shape(raw, f"--set {key.strip()}")
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw

@@ -38,8 +38,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Hashable, Mapping
-from dataclasses import asdict, fields
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, fields, replace
 from typing import Any
 
 import numpy as np
@@ -74,15 +74,18 @@ log = logging.getLogger(__name__)
 __all__ = [
     "INTENSITY_METHODS",
     "build_transforms",
+    "check_volumes",
     "image_to_metatensor",
     "load_image_tensor",
     "preprocessing_dict",
+    "resolve_volume",
     "transform_spec_from",
 ]
 
 INTENSITY_METHODS = ("ct_window", "percentile", "range", "zscore", "none")
 RESIZE_MODES = ("resize", "crop_pad")
 SLICE_MODES = ("none", "center", "random")
+VOLUME_MODES = ("auto", "first", "mean", "channels")  # transforms.volume (auto: refuse 4D)
 _EXTRA_KEYS = {"format", "value_range", "weights_source", "weights"}
 
 
@@ -128,6 +131,11 @@ def _validate(spec: TransformSpec) -> None:
     if spec.slice_mode not in SLICE_MODES:
         raise ConfigError(
             f"{where}.slice_mode is {spec.slice_mode!r}; use one of {', '.join(SLICE_MODES)}"
+        )
+    if spec.volume not in VOLUME_MODES:
+        raise ConfigError(
+            f"{where}.volume is {spec.volume!r}; use first, mean or channels (or auto: first "
+            "when the training manifest has 4D images)"
         )
     if spec.slice_mode != "none" and spec.dims != 2:
         raise ConfigError(f"{where}.slice_mode needs a 2D network (dims 2); got dims {spec.dims}")
@@ -198,6 +206,84 @@ class LoadNifti(Transform):
 
     def __call__(self, path: str | os.PathLike[str], channels: int = 1) -> MetaTensor:
         return load_image_tensor(path, channels)
+
+
+def check_volumes(
+    preprocessing: Mapping[str, Any] | TransformSpec, n_volumes: int, name: str
+) -> None:
+    """Refuse (``wrong_dims``, naming ``name``) a 4D image of ``n_volumes`` volumes that the
+    preprocessing cannot take: ``transforms.volume`` unset, or ``channels`` with another
+    volume count than the model's input channels. Training and scoring both call it."""
+    from medres.errors import IngestError
+    from medres.ingest.codes import Code
+
+    if n_volumes <= 1:
+        return
+    pre = preprocessing if isinstance(preprocessing, Mapping) else asdict(preprocessing)
+    mode, channels = str(pre.get("volume") or "auto"), int(pre.get("in_channels") or 0)
+    if mode == "auto":  # never resolved: the model was trained without 4D images
+        raise IngestError(
+            f"{name}: a 4D image with {n_volumes} volumes, and transforms.volume is not set; "
+            "set it to first, mean or channels (e.g. --set transforms.volume=first) and train again",
+            code=Code.WRONG_DIMS,
+        )
+    if mode == "channels" and channels and channels != n_volumes:
+        raise IngestError(
+            f"{name}: a 4D image with {n_volumes} volumes, and the model takes {channels} "
+            "channels (transforms.volume=channels); use images with that many volumes",
+            code=Code.WRONG_DIMS,
+        )
+
+
+def resolve_volume(
+    rows: Sequence[Mapping[str, str]], spec: TransformSpec, channels: int
+) -> tuple[str, int]:
+    """(``transforms.volume``, input channels) for manifest ``rows``: ``auto`` becomes
+    ``first`` when a row is 4D (logged); ``channels`` mode takes the volume count as the
+    channels. Every 4D row is checked by :func:`check_volumes` (named by its image_id)."""
+    counts = {int(r.get("n_volumes") or 1) for r in rows} - {1}
+    mode = spec.volume
+    if mode == "auto" and counts:
+        mode = "first"
+        log.info(
+            "transforms.volume=first: the manifest has 4D images (%s volumes); each is taken "
+            "by its first volume (set transforms.volume to mean or channels to change)",
+            "/".join(str(c) for c in sorted(counts)),
+        )
+    if mode == "channels" and counts:
+        channels = max(counts)  # a row with another count is refused below
+    for r in rows:
+        check_volumes(
+            replace(spec, volume=mode, in_channels=spec.in_channels or channels),
+            int(r.get("n_volumes") or 1),
+            f"image {r.get('image_id', '?')} ({r.get('image_path', '')})",
+        )
+    return mode, channels
+
+
+class SelectVolume(Transform):
+    """The ``transforms.volume`` rule on a channel-first 4D image (1, X, Y, Z, T): ``first``
+    volume, ``mean`` over volumes, or the volumes as ``channels`` (T, X, Y, Z). Images of up
+    to 3 spatial dims pass through; ``auto`` (never resolved) refuses a 4D image."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            return x
+        check_volumes({"volume": self.mode}, int(x.shape[-1]), "image")
+        t = x.as_tensor() if isinstance(x, MetaTensor) else x
+        if self.mode == "first":
+            out = t[..., 0]
+        elif self.mode == "mean":
+            out = t.mean(dim=-1)
+        else:
+            out = t[0].movedim(-1, 0)
+        out = out.contiguous()
+        if isinstance(x, MetaTensor):
+            return MetaTensor(out, affine=x.affine, meta={"space": "RAS"})
+        return out
 
 
 class Orient(Transform):
@@ -335,6 +421,15 @@ class LoadNiftid(MapTransform):
         return d
 
 
+class SelectVolumed(_Mapd):
+    """Dict wrapper of :class:`SelectVolume`."""
+
+    def __init__(self, keys: KeysCollection, mode: str) -> None:
+        super().__init__(keys)
+        self.mode = mode
+        self.op = SelectVolume(mode)
+
+
 class Orientd(_Mapd):
     """Dict wrapper of :class:`Orient`."""
 
@@ -459,6 +554,7 @@ def build_transforms(
     ts: list[Any] = []
     if load:
         ts.append(LoadNiftid(k))
+    ts.append(SelectVolumed(k, spec.volume))  # 4D -> 3D or channels; others pass through
     if spec.orientation:
         ts.append(Orientd(k, spec.orientation))
     if spec.spacing:

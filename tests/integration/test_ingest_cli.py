@@ -343,8 +343,9 @@ def test_synth_messy_defects_are_caught_with_their_codes(tmp_path, archive, work
     out = tmp_path / "out"
     r = runner.invoke(
         app,
-        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers],
-    )
+        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers,
+         "--uneven-spacing", "reject"],  # the strict rule (the default resamples gaps)
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
 
     def source(rel: str) -> str:  # truth paths are relative to the synth folder
@@ -387,8 +388,9 @@ def test_synth_messy_defects_are_caught_with_their_codes(tmp_path, archive, work
     before = [(out / n).read_bytes() for n in ("manifest.csv", "errors.csv")]
     r = runner.invoke(
         app,
-        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers],
-    )
+        ["ingest", str(src), "--out", str(out), "--labels", str(res.labels_csv), "-j", workers,
+         "--uneven-spacing", "reject"],  # same settings, else the cache is void
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert [(out / n).read_bytes() for n in ("manifest.csv", "errors.csv")] == before
     again = json.loads((out / "ingest.json").read_text())["files"]

@@ -61,6 +61,9 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, cache):
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k  # bit-identical weights
+    assert a["ema"]["updates"] == b["ema"]["updates"] == a["step"]  # the EMA resumed too
+    for k, v in a["ema"]["model"].items():
+        assert torch.equal(v, b["ema"]["model"][k]), f"ema {k}"
     assert _history(full / "history.csv") == _history(cut / "history.csv")
     assert (full / "predictions_test.csv").read_text() == (cut / "predictions_test.csv").read_text()
 

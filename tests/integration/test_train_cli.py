@@ -84,7 +84,7 @@ def test_model_json_and_prediction_columns(trained):
         assert r["split"] == "val"
         assert r["label"] == mrows[r["image_id"]]["label"]
         assert float(r["prob_0"]) + float(r["prob_1"]) == pytest.approx(1.0, abs=1e-6)
-        assert r["pred"] == ("1" if float(r["prob_1"]) >= 0.5 else "0")
+        assert r["pred"] == ("1" if float(r["prob_1"]) >= meta["threshold"] else "0")
     assert {r["split"] for r in _read(out / "predictions_test.csv")} == {"test"}
 
 
@@ -104,7 +104,7 @@ def test_scoring_path_reproduces_predictions(trained):
         )
         x = tf({"image": image_to_metatensor(img)})["image"][None]
         with torch.no_grad():
-            p = torch.softmax(model(x), dim=1)[0]
+            p = torch.softmax(model(x) / meta.effective_temperature, dim=1)[0]
         assert float(p[1]) == pytest.approx(float(r["prob_1"]), abs=1e-5)
 
 

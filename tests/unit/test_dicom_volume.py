@@ -37,6 +37,8 @@ from medres.ingest.dicom import (
 from medres.ingest.nifti import write_image
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+# the strict gap rule (the default resamples gaps: tests/unit/test_dicom_uneven.py)
+STRICT = GeometryPolicy(uneven_spacing="reject")
 
 
 def _base(
@@ -249,7 +251,7 @@ def test_monochrome1_is_inverted(tmp_path: Path) -> None:
 def test_missing_slice_rejected(tmp_path: Path) -> None:
     vol = _rng_volume((8, 3, 3))
     paths = make_series(tmp_path, vol, drop=(4,))
-    stacks, rej = _load(paths)
+    stacks, rej = _load(paths, STRICT)
     assert stacks == [] and [r.code for r in rej] == [Code.MISSING_SLICES]
     assert "PAT-SECRET" not in rej[0].message and "1 slice(s) missing" in rej[0].message
 
@@ -259,10 +261,10 @@ def test_uneven_spacing_rejected_and_tolerance_configurable(tmp_path: Path) -> N
     z = [0.0, 2.5, 5.0, 8.2, 10.7, 13.2]  # one gap of 3.2 mm among 2.5 mm gaps
     positions = [(0.0, 0.0, v) for v in z]
     paths = make_series(tmp_path, vol, positions=positions)
-    stacks, rej = _load(paths)
+    stacks, rej = _load(paths, STRICT)
     assert stacks == [] and [r.code for r in rej] == [Code.INCONSISTENT_GEOMETRY]
-    stacks, rej = _load(paths, GeometryPolicy(spacing_rtol=0.5))
-    assert rej == [] and len(stacks) == 1
+    stacks, rej = _load(paths, GeometryPolicy(spacing_rtol=0.5, uneven_spacing="reject"))
+    assert rej == [] and len(stacks) == 1 and stacks[0].grid_positions == ()
 
 
 def test_small_jitter_within_tolerance_accepted(tmp_path: Path) -> None:
@@ -287,13 +289,15 @@ def test_duplicate_positions(tmp_path: Path) -> None:
     assert exc.value.code == Code.DUPLICATE_SLICES
 
 
-def test_repeated_acquisition_split_into_extra_stack(tmp_path: Path) -> None:
+def test_repeated_acquisition_is_a_second_volume(tmp_path: Path) -> None:
+    # two passes of the same positions: one 4D stack by AcquisitionNumber (issue 15; it was
+    # the largest pass kept and the other reported as extra_stack)
     vol = _rng_volume((6, 3, 3))
     positions = [(0.0, 0.0, 2.5 * (k % 3)) for k in range(6)]
     acq = [1, 1, 1, 2, 2, 2]
     stacks, rej = _load(make_series(tmp_path, vol, positions=positions, acquisition=acq))
-    assert len(stacks) == 1 and stacks[0].n_slices == 3
-    assert [r.code for r in rej] == [Code.EXTRA_STACK]
+    assert len(stacks) == 1 and stacks[0].n_slices == 3 and stacks[0].n_volumes == 2
+    assert rej == []
 
 
 def test_localizer_and_other_orientation_are_extra_stacks(tmp_path: Path) -> None:
@@ -648,18 +652,18 @@ def test_convert_series_writes_nifti(tmp_path: Path) -> None:
     assert np.array_equal(np.asanyarray(back.dataobj), img.array)
     assert np.allclose(back.affine, img.affine) and int(back.header["qform_code"]) == 1
     with pytest.raises(IngestError) as exc:
-        convert_series(paths[:2] + paths[3:], tmp_path / "gap.nii")
+        convert_series(paths[:2] + paths[3:], tmp_path / "gap.nii", policy=STRICT)
     assert exc.value.code == Code.MISSING_SLICES
 
 
 # ------------------------------------------------------------------ synthetic ground truth
-def _synth_series(spec, tmp_path: Path):
+def _synth_series(spec, tmp_path: Path, policy: GeometryPolicy | None = None):
     from medres.synth import generate
 
     res = generate(spec, tmp_path / "synth")
     for row in res.truth:
         headers, rej = scan_headers([res.out_dir / p for p in row.paths])
-        stacks, rej2 = group_stacks(headers)
+        stacks, rej2 = group_stacks(headers, policy or GeometryPolicy())
         yield res, row, stacks, rej + rej2
 
 
@@ -724,7 +728,7 @@ def test_synthetic_messy_series_are_rejected_with_codes(tmp_path: Path) -> None:
     )
     spec = SynthSpec(kind="ct", n_patients=7, shape=(20, 18, 10), messy=defects, seed=3)
     seen = {}
-    for _res, row, stacks, rej in _synth_series(spec, tmp_path):
+    for _res, row, stacks, rej in _synth_series(spec, tmp_path, STRICT):
         codes = {str(r.code) for r in rej}
         kept = [s for s in stacks if s.series_uid == row.series_uid]
         seen[row.defect] = (codes, len(kept))

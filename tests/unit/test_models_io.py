@@ -258,10 +258,10 @@ def test_model_dir_written_by_the_released_format_loads(tmp_path):
 
 
 def test_model_meta_is_frozen_and_keeps_unknown_keys(tmp_path):
-    doc = {**RELEASED_MODEL_JSON, "calibration": {"method": "platt", "a": [1.0, 2.0]}}
+    doc = {**RELEASED_MODEL_JSON, "site_notes": {"method": "platt", "a": [1.0, 2.0]}}
     meta = ModelMeta.from_json(doc, source="x/model.json")
-    assert meta.extra == {"calibration": {"method": "platt", "a": (1.0, 2.0)}}
-    assert meta.to_json()["calibration"] == {"method": "platt", "a": [1.0, 2.0]}
+    assert meta.extra == {"site_notes": {"method": "platt", "a": (1.0, 2.0)}}
+    assert meta.to_json()["site_notes"] == {"method": "platt", "a": [1.0, 2.0]}
     with pytest.raises(dataclasses.FrozenInstanceError):
         meta.task = "multiclass"  # type: ignore[misc]
     with pytest.raises(TypeError):

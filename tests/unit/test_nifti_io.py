@@ -73,9 +73,11 @@ def test_2d_inputs(tmp_path: Path) -> None:
 def test_4d(tmp_path: Path) -> None:
     one = load_nifti(_save(tmp_path / "one.nii", np.zeros((3, 4, 5, 1), np.int16), np.eye(4)))
     assert one.dims == 3 and one.shape == (3, 4, 5)
+    many = load_nifti(_save(tmp_path / "many.nii", np.zeros((3, 4, 5, 2), np.int16), np.eye(4)))
+    assert many.n_volumes == 2 and many.shape == (3, 4, 5)  # 4D kept (issue 15)
     with pytest.raises(IngestError) as exc:
-        load_nifti(_save(tmp_path / "many.nii", np.zeros((3, 4, 5, 2), np.int16), np.eye(4)))
-    assert exc.value.code == Code.INVALID_NIFTI and "split it into 3D files" in str(exc.value)
+        load_nifti(_save(tmp_path / "5d.nii", np.zeros((3, 4, 5, 2, 2), np.int16), np.eye(4)))
+    assert exc.value.code == Code.INVALID_NIFTI and "split it into 3D or 4D" in str(exc.value)
 
 
 def test_rgb24(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ Three stages, each usable on its own, one module each (plus the records they sha
   header of the PixelData element, so it knows where the pixels start and how long they
   are, and rejects a file whose pixel data is gone or short, with a code.
 - :mod:`.series` (with :mod:`.geometry`) - :func:`group_stacks` groups headers by study +
-  series, splits a series into stacks (orientation, localizer, repeated acquisitions),
-  keeps the largest (the others are ``extra_stack``) and validates its geometry.
+  series, splits a series into stacks (orientation, localizer), keeps the largest (the
+  others are ``extra_stack``) and validates its geometry; :mod:`.volumes` (with
+  :mod:`.volume_keys`) splits a stack whose positions repeat by ImageType (separate images)
+  and into volumes (one 4D stack, ``n_volumes`` > 1).
 - :mod:`.stack` (with :mod:`.decode`) - :func:`load_stack` decodes the pixels into one
   preallocated volume and returns a :class:`~medres.ingest.image.LoadedImage` in medres'
   canonical orientation; :func:`convert_series` does all of it for one series and writes
@@ -27,7 +29,15 @@ Choices made (see docs/architecture.md, "Canonical image on disk"):
   is the mean vector between consecutive slice positions. With gantry tilt ``step`` is not
   parallel to the slice normal: we *keep that sheared affine* (NIfTI sform represents it
   exactly; qform cannot, so it is left unset) and never resample; a ``gantry_tilt`` warning
-  is attached. LPS is converted to RAS (negate x and y), then the array is reoriented to the
+  is attached. (dcm2niix resamples tilt by default; medres does not, because the sheared
+  sform already puts every voxel at its exact world position and resampling would only
+  blur it; a consumer that needs an orthogonal grid resamples through the sform.)
+- Uneven or missing slices (policy ``uneven_spacing``, ``medres ingest --uneven-spacing``):
+  by default the stack is resampled onto a regular grid at the smallest gap by linear
+  interpolation after the modality LUT, with the exact affine of that grid and an
+  ``uneven_spacing_resampled`` / ``missing_slices_interpolated`` warning naming the
+  original gaps (rules in :mod:`.resample`); ``reject`` keeps the strict
+  ``missing_slices`` / ``inconsistent_geometry`` rejection. LPS is converted to RAS (negate x and y), then the array is reoriented to the
   closest canonical RAS+ orientation by permuting and flipping axes only
   (``nibabel.orientations``), so every voxel keeps its exact world coordinate.
 - 2D (one frame, or frames without a patient geometry such as ultrasound cine): array
@@ -35,6 +45,14 @@ Choices made (see docs/architecture.md, "Canonical image on disk"):
   (PixelSpacing, else ImagerPixelSpacing, else 1.0 with a warning). Multi-frame 2D objects
   become a (X, Y, frames) volume with 1.0 spacing along frames and a ``frames_as_slices``
   warning.
+- Siemens mosaics (ImageType ``MOSAIC``, rules in :mod:`.mosaic`, CSA header in
+  :mod:`.csa`): the N tiles of a ``ceil(sqrt(N))`` grid (N from NumberOfImagesInMosaic
+  (0019,100A), else the CSA header) become N slices: direction ``cross(row, col)`` signed
+  by the CSA SliceNormalVector, spacing SpacingBetweenSlices else SliceThickness, first
+  origin ``ipp + row_cos * dc * (Columns - tile_cols) / 2 + col_cos * dr * (Rows -
+  tile_rows) / 2`` (dcm2niix's and nibabel's correction); each tile keeps its file's
+  keys, so a series of mosaics (fMRI, DWI) splits into volumes like any other. Each file's
+  frame is read once and cut; a mosaic that cannot be cut or placed is ``invalid_mosaic``.
 - Values: the modality LUT is applied per slice (RescaleSlope/Intercept, per-frame
   functional groups for enhanced objects, or a Modality LUT Sequence), so CT is in HU.
   MONOCHROME1 is inverted after the LUT as ``lut(min) + lut(max) - value`` over the
@@ -59,8 +77,8 @@ Choices made (see docs/architecture.md, "Canonical image on disk"):
 
 This package imports :mod:`medres.errors`, :mod:`medres.workers`, :mod:`medres.ingest.codes`,
 :mod:`medres.ingest.image` and :mod:`medres.ingest.nifti`; its modules import each other
-(never this ``__init__``), in the order header -> fields/fastscan -> scan; header ->
-geometry -> series; header -> decode -> stack.
+(never this ``__init__``), in the order header -> csa -> mosaic -> fields/fastscan -> scan; header ->
+resample -> geometry -> series; header -> decode (+ resample) -> stack.
 """
 
 from __future__ import annotations

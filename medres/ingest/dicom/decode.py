@@ -11,8 +11,10 @@ whose file meta lacks TransferSyntaxUID is decoded with the syntax it was read w
 also owns :func:`mask_unused_bits` (stored words -> their BitsStored bits, sign-extended,
 on every path, as pydicom's ``pixel_array``), the value mapping (:func:`apply_values`:
 modality LUT per slice, MONOCHROME1 inversion, output dtype) and :func:`run_guarded`,
-which turns any decoder failure into ``IngestError(code=decode_failed)``. Imports :mod:`.header`, :mod:`medres.ingest.image`,
-:mod:`medres.workers`, numpy and pydicom.
+which turns any decoder failure into ``IngestError(code=decode_failed)``, and
+:func:`read_mosaic_tiles`: each Siemens mosaic file's frame read once (on the same paths)
+and cut into the tiles its slices name (:mod:`.mosaic`). Imports :mod:`.header`,
+:mod:`.mosaic`, :mod:`medres.ingest.image`, :mod:`medres.workers`, numpy and pydicom.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from pydicom.pixels import get_decoder
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
@@ -36,6 +37,7 @@ from medres.ingest.dicom.header import (
     Stack,
     as_code,
 )
+from medres.ingest.dicom.mosaic import frame_header, tile_region
 from medres.ingest.image import to_output_dtype
 from medres.workers import IsolatedPool
 
@@ -203,6 +205,8 @@ def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     if h.has_modality_lut_sequence:
         return None
     try:
+        from pydicom.pixels import get_decoder  # here: native reads never need pydicom
+
         decoder = get_decoder(h.transfer_syntax)
         with open(h.path, "rb") as fh:
             fh.seek(h.pixel_offset)
@@ -228,6 +232,57 @@ def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     nf = h.number_of_frames
     color = arr.ndim == (4 if nf > 1 else 3)
     return arr.reshape((nf, h.rows, h.cols, arr.shape[-1]) if color else (nf, h.rows, h.cols))
+
+
+# --------------------------------------------------------------------------- mosaics
+def read_mosaic_tiles(stack: Stack, all_slices: Sequence[Slice]) -> tuple[np.ndarray, Any]:
+    """(slices, tile rows, tile cols) values of a stack of Siemens mosaic tiles
+    (:mod:`.mosaic`) and the first dataset pydicom read (for a Modality LUT) or None.
+
+    Each file's frame is read once - straight from the file when uncompressed, else by the
+    decoders as any other file - and cut into the tiles its slices name; unused tiles are
+    never looked at. A frame that does not decode to one Rows x Columns grayscale frame is
+    ``invalid_mosaic``: it is never cut on a guess.
+    """
+    by_file: dict[tuple[str, str], list[int]] = {}
+    for k, s in enumerate(all_slices):
+        h = stack.headers[s.header_index]
+        by_file.setdefault((str(h.path), h.source), []).append(k)
+    tiles: list[np.ndarray] = [np.empty(0)] * len(all_slices)
+    ds0 = None
+    for ks in by_file.values():
+        frame, ds = _mosaic_frame(frame_header(stack.headers[all_slices[ks[0]].header_index]))
+        ds0 = ds if ds0 is None else ds0
+        for k in ks:
+            t = stack.headers[all_slices[k].header_index]
+            rows, cols = tile_region(t)
+            tiles[k] = frame[rows, cols]
+            if tiles[k].shape != (t.rows, t.cols):
+                raise IngestError(
+                    f"{t.source}: mosaic tile {t.mosaic_tile} lies outside the "
+                    f"{frame.shape[0]}x{frame.shape[1]} frame; re-export the series",
+                    code=Code.INVALID_MOSAIC,
+                )
+    return np.stack(tiles), ds0
+
+
+def _mosaic_frame(h: DicomHeader) -> tuple[np.ndarray, Any]:
+    """The one stored frame (Rows, Columns) of mosaic file ``h`` and its dataset (or None)."""
+    if fast_ok(h):
+        frame = np.empty((h.rows, h.cols), dtype=stored_dtype(h))
+        read_native(h, frame)
+        return frame, None
+    ds = None
+    arr = decode_encapsulated(h)
+    if arr is None:
+        arr, ds = decode_dataset(h)
+    if arr.shape != (1, h.rows, h.cols):
+        raise IngestError(
+            f"{h.source}: Siemens mosaic decoded to shape {tuple(arr.shape)}, not one "
+            f"{h.rows}x{h.cols} grayscale frame; re-export the series uncompressed",
+            code=Code.INVALID_MOSAIC,
+        )
+    return arr[0], ds
 
 
 # --------------------------------------------------------------------------- many files

@@ -207,17 +207,24 @@ def _walk_dataset(
         spec = fields.get(tag)
         if spec is not None:
             buf, off = r.view(start, length)
-            enc = _store(values, spec, buf[off : off + length], enc)
+            enc = _store(values, spec, buf[off : off + length], enc, vr)
         pos = end
     return values, has_lut, pixel
 
 
 def _store(
-    values: dict[str, object], spec: tuple[int, str, str], raw: bytes, enc: str | None
+    values: dict[str, object],
+    spec: tuple[int, str, str],
+    raw: bytes,
+    enc: str | None,
+    vr: bytes = b"",
 ) -> str | None:
     """Decode one wanted value into ``values``; return the text encoding from now on (a
-    SpecificCharacterSet changes it)."""
+    SpecificCharacterSet changes it). Kind ``b`` keeps (VR, raw bytes)."""
     tag, name, kind = spec
+    if kind == "b":
+        values[name] = (vr.decode("latin-1"), bytes(raw))
+        return enc
     if kind == "u":
         if len(raw) == 2:
             values[name] = raw[0] | raw[1] << 8
@@ -225,6 +232,11 @@ def _store(
             values[name] = None
         else:
             raise _Decline
+        return enc
+    if kind == "d":  # FD doubles (the lean walk reads little-endian files only)
+        from medres.ingest.dicom.volume_keys import doubles_text
+
+        values[name] = doubles_text(raw)
         return enc
     if kind == "p" and enc is None:
         raise _Decline

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataelem import RawDataElement
-
 from medres.errors import IngestError
 from medres.ingest.codes import Code
 from medres.ingest.dicom.fastscan import charset_encoding
 from medres.ingest.dicom.header import DicomHeader
+from medres.ingest.dicom.mosaic import is_mosaic_type, mosaic_fields
+from medres.ingest.dicom.volume_keys import doubles_text, frame_keys, volume_fields
 
 _UNDEFINED = 0xFFFFFFFF
 # SOP classes that carry no image although they may have Rows/Columns-like content.
@@ -139,12 +139,14 @@ def functional_groups(ds: Any, nframes: int) -> dict[str, Any]:
     out["positions"] = tuple(positions)
     out["rescale"] = tuple(rescale)
     out["mixed_orientation"] = len(orientations) > 1
+    out["frame_keys"] = frame_keys(ds, per, shared) if per and len(per) == nframes else ()
     return out
 
 
 # --------------------------------------------------------------------------- the field table
 # (tag, field, kind): "s" ASCII text (UI, CS, DS, IS, AS), "p" text in the dataset's
-# character set (LO, SH), "u" one unsigned short (US)
+# character set (LO, SH), "u" one unsigned short (US), "d" binary doubles (FD), joined by "\\",
+# "b" (VR or "", raw value) of private elements whose VR varies (mosaic count, CSA header)
 FIELDS: tuple[tuple[int, str, str], ...] = (
     (0x00080005, "charset", "s"),
     (0x00080008, "image_type", "s"),
@@ -161,7 +163,9 @@ FIELDS: tuple[tuple[int, str, str], ...] = (
     (0x00101010, "age", "s"),
     (0x00180015, "body_part", "p"),
     (0x00180050, "thickness", "s"),
+    (0x00180088, "spacing_between", "s"),
     (0x00181164, "imager_spacing", "s"),
+    (0x0019100A, "mosaic_n", "b"),
     (0x0020000D, "study", "s"),
     (0x0020000E, "series", "s"),
     (0x00200012, "acquisition", "s"),
@@ -169,6 +173,7 @@ FIELDS: tuple[tuple[int, str, str], ...] = (
     (0x00200032, "position", "s"),
     (0x00200037, "orientation", "s"),
     (0x00200052, "frame_of_reference", "s"),
+    (0x00291010, "csa_image", "b"),
     (0x00280002, "spp", "u"),
     (0x00280004, "photometric", "s"),
     (0x00280006, "planar", "u"),
@@ -181,6 +186,19 @@ FIELDS: tuple[tuple[int, str, str], ...] = (
     (0x00280103, "pixel_representation", "u"),
     (0x00281052, "intercept", "s"),
     (0x00281053, "slope", "s"),
+    # multi-volume keys (parsed by .volume_keys.volume_fields)
+    (0x00080032, "acquisition_time", "s"),
+    (0x00080033, "content_time", "s"),
+    (0x00180080, "repetition_time", "s"),
+    (0x00180081, "echo_time", "s"),
+    (0x00180086, "echo_numbers", "s"),
+    (0x00181060, "trigger_time", "s"),
+    (0x00189087, "diffusion_bvalue", "d"),
+    (0x00189089, "diffusion_gradient", "d"),
+    (0x0019100C, "siemens_bvalue", "s"),
+    (0x0019100E, "siemens_gradient", "d"),
+    (0x00200100, "temporal_position", "s"),
+    (0x00431039, "ge_bvalue", "s"),
 )
 
 
@@ -195,6 +213,8 @@ def extract(ds: Any) -> dict[str, Any]:
     (multi-valued text stays backslash-joined). Elements pydicom already converted, and text
     in a character set other than ASCII/Latin-1/UTF-8, go through pydicom's own conversion.
     """
+    from pydicom.dataelem import RawDataElement  # here: the lean walk never needs pydicom
+
     # one pass over the dataset with plain-int keys (looking tags up in pydicom's dict calls
     # its Python-level BaseTag.__eq__ for every hit); tag order puts the charset first
     d = ds._dict
@@ -208,8 +228,15 @@ def extract(ds: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     enc: str | None = "latin-1"
     for e, (tag, name, kind) in wanted:
+        if kind == "d":  # FD doubles, raw or already converted
+            raw = e.__class__ is RawDataElement
+            out[name] = doubles_text(e.value, not raw or e.is_little_endian)
+            continue
         if e.__class__ is RawDataElement and (kind != "p" or enc is not None):
             v = e.value
+            if kind == "b":
+                out[name] = (e.VR or "", bytes(v) if v else b"")
+                continue
             if kind == "u":
                 if v is not None and len(v) == 2:
                     out[name] = int.from_bytes(v, "little" if e.is_little_endian else "big")
@@ -226,6 +253,9 @@ def extract(ds: Any) -> dict[str, Any]:
         try:
             v = ds[tag].value
         except Exception:
+            continue
+        if kind == "b":
+            out[name] = (ds[tag].VR or "", v)
             continue
         if kind == "u":
             out[name] = _i(v[0] if isinstance(v, list | tuple) else v)
@@ -272,6 +302,12 @@ def header_from_values(
     if (nframes > 1 or has_per_frame) and functional_groups is not None:
         fg = functional_groups(nframes)
     keyword, offset, length = _pixel_location(pix)
+    geometry = _geometry(get, fg, src)
+    mosaic = (
+        mosaic_fields(get, geometry, rows, cols, src)
+        if is_mosaic_type(_split(get("image_type")))
+        else {}
+    )
     return DicomHeader(
         path=path,
         source=src,
@@ -287,8 +323,10 @@ def header_from_values(
         pixel_length=length,
         file_size=size,
         **_identity(get),
-        **_geometry(get, fg, src),
+        **geometry,
+        **mosaic,
         **_pixel_format(get),
+        **volume_fields(get),
     )
 
 
@@ -364,6 +402,7 @@ def _geometry(get: Callable[..., Any], fg: dict[str, Any], src: str) -> dict[str
         "frame_of_reference_uid": get("frame_of_reference", ""),
         "frame_positions": positions,
         "frame_rescale": fg.get("rescale", ()),
+        "frame_keys": fg.get("frame_keys", ()),
     }
 
 

@@ -3,11 +3,12 @@
 Owns the checks of :class:`~medres.ingest.dicom.header.GeometryPolicy`, applied to the
 slices of one stack: same size, orientation, pixel spacing and sample format; sorted along
 the slice normal ``cross(row, col)``; duplicate positions merged (their pixels are compared
-when loading); at least ``min_slices``; regular gaps (else ``missing_slices`` or
-``inconsistent_geometry``); origins on one line; a ``gantry_tilt`` warning for a step that
-is not parallel to the normal (the sheared affine is kept). It also builds the stacks of
-single instances (2D images, multi-frame 2D, enhanced volumes). Imports :mod:`.header` and
-numpy.
+when loading); at least ``min_slices``; regular gaps, else (policy ``uneven_spacing``) a
+regular grid planned by :mod:`.resample` that :func:`~.stack.load_stack` interpolates onto,
+or the strict ``missing_slices`` / ``inconsistent_geometry`` rejection; origins on one line;
+a ``gantry_tilt`` warning for a step that is not parallel to the normal (the sheared affine
+is kept, never resampled). It also builds the stacks of single instances (2D images,
+multi-frame 2D, enhanced volumes). Imports :mod:`.header`, :mod:`.resample` and numpy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from medres.errors import IngestError
 from medres.ingest.codes import Code
 from medres.ingest.dicom.header import DicomHeader, GeometryPolicy, Slice, Stack
+from medres.ingest.dicom.resample import SliceGrid, plan_grid
 
 Affine = tuple[tuple[float, ...], ...]
 
@@ -130,9 +132,13 @@ def validated_volume(
             affine_lps=_affine_2d(dr, dc),
             warnings=tuple(warnings),
         )
-    tol = _check_gaps(np.diff(np.array(kept_d)), policy)
+    tol, grid = _regular_or_grid(np.array(kept_d), policy)
     pos = np.array([s.position for s in kept], dtype=float)
-    step = _collinear_step(pos, max(policy.collinear_tol, tol))
+    if grid is None:
+        step = _collinear_step(pos, max(policy.collinear_tol, tol))
+    else:  # uneven: the grid's step along the line through the slices (.resample)
+        step = _line_step(pos, grid.intervals, policy.collinear_tol)
+        warnings.append(grid.warning)
     tilt = _tilt_deg(step, n)
     if tilt > policy.tilt_warn_deg:
         warnings.append(f"gantry_tilt:{tilt:.2f}deg")
@@ -155,6 +161,7 @@ def validated_volume(
         warnings=tuple(warnings),
         duplicates=tuple(dups),
         dup_slices=tuple(re(s) for s in dup_slices),
+        grid_positions=grid.positions if grid is not None else (),
     )
 
 
@@ -227,14 +234,25 @@ def _merge_duplicates(
     return kept, kept_d, dups, dup_slices
 
 
-def _check_gaps(gaps: np.ndarray, policy: GeometryPolicy) -> float:
-    """Raise ``missing_slices`` / ``inconsistent_geometry`` for irregular gaps; return the
-    gap tolerance."""
+def _regular_or_grid(d: np.ndarray, policy: GeometryPolicy) -> tuple[float, SliceGrid | None]:
+    """(gap tolerance, None) for regular positions ``d``; for irregular ones the strict
+    rejection (policy ``uneven_spacing="reject"``) or the regular grid to resample onto."""
+    tol, problem = _gap_problem(np.diff(d), policy)
+    if problem is None:
+        return tol, None
+    if policy.uneven_spacing == "reject":
+        raise problem
+    return tol, plan_grid(d, policy, missing=problem.code == Code.MISSING_SLICES)
+
+
+def _gap_problem(gaps: np.ndarray, policy: GeometryPolicy) -> tuple[float, IngestError | None]:
+    """(gap tolerance, the ``missing_slices`` / ``inconsistent_geometry`` error that
+    irregular gaps mean under the strict rule, or None when they are regular)."""
     med = float(np.median(gaps))
     tol = max(policy.spacing_atol, policy.spacing_rtol * med)
     irregular = np.abs(gaps - med) > tol
     if not np.any(irregular):
-        return tol
+        return tol, None
     ratios = gaps[irregular] / med
     missing = np.all(
         (np.abs(ratios - np.round(ratios)) * med <= tol)
@@ -243,14 +261,16 @@ def _check_gaps(gaps: np.ndarray, policy: GeometryPolicy) -> float:
     )
     if missing:
         n_missing = int(np.sum(np.round(ratios) - 1))
-        raise IngestError(
+        return tol, IngestError(
             f"{n_missing} slice(s) missing (gap of {float(np.max(gaps)):.3g} mm in a series "
-            f"spaced {med:.3g} mm); add the missing files or re-export the series",
+            f"spaced {med:.3g} mm); add the missing files, re-export the series, or ingest "
+            "with --uneven-spacing resample to interpolate them",
             code=Code.MISSING_SLICES,
         )
-    raise IngestError(
+    return tol, IngestError(
         f"uneven slice spacing ({float(gaps.min()):.3g}..{float(gaps.max()):.3g} mm, "
-        f"median {med:.3g}, tolerance {tol:.3g}); resample or re-export the series",
+        f"median {med:.3g}, tolerance {tol:.3g}); ingest with --uneven-spacing resample or "
+        "re-export the series",
         code=Code.INCONSISTENT_GEOMETRY,
     )
 
@@ -267,6 +287,21 @@ def _collinear_step(pos: np.ndarray, tol: float) -> np.ndarray:
             code=Code.INCONSISTENT_GEOMETRY,
         )
     return step
+
+
+def _line_step(pos: np.ndarray, intervals: int, tol: float) -> np.ndarray:
+    """The grid step ``(last - first) / intervals`` of unevenly spaced origins, which must
+    all lie on the line through the first and the last within ``tol``."""
+    span = pos[-1] - pos[0]
+    u = span / np.linalg.norm(span)
+    rel = pos - pos[0]
+    resid = rel - np.outer(rel @ u, u)
+    if float(np.max(np.linalg.norm(resid, axis=1))) > tol:
+        raise IngestError(
+            "slice positions do not lie on one line; re-export the series",
+            code=Code.INCONSISTENT_GEOMETRY,
+        )
+    return span / intervals
 
 
 def _tilt_deg(step: np.ndarray, n: np.ndarray) -> float:

@@ -51,6 +51,9 @@ class GeometryPolicy:
     - ``pixel_spacing_tol``: PixelSpacing values within one stack may differ this much.
     - ``min_slices``: a volumetric stack with 2..min_slices-1 slices is ``too_few_slices``
       (one slice is a 2D image).
+    - ``uneven_spacing``: ``"resample"`` (default) puts a stack with irregular or missing
+      slices onto a regular grid (:mod:`.resample`, with a warning naming the gaps);
+      ``"reject"`` keeps the strict ``missing_slices`` / ``inconsistent_geometry`` rejection.
     """
 
     spacing_rtol: float = 0.1
@@ -63,6 +66,7 @@ class GeometryPolicy:
     tilt_warn_deg: float = 0.1
     pixel_spacing_tol: float = 1e-3
     min_slices: int = 3
+    uneven_spacing: str = "resample"  # "resample" | "reject"
 
 
 DEFAULT_POLICY = GeometryPolicy()
@@ -125,6 +129,25 @@ class DicomHeader:
     file_size: int = 0
     frame_positions: tuple[tuple[float, float, float], ...] = ()
     frame_rescale: tuple[tuple[float, float], ...] = ()
+    # Siemens mosaic (.mosaic, .csa): tiles in the frame (0: not a mosaic), the slice
+    # direction (unit, sign from the CSA SliceNormalVector) and the slice spacing; a tile
+    # header made by .mosaic.expand_mosaics has mosaic_tile >= 0 and the tile's Rows/Columns
+    mosaic_images: int = 0
+    mosaic_normal: tuple[float, float, float] | None = None
+    mosaic_spacing: float | None = None
+    mosaic_tile: int = -1
+    # keys that tell the volumes of a multi-volume series apart (.volumes); None = absent
+    temporal_position: int | None = None  # TemporalPositionIdentifier
+    echo_number: int | None = None  # EchoNumbers (first value)
+    echo_time: float | None = None  # EchoTime, ms
+    repetition_time: float | None = None  # RepetitionTime, ms
+    trigger_time: float | None = None  # TriggerTime, ms
+    acquisition_time: float | None = None  # AcquisitionTime, s after midnight
+    content_time: float | None = None  # ContentTime, s after midnight
+    diffusion_bvalue: float | None = None  # DiffusionBValue, else GE/Siemens private
+    diffusion_gradient: tuple[float, float, float] | None = None  # LPS, unit or zero
+    # enhanced multi-frame: one .volumes.FrameKey per frame (empty otherwise)
+    frame_keys: tuple[object, ...] = ()
 
     @property
     def is_localizer(self) -> bool:
@@ -214,6 +237,13 @@ class Stack:
     warnings: tuple[str, ...] = ()
     duplicates: tuple[tuple[int, int], ...] = ()  # (kept slice idx, duplicate header/frame)
     dup_slices: tuple[Slice, ...] = ()
+    # uneven spacing: kept slices' positions in output-grid index units (first 0.0, last
+    # n_out - 1); load_stack interpolates onto 0..n_out-1 (.resample). Empty: regular.
+    grid_positions: tuple[float, ...] = ()
+    # multi-volume (4D): ``slices`` hold n_volumes blocks of equal size, volume-major, each
+    # block in the same spatial order; ``volume_axis`` is a .volumes.VolumeAxis
+    n_volumes: int = 1
+    volume_axis: object | None = None
 
     @property
     def key(self) -> str:
@@ -221,11 +251,12 @@ class Stack:
 
     @property
     def n_slices(self) -> int:
-        return len(self.slices)
+        return len(self.slices) // max(1, self.n_volumes)
 
     @property
     def sources(self) -> list[str]:
-        return [h.source for h in self.headers]
+        # distinct files (the tiles of a mosaic share one)
+        return list(dict.fromkeys(h.source for h in self.headers))
 
     @property
     def first(self) -> DicomHeader:
@@ -243,7 +274,8 @@ def as_code(code: object) -> Code:
 def describe(headers: Sequence[DicomHeader]) -> str:
     """The display name of a set of files: the first source, plus how many others."""
     first = min(headers, key=lambda h: h.source).source
-    return first if len(headers) == 1 else f"{first} (+{len(headers) - 1} files of its series)"
+    n = len({h.source for h in headers})  # files, not mosaic tiles
+    return first if n == 1 else f"{first} (+{n - 1} files of its series)"
 
 
 def reject(headers: Sequence[DicomHeader], code: Code, why: str) -> Rejection:
@@ -256,5 +288,5 @@ def reject(headers: Sequence[DicomHeader], code: Code, why: str) -> Rejection:
         path=str(first.path),
         study_uid=first.study_uid,
         series_uid=first.series_uid,
-        n_files=len(headers),
+        n_files=len({h.source for h in headers}),
     )

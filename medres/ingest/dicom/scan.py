@@ -120,10 +120,7 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
         except IngestError:
             raise
         except InvalidDicomError:
-            raise IngestError(
-                f"{src}: not a DICOM file (no DICM preamble and does not parse); remove it or ignore this line",
-                code=Code.NOT_DICOM,
-            ) from None
+            raise _not_dicom(src) from None
         except OSError as exc:
             raise IngestError(
                 f"{src}: read failed ({exc.strerror or exc}); check the storage and permissions",
@@ -145,28 +142,70 @@ def scan_header(path: Path, source: str = "", *, require_pixels: bool = True) ->
     return hdr
 
 
+def scan_header_lean(path: Path, source: str = "") -> DicomHeader | None:
+    """:func:`scan_header` for the files the lean walk accepts, without pydicom and without
+    any decoder library: the same header (or the same coded ``IngestError``), or ``None``
+    for every other file and for any failure that is not a coded rejection, which
+    :func:`scan_header` then reads and classifies. Pure Python over at most the file's
+    bytes, so ``medres ingest`` may run it outside its worker pool."""
+    path = Path(path)
+    src = source or str(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            hdr = _read_lean(fh, path, src, size)
+            fh.seek(0)
+            pre = fh.read(132) if hdr is None else b""
+    except IngestError:
+        raise
+    except NO_CATCH:
+        raise
+    except BaseException:
+        return None
+    if hdr is not None:
+        _check_pixels(hdr, True)
+    elif pre[128:132] != b"DICM" and (len(pre) < 8 or pre[:2] not in _FIRST_GROUPS):
+        raise _not_dicom(src)  # what scan_header says of it, without pydicom
+    return hdr
+
+
+def _not_dicom(src: str) -> IngestError:
+    return IngestError(
+        f"{src}: not a DICOM file (no DICM preamble and does not parse); remove it or ignore this line",
+        code=Code.NOT_DICOM,
+    )
+
+
+def _read_lean(fh: BinaryIO, path: Path, src: str, size: int) -> DicomHeader | None:
+    """The header by the lean walk, ``None`` when it declines the file."""
+    fast = fast_scan(fh, size, FIELD_BY_TAG)  # checks the DICM preamble itself
+    if fast is None:
+        return None
+    pix = None
+    if fast.pixel_element >= 0:
+        fh.seek(fast.pixel_element)
+        pix = _read_pixel_element(fh, True)
+    return header_from_values(
+        fast.values,
+        path,
+        src,
+        fast.transfer_syntax,
+        pix,
+        size,
+        media_sop_class=fast.media_sop_class,
+        has_lut_sequence=fast.has_lut_sequence,
+        functional_groups=None,
+    )
+
+
 def _read_header(fh: BinaryIO, path: Path, src: str, size: int) -> DicomHeader:
     """The lean walk when it accepts the file, else pydicom (which classifies the damage)."""
+    hdr = _read_lean(fh, path, src, size)
+    if hdr is not None:
+        return hdr
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    fast = fast_scan(fh, size, FIELD_BY_TAG)  # checks the DICM preamble itself
-    if fast is not None:
-        pix = None
-        if fast.pixel_element >= 0:
-            fh.seek(fast.pixel_element)
-            pix = _read_pixel_element(fh, True)
-        return header_from_values(
-            fast.values,
-            path,
-            src,
-            fast.transfer_syntax,
-            pix,
-            size,
-            media_sop_class=fast.media_sop_class,
-            has_lut_sequence=fast.has_lut_sequence,
-            functional_groups=None,
-        )
     fh.seek(0)
     pre = fh.read(132)
     force = not (len(pre) == 132 and pre[128:132] == b"DICM")

@@ -1,15 +1,16 @@
-"""Series grouping: headers -> series -> stacks (one kept per series, the rest reported).
+"""Series grouping: headers -> series -> stacks (the main cluster kept, the rest reported).
 
 Owns :func:`group_stacks`: headers grouped by (StudyInstanceUID, SeriesInstanceUID);
 within a series repeated SOP instances dropped, slices clustered by orientation and
-LOCALIZER image type and split by AcquisitionNumber when positions repeat; the largest
-cluster kept and validated by :mod:`.geometry`, the others reported as ``extra_stack``.
-Imports :mod:`.header`, :mod:`.geometry` and numpy.
+LOCALIZER image type; the largest cluster kept, the others reported as ``extra_stack``.
+The kept cluster (and each enhanced multi-frame object) goes to :mod:`.volumes`: when slice
+positions repeat it is split by ImageType into separate images and each into volumes (one
+4D stack); every volume is validated by :mod:`.geometry`. Imports :mod:`.header`,
+:mod:`.geometry`, :mod:`.volumes` and numpy.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections import defaultdict
@@ -19,7 +20,7 @@ import numpy as np
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
-from medres.ingest.dicom.geometry import normal, single_stack, volume_stack
+from medres.ingest.dicom.geometry import single_stack
 from medres.ingest.dicom.header import (
     DEFAULT_POLICY,
     DicomHeader,
@@ -29,6 +30,8 @@ from medres.ingest.dicom.header import (
     as_code,
     reject,
 )
+from medres.ingest.dicom.mosaic import expand_mosaics
+from medres.ingest.dicom.volumes import frame_stacks, series_stacks
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,12 @@ def group_stacks(
     - the same SOPInstanceUID twice -> the later path is ``duplicate_input``;
     - instances without patient geometry, and multi-frame instances, are stacks of their
       own (one image each); in a series that also has a volume they are ``extra_stack``;
-    - the remaining slices are clustered by orientation (``orientation_split_deg``), by
-      LOCALIZER image type, and, when positions repeat across acquisitions, by
-      AcquisitionNumber. The largest cluster is the series' stack; the others are
-      ``extra_stack``;
+    - the remaining slices are clustered by orientation (``orientation_split_deg``) and by
+      LOCALIZER image type. The largest cluster is the series' stack; the others are
+      ``extra_stack``. When its positions repeat, :mod:`.volumes` splits it by ImageType
+      (separate images) and into volumes (4D: temporal position, diffusion, echo, trigger
+      time, acquisition number/time, position order), or keeps it as one stack whose
+      same-position slices must hold equal pixels (``duplicate_slices`` otherwise);
     - the kept stack is validated (see :class:`GeometryPolicy`); a failing stack becomes a
       rejection with ``mixed_orientation``, ``inconsistent_geometry``, ``missing_slices`` or
       ``too_few_slices``.
@@ -73,12 +78,11 @@ def _group_series(
 ) -> tuple[list[Stack], list[Rejection]]:
     """The stacks and rejections of one series (see :func:`group_stacks`)."""
     unique, rejections = _unique_instances(hs)
+    unique = expand_mosaics(unique)  # Siemens mosaic -> one header per tile (.mosaic)
     singles = [h for h in unique if not h.is_slice]
     slices = [h for h in unique if h.is_slice]
     stacks: list[Stack] = []
-    clusters = [
-        c2 for c in _orientation_clusters(slices, policy) for c2 in _split_acquisitions(c, policy)
-    ]
+    clusters = _orientation_clusters(slices, policy)
     # main: largest, non-localizer first
     clusters.sort(key=lambda c: (c[0].is_localizer, -len(c), min(str(h.path) for h in c)))
     if clusters:
@@ -86,22 +90,36 @@ def _group_series(
         for extra in clusters[1:]:
             why = (
                 f"{len(extra)} slice(s) split off the main stack "
-                "(other orientation, localizer or repeated acquisition); not ingested"
+                "(other orientation or localizer); not ingested"
             )
             rejections.append(reject(extra, Code.EXTRA_STACK, why))
-        try:
-            stacks.append(volume_stack(study, series, main, policy))
-        except IngestError as exc:
-            rejections.append(reject(main, as_code(exc.code), str(exc)))
+        _add_built(series_stacks(study, series, main, policy), stacks, rejections)
         why = "instance without slice geometry or multi-frame beside a volume series; not ingested"
         rejections.extend(reject([h], Code.EXTRA_STACK, why) for h in singles)
         return stacks, rejections
     for h in singles:
+        nf = h.number_of_frames
+        if nf > 1 and h.image_orientation is not None and len(h.frame_positions) == nf:
+            _add_built(frame_stacks(study, series, h, policy), stacks, rejections)
+            continue
         try:
             stacks.append(single_stack(study, series, h, policy))
         except IngestError as exc:
             rejections.append(reject([h], as_code(exc.code), str(exc)))
     return stacks, rejections
+
+
+def _add_built(
+    built: list[tuple[list[DicomHeader], Stack | IngestError]],
+    stacks: list[Stack],
+    rejections: list[Rejection],
+) -> None:
+    """Sort :mod:`.volumes`' results into stacks and rejections."""
+    for headers, out in built:
+        if isinstance(out, IngestError):
+            rejections.append(reject(headers, as_code(out.code), str(out)))
+        else:
+            stacks.append(out)
 
 
 def _unique_instances(hs: list[DicomHeader]) -> tuple[list[DicomHeader], list[Rejection]]:
@@ -131,32 +149,17 @@ def _orientation_clusters(
         o = h.image_orientation
         assert o is not None  # has_geometry
         for idx, (ref, loc) in enumerate(refs):
-            if loc == h.is_localizer and _angle_deg(ref, o) <= policy.orientation_split_deg:
+            if loc != h.is_localizer:
+                continue
+            # the same orientation (the common case) is within any split angle: no numpy
+            same = ref == o and any(o[:3]) and any(o[3:])
+            if same or _angle_deg(ref, o) <= policy.orientation_split_deg:
                 clusters[idx].append(h)
                 break
         else:
             refs.append((o, h.is_localizer))
             clusters.append([h])
     return clusters
-
-
-def _split_acquisitions(
-    cluster: list[DicomHeader], policy: GeometryPolicy
-) -> list[list[DicomHeader]]:
-    """Split a cluster by AcquisitionNumber only when positions repeat and the split removes
-    the repeats (e.g. two passes of the same volume in one series)."""
-    if len(cluster) < 2:
-        return [cluster]
-    n = normal(cluster[0].image_orientation or (1, 0, 0, 0, 1, 0))
-    d = sorted(float(np.dot(h.image_position, n)) for h in cluster)  # type: ignore[arg-type]
-    if not any(b - a < policy.duplicate_tol for a, b in itertools.pairwise(d)):
-        return [cluster]
-    groups: dict[int | None, list[DicomHeader]] = defaultdict(list)
-    for h in cluster:
-        groups[h.acquisition_number].append(h)
-    if len(groups) < 2:
-        return [cluster]
-    return list(groups.values())
 
 
 def _angle_deg(a: Sequence[float], b: Sequence[float]) -> float:

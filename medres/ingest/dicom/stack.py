@@ -6,7 +6,7 @@ then the closest RAS+ orientation by permuting and flipping axes only; duplicate
 compared; values mapped once, F-contiguous) and :func:`convert_series` (header scan ->
 group -> load -> write NIfTI for the files of one series). Imports :mod:`.header`,
 :mod:`.scan`, :mod:`.series`, :mod:`.decode`, :mod:`medres.ingest.image`,
-:mod:`medres.ingest.nifti`, numpy and nibabel (lazily).
+:mod:`medres.ingest.nifti`, :mod:`medres.ingest.orientation` and numpy.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,16 @@ from medres.ingest.dicom.decode import (
     decode_all,
     fast_ok,
     mask_unused_bits,
+    read_mosaic_tiles,
     read_native,
     run_guarded,
     stored_dtype,
 )
 from medres.ingest.dicom.header import DEFAULT_POLICY, GeometryPolicy, Slice, Stack, describe
+from medres.ingest.dicom.resample import resample_slices
 from medres.ingest.dicom.scan import scan_headers
 from medres.ingest.dicom.series import group_stacks
+from medres.ingest.dicom.volumes import VolumeAxis, not_separated_reason
 from medres.ingest.image import LoadedImage, to_output_dtype
 from medres.ingest.nifti import write_image
 
@@ -51,14 +55,15 @@ def load_stack(stack: Stack, workers: int = 1) -> LoadedImage:
 
 
 def _load_stack(stack: Stack, workers: int) -> LoadedImage:
-    h0 = stack.first
     all_slices = list(stack.slices) + list(stack.dup_slices)
     fast = (
         all(fast_ok(h) for h in stack.headers)
         and len({stored_dtype(h) for h in stack.headers}) == 1
     )
     ds0 = None
-    if fast:
+    if any(h.mosaic_tile >= 0 for h in stack.headers):  # each mosaic file read once (.mosaic)
+        raw, ds0 = read_mosaic_tiles(stack, all_slices)
+    elif fast:
         raw = _read_all_native(stack, all_slices, workers)
     else:
         raw, ds0 = _decode_stack(stack, all_slices, workers)
@@ -68,21 +73,68 @@ def _load_stack(stack: Stack, workers: int) -> LoadedImage:
             raw, [stack.headers[s.header_index].bits_stored for s in all_slices]
         )
     raw = _without_duplicates(stack, raw)
-    orient, affine, dims = _canonical(stack, raw.shape)
+    if stack.n_volumes > 1:
+        return _load_volumes(stack, raw, ds0, stored_range)
+    values, affine, dims = _stack_values(stack, raw, ds0, stored_range)
+    return _image(stack, values, affine, dims, list(stack.warnings))
+
+
+def _stack_values(
+    stack: Stack, raw: np.ndarray, ds0: object, stored_range: tuple[float, float] | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(canonical values, affine, spatial dims) of one volume's stored values ``raw``."""
+    h0 = stack.first
+    grid_n = round(stack.grid_positions[-1]) + 1 if stack.grid_positions else 0  # .resample
+    orient, affine, dims = _canonical(stack, (grid_n, *raw.shape[1:]) if grid_n else raw.shape)
+    value_view = (lambda a: a) if grid_n else orient  # uneven: values slice-first, then grid
     if raw.ndim == 4:  # colour: no modality LUT
-        values = np.asfortranarray(to_output_dtype(orient(raw)))
+        values = np.asfortranarray(to_output_dtype(value_view(raw)))
     else:
         values = apply_values(
             raw,
             stack.slices,
             h0,
-            orient,
+            value_view,
             ds0 if h0.has_modality_lut_sequence else None,
             stored_range,
         )
+    if grid_n:
+        values = np.asfortranarray(orient(resample_slices(values, stack.grid_positions, grid_n)))
     if dims == 2:
         values = values[:, :, 0]
-    return _image(stack, values, affine, dims, list(stack.warnings))
+    return values, affine, dims
+
+
+def _load_volumes(
+    stack: Stack, raw: np.ndarray, ds0: object, stored_range: tuple[float, float] | None
+) -> LoadedImage:
+    """A 4D (X, Y, Z, T) image from the volume-major stored values of a multi-volume
+    stack: each volume mapped and oriented as a 3D stack (spatial axes only); int16 when
+    every volume is, else float32."""
+    if raw.ndim != 3:
+        raise IngestError(
+            f"{describe(stack.headers)}: colour multi-volume series are not supported; "
+            "export the volumes as separate series",
+            code=Code.INCONSISTENT_GEOMETRY,
+        )
+    nv, nz = stack.n_volumes, stack.n_slices
+    vols: list[np.ndarray] = []
+    affine = np.eye(4)
+    for v in range(nv):
+        block = stack.slices[v * nz : (v + 1) * nz]
+        one = replace(stack, slices=block, n_volumes=1, volume_axis=None)
+        values, affine, _dims = _stack_values(one, raw[v * nz : (v + 1) * nz], ds0, stored_range)
+        vols.append(values)
+    dtype = np.int16 if all(a.dtype == np.int16 for a in vols) else np.float32
+    out = np.empty((*vols[0].shape, nv), dtype=dtype, order="F")
+    for v, a in enumerate(vols):
+        out[..., v] = a
+    img = _image(stack, out, affine, 3, list(stack.warnings))
+    img.n_volumes = nv
+    axis = stack.volume_axis
+    if isinstance(axis, VolumeAxis):
+        img.meta["volume_axis"] = axis.sidecar(affine)
+    return img
 
 
 def _read_all_native(stack: Stack, all_slices: list[Slice], workers: int) -> np.ndarray:
@@ -131,9 +183,12 @@ def _without_duplicates(stack: Stack, raw: np.ndarray) -> np.ndarray:
     n = len(stack.slices)
     for kept, di in stack.duplicates:
         if not np.array_equal(raw[kept], raw[n + di]):
+            tried = not_separated_reason(stack, DEFAULT_POLICY)
             raise IngestError(
                 f"{describe(stack.headers)}: two slices at the same position hold different pixels "
-                "(e.g. several phases or echoes in one series); split the series before ingest",
+                "and no key tells the volumes apart"
+                + (f" (tried: {tried})" if tried else "")
+                + "; split the series into one folder per volume before ingest",
                 code=Code.DUPLICATE_SLICES,
             )
     return raw[:n]
@@ -153,7 +208,7 @@ def _canonical(
 
     if stack.kind != "volume":
         return to_ijk, aff, (2 if n == 1 else 3)
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
+    from medres.ingest.orientation import apply_orientation, inv_ornt_aff, io_orientation
 
     aff = np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff  # LPS -> RAS
     ornt = io_orientation(aff)
@@ -169,7 +224,7 @@ def _image(
     stack: Stack, values: np.ndarray, affine: np.ndarray, dims: int, warnings: list[str]
 ) -> LoadedImage:
     h = stack.first
-    color = values.ndim == dims + 1
+    color = values.ndim == dims + 1 and stack.n_volumes == 1
     return LoadedImage(
         array=values,
         affine=affine,
@@ -185,7 +240,7 @@ def _image(
         series_uid=h.series_uid,
         accession=h.accession,
         sources=stack.sources,
-        n_slices=len(stack.slices),
+        n_slices=stack.n_slices,
         warnings=warnings,
         meta={
             "transfer_syntax": h.transfer_syntax,

@@ -1,0 +1,38 @@
+"""`medres plan`: a manifest (+ a time budget) -> the self-configured pipeline, printed and
+written as plan.yaml.
+
+Imports: typer, :mod:`medres.cli.console`; ``medres.train.plan`` lazily inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medres.cli.console import out_console
+
+
+def plan_cmd(
+    manifest: Annotated[Path, typer.Argument(help="DIR/manifest.csv written by ingest.")],
+    time_budget: Annotated[
+        float | None,
+        typer.Option("--time-budget", help="Minutes the whole `medres train` may take."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the plan here (plan.yaml).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
+) -> None:
+    """Fingerprint the data, time candidate networks here and print the training plan."""
+    from medres.io import atomic_write_text
+    from medres.train.plan import plan_for_manifest
+
+    plan = plan_for_manifest(str(manifest), budget_min=time_budget or 0.0, device=device)
+    text = plan.to_yaml()
+    out_console.print(text, markup=False, highlight=False, soft_wrap=True)
+    out_console.print(plan.summary(), markup=False, highlight=False, soft_wrap=True)
+    if out is not None:
+        atomic_write_text(out, text)
+        out_console.print(f"wrote {out}", markup=False, highlight=False)
