@@ -69,6 +69,7 @@ def train_cmd(
     import time
 
     from medres.errors import ConfigError
+    from medres.models.statedict import check_weights_file
     from medres.train.plan import spec_for_train, train_deadline
     from medres.train.run import run_train
 
@@ -94,6 +95,7 @@ def train_cmd(
         raise ConfigError("--out is required: the run directory to write (e.g. --out runs/r1)")
     if resume and pipeline is None and (out / "pipeline.yaml").is_file():
         pipeline = out / "pipeline.yaml"  # the run's resolved spec, not a fresh plan
+    check_weights_file(weights)  # before the plan measures anything
     spec, plan = spec_for_train(pipeline, overrides, time_budget or 0.0)
     if plan is not None:
         out_console.print(plan.summary(), markup=False, highlight=False, soft_wrap=True)

@@ -126,6 +126,24 @@ def scan_checkpoint(path: Path) -> None:
                 _scan_pickle(fh, label)
 
 
+def check_weights_file(source: str | None) -> None:
+    """Fail fast on a ``--weights`` PATH that does not exist or holds pickled code.
+
+    Named sources (``imagenet``, ``none``, ...) pass; a file is checked the way
+    :func:`read_state_dict` will read it, before any planning or training starts.
+    """
+    from medres.models.weights import is_named_source
+
+    if not source or is_named_source(source):
+        return
+    p = Path(source).expanduser()
+    if p.is_dir() or p.suffix == ".safetensors":
+        return  # read_state_dict resolves model dirs; safetensors hold no code
+    if not p.is_file():
+        raise WeightsError(f"weights file {p} does not exist; check the path given to --weights")
+    scan_checkpoint(p)
+
+
 # --- reading weights -----------------------------------------------------------------------
 
 
