@@ -48,11 +48,14 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+
+from medres.stats import Curve as Curve  # re-exported: callers use metrics.Curve
+from medres.stats import curve, rule_index, sorted_groups
+from medres.stats import ece as ece  # re-exported: callers use metrics.ece
 
 log = logging.getLogger(__name__)
 
@@ -230,60 +233,6 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
 # ---------------------------------------------------------------------------------------
 # Curves
 # ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Curve:
-    """Counts at every unique score (descending); a case is positive when score >= threshold."""
-
-    thresholds: np.ndarray  # (m,) unique scores, descending
-    tp: np.ndarray  # (m,) true positives at each threshold
-    fp: np.ndarray  # (m,) false positives at each threshold
-    n_positive: int
-    n_negative: int
-
-    @property
-    def tpr(self) -> np.ndarray:
-        return self.tp / self.n_positive
-
-    @property
-    def fpr(self) -> np.ndarray:
-        return self.fp / self.n_negative
-
-    def roc(self) -> dict[str, list[float]]:
-        """ROC points from (0, 0) (threshold above every score) to (1, 1)."""
-        return {
-            "fpr": [0.0, *self.fpr.tolist()],
-            "tpr": [0.0, *self.tpr.tolist()],
-            "thresholds": [None, *self.thresholds.tolist()],  # None = above every score
-        }
-
-    def pr(self) -> dict[str, list[float]]:
-        """Precision-recall points at every unique threshold (descending)."""
-        prec = self.tp / (self.tp + self.fp)
-        return {
-            "recall": self.tpr.tolist(),
-            "precision": prec.tolist(),
-            "thresholds": self.thresholds.tolist(),
-        }
-
-
-def _sorted_groups(score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.argsort(-score, kind="stable")
-    ss = score[order]
-    ends = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])
-    return order, ends, ss[ends]
-
-
-def curve(y: np.ndarray, score: np.ndarray) -> Curve:
-    """Empirical ROC/PR counts for boolean ``y`` and numeric ``score``."""
-    yb = np.asarray(y, dtype=bool)
-    s = np.asarray(score, dtype=float)
-    order, ends, thr = _sorted_groups(s)
-    ys = yb[order]
-    tp = np.cumsum(ys)[ends]
-    fp = np.cumsum(~ys)[ends]
-    return Curve(thr, tp, fp, int(yb.sum()), int((~yb).sum()))
-
-
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     """AP = sum_k (R_k - R_{k-1}) P_k over unique thresholds (sklearn's definition)."""
     c = curve(y, score)
@@ -336,16 +285,6 @@ def confusion_at(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[in
     return tp, fp, int(np.sum(~yb)) - fp, int(np.sum(yb)) - tp
 
 
-def _target_fraction(target: float) -> tuple[int, int]:
-    """A target rate as the fraction of the decimal it prints as (0.9 -> (9, 10)).
-
-    The denominator is capped at 10**6 (a 1/3 target typed as 0.3333333333333333 is 1/3),
-    which keeps ``count * denominator`` inside int64 for up to 10**12 cases.
-    """
-    f = Fraction(repr(float(target))).limit_denominator(10**6)
-    return f.numerator, f.denominator
-
-
 def operating_points(
     y: np.ndarray,
     score: np.ndarray,
@@ -377,20 +316,16 @@ def operating_points(
     yb = np.asarray(y, dtype=bool)
     s = np.asarray(score, dtype=float)
     c = curve(yb, s)
-    thr, tp, fp = c.thresholds, c.tp.astype(np.int64), c.fp.astype(np.int64)
-    above = float(np.nextafter(thr[0], np.inf))  # just above every score: all negative
     chosen: dict[str, tuple[float, float | None]] = {}
-    j = np.r_[0, tp * c.n_negative - fp * c.n_positive]  # (sens + spec - 1) * n_pos * n_neg
-    best = int(np.argmax(j))  # the first maximum: the highest threshold among exact ties
-    chosen["youden"] = (above if best == 0 else float(thr[best - 1]), None)
+
+    def at(k: int) -> float:
+        return c.above if k < 0 else float(c.thresholds[k])
+
+    chosen["youden"] = (at(rule_index(c, "youden")), None)
     for t in sensitivity_targets:
-        num, den = _target_fraction(t)
-        k = int(np.argmax(tp * den >= num * c.n_positive))  # tp reaches n_pos at the end
-        chosen[f"sensitivity_{t:.2f}"] = (float(thr[k]), float(t))
+        chosen[f"sensitivity_{t:.2f}"] = (at(rule_index(c, "sensitivity", t)), float(t))
     for t in specificity_targets:
-        num, den = _target_fraction(t)
-        ok = np.flatnonzero((c.n_negative - fp) * den >= num * c.n_negative)
-        chosen[f"specificity_{t:.2f}"] = (float(thr[ok[-1]]) if ok.size else above, float(t))
+        chosen[f"specificity_{t:.2f}"] = (at(rule_index(c, "specificity", t)), float(t))
     if threshold is not None:
         chosen["user"] = (float(threshold), None)
     out: dict[str, dict[str, Any]] = {}
@@ -440,28 +375,6 @@ def reliability(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> list[dict[
     return bins
 
 
-def ece(y: np.ndarray, prob: np.ndarray, n_bins: int = 10, strategy: str = "uniform") -> float:
-    """Expected calibration error: sum_b (n_b / n) |mean prob_b - observed rate_b|.
-
-    ``strategy="uniform"``: equal-width bins (the reported ``ece``). ``"quantile"``:
-    equal-mass bins over the cases sorted by probability (``ece_adaptive``).
-    """
-    p = np.asarray(prob, float)
-    yv = np.asarray(y, float)
-    n = p.size
-    if strategy == "uniform":
-        idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
-        sum_p = np.bincount(idx, weights=p, minlength=n_bins)
-        sum_y = np.bincount(idx, weights=yv, minlength=n_bins)
-        return float(np.sum(np.abs(sum_p - sum_y)) / n)
-    if strategy == "quantile":
-        order = np.argsort(p, kind="stable")
-        return float(
-            sum(abs(p[c].sum() - yv[c].sum()) for c in np.array_split(order, n_bins) if c.size) / n
-        )
-    raise ValueError(f"unknown ECE strategy {strategy!r}; known: uniform, quantile")
-
-
 # ---------------------------------------------------------------------------------------
 # Vectorised stratified bootstrap
 # ---------------------------------------------------------------------------------------
@@ -496,7 +409,7 @@ def weighted_counts(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Weighted cumulative (tp, fp) at every unique score, descending, for each weight row."""
     yb = np.asarray(y, dtype=bool)
-    order, ends, thr = _sorted_groups(np.asarray(score, float))
+    order, ends, thr = sorted_groups(np.asarray(score, float))
     ws = w[:, order]
     pos = yb[order]
     tp = np.cumsum(ws * pos, axis=1)[:, ends]

@@ -15,8 +15,8 @@ and fits, on those logits:
   sensitivity + specificity - 1), ``sensitivity:0.9`` (the best specificity that keeps
   validation sensitivity >= 0.9), ``specificity:0.9`` (the best sensitivity that keeps
   specificity >= 0.9) or ``fixed`` (``eval.threshold``). The candidates and the exact
-  integer comparisons are those of
-  :func:`medres.evaluate.metrics.operating_points` (a case is positive when
+  integer comparisons are :func:`medres.stats.rule_index`, the same function
+  :func:`medres.evaluate.metrics.operating_points` uses (a case is positive when
   ``p >= threshold``; among ties the highest threshold). The stored threshold is then
   moved halfway down to the next lower validation score, which leaves every validation
   count unchanged and keeps a margin for unseen cases instead of sitting on one
@@ -25,7 +25,7 @@ and fits, on those logits:
 Both go into ``model.json`` (``temperature``, ``threshold``, ``threshold_rule``,
 ``calibration``); ``medres score`` and the predictions CSVs apply them. Owns
 :class:`ThresholdRule`, :class:`Calibration` and the fits; imports numpy, torch (lazily)
-and ``medres.errors`` only.
+``medres.errors`` and ``medres.stats`` only.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from medres.errors import ConfigError
+from medres.stats import curve, ece, rule_index
 
 log = logging.getLogger(__name__)
 
@@ -145,53 +145,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------- threshold
-def _target_fraction(target: float) -> tuple[int, int]:
-    f = Fraction(repr(float(target))).limit_denominator(10**6)
-    return f.numerator, f.denominator
-
-
 def choose_threshold(y: np.ndarray, score: np.ndarray, rule: ThresholdRule) -> float:
     """The operating threshold of ``rule`` on (``y`` boolean, ``score``); see the module docs."""
     if rule.kind == "fixed":
         return float(rule.fixed)
-    yb = np.asarray(y, dtype=bool)
-    s = np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(yb.sum()), int((~yb).sum())
-    if n_pos == 0 or n_neg == 0:
+    c = curve(y, np.asarray(score, dtype=np.float64))
+    if c.n_positive == 0 or c.n_negative == 0:
         log.warning("threshold: validation has one class only; using %g", rule.fixed)
         return float(rule.fixed)
-    order = np.argsort(-s, kind="stable")
-    ss, ys = s[order], yb[order]
-    ends = np.flatnonzero(np.r_[ss[1:] != ss[:-1], True])
-    thr = ss[ends]  # unique scores, descending
-    tp = np.cumsum(ys)[ends].astype(np.int64)
-    fp = np.cumsum(~ys)[ends].astype(np.int64)
-    if rule.kind == "youden":
-        j = np.r_[0, tp * n_neg - fp * n_pos]
-        k = int(np.argmax(j)) - 1  # -1: above every score
-    elif rule.kind == "sensitivity":
-        num, den = _target_fraction(rule.target or 1.0)
-        k = int(np.argmax(tp * den >= num * n_pos))
-    else:
-        num, den = _target_fraction(rule.target or 1.0)
-        ok = np.flatnonzero((n_neg - fp) * den >= num * n_neg)
-        k = int(ok[-1]) if ok.size else -1
+    k = rule_index(c, rule.kind, rule.target)
     if k < 0:
-        return float(np.nextafter(thr[0], np.inf))
+        return c.above
+    thr = c.thresholds
     lower = thr[k + 1] if k + 1 < len(thr) else 0.0  # the next lower score (or 0)
     return float((thr[k] + lower) / 2.0)
-
-
-def ece(y: np.ndarray, prob: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-width-bin ECE, ``sum_b |sum p - sum y| / n`` (as ``medres evaluate`` reports it)."""
-    p = np.asarray(prob, dtype=np.float64)
-    yv = np.asarray(y, dtype=np.float64)
-    if p.size == 0:
-        return float("nan")
-    idx = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    sp = np.bincount(idx, weights=p, minlength=n_bins)
-    sy = np.bincount(idx, weights=yv, minlength=n_bins)
-    return float(np.abs(sp - sy).sum() / p.size)
 
 
 # ------------------------------------------------------------------------------------- fit

@@ -21,6 +21,7 @@ PKG = Path(__file__).resolve().parents[2] / "medres"
 LAYERS: dict[str, int] = {
     "": 0,  # medres/__init__.py
     "errors": 0,
+    "stats": 0,
     "progress": 0,
     "io": 0,
     "runtime": 0,
