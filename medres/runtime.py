@@ -15,6 +15,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medres.errors import ConfigError
@@ -168,6 +169,19 @@ def setup_runtime(device: str, *, threads: int = 0, setting: str = "--device") -
 
 
 # ----------------------------------------------------------------------------------- threads
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``/``machine()``."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def auto_threads(procs_on_node: int) -> int:
     """CPU threads per process: the machine's cores shared among this node's processes.
 

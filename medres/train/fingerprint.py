@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections import Counter
@@ -196,14 +195,9 @@ def machine_key(device: str, threads: int) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         hw = torch.cuda.get_device_name(0)
     else:
-        hw = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    hw = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        from medres.runtime import cpu_model
+
+        hw = cpu_model()
     return f"{hw}|{device}|{threads}t|torch {torch.__version__}"
 
 
