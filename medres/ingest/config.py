@@ -13,6 +13,8 @@ from medres.ingest.discover import ArchiveLimits
 from medres.ingest.labels import check_fractions
 from medres.phi import SOURCE_PATH_MODES
 
+UNEVEN_MODES = ("resample", "reject")  # --uneven-spacing, GeometryPolicy.uneven_spacing
+
 IMAGES_DIR = "images"
 SCRATCH_DIR = ".medres_scratch"
 
@@ -82,9 +84,10 @@ def check_config(config: IngestConfig) -> None:
             f"--source-paths {config.source_paths!r} is not known; use one of "
             f"{', '.join(SOURCE_PATH_MODES)}"
         )
-    if config.uneven_spacing not in ("resample", "reject"):
+    if config.uneven_spacing not in UNEVEN_MODES:
         raise ConfigError(
-            f"--uneven-spacing {config.uneven_spacing!r} is not known; use resample or reject"
+            f"--uneven-spacing {config.uneven_spacing!r} is not known; use "
+            f"{' or '.join(UNEVEN_MODES)}"
         )
     if config.workers < 0:
         raise ConfigError(f"--workers {config.workers} must be 0 (one per core) or more")

@@ -87,15 +87,6 @@ def single_stack(study: str, series: str, h: DicomHeader, policy: GeometryPolicy
 
 
 # --------------------------------------------------------------------------- volumes
-def volume_stack(study: str, series: str, hs: list[DicomHeader], policy: GeometryPolicy) -> Stack:
-    """The validated stack of single-frame slices ``hs`` (one per header)."""
-    slices = [
-        Slice(i, 0, h.image_position, h.rescale_slope, h.rescale_intercept)
-        for i, h in enumerate(hs)
-    ]
-    return validated_volume(study, series, hs, slices, "", policy)
-
-
 def validated_volume(
     study: str,
     series: str,

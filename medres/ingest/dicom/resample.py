@@ -52,7 +52,6 @@ from medres.ingest.codes import Code
 from medres.ingest.dicom.header import GeometryPolicy
 from medres.ingest.image import to_output_dtype
 
-UNEVEN_MODES = ("resample", "reject")  # GeometryPolicy.uneven_spacing, --uneven-spacing
 MAX_GAP_FACTOR = 10.0  # a gap wider than this many median gaps is never interpolated
 _INTERVAL_SLACK = 0.01  # extent/gap within 1% above an integer: that integer of intervals
 

@@ -84,7 +84,6 @@ from medres.ingest.dicom.geometry import normal, validated_volume
 from medres.ingest.dicom.header import DicomHeader, GeometryPolicy, Slice, Stack
 from medres.ingest.dicom.volume_keys import FrameKey, VolumeAxis
 
-AXIS_KINDS = ("time", "diffusion", "echo", "other")
 _TIME_KEYS = frozenset(
     {
         "TemporalPositionIdentifier",
