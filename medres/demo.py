@@ -213,9 +213,15 @@ def _evaluate(cfg: DemoConfig, res: DemoResult) -> None:
         log.info(
             "demo: test at the validation threshold %s: sensitivity %s, specificity %s; "
             "ECE %s (before scaling %s)",
-            res.threshold, res.sensitivity, res.specificity, res.ece, res.ece_before,
+            *(_g(v) for v in (res.threshold, res.sensitivity, res.specificity, res.ece,
+                              res.ece_before)),
         )  # fmt: skip
     res.n_test = int(evaluated.metrics.get("n", 0))
+
+
+def _g(v: float | None) -> str:
+    """A figure for the log: 4 significant digits, or n/a."""
+    return "n/a" if v is None else f"{v:.4g}"
 
 
 def _score(cfg: DemoConfig, res: DemoResult, archive: Path) -> None:
