@@ -217,6 +217,40 @@ def _test_metrics(run_dir: Path) -> dict[str, float]:
     }
 
 
+def ablation(run_dir: Path, manifest: Path) -> dict[str, float]:
+    """Test AUC of each part of the saved network: every ensemble member alone, the
+    ensemble without and with its test-time flips (a plain network: itself, flipped)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from medres.dataset.manifest import read_manifest
+    from medres.models import load_model_dir
+    from medres.models.ensemble import Ensemble
+    from medres.train.transforms import build_transforms
+
+    net, meta = load_model_dir(run_dir / "model")
+    m = read_manifest(str(manifest))
+    rows = m.select("test")
+    tf = build_transforms(meta.preprocessing, train=False)
+    x = torch.stack(
+        [tf({"image": str(m.resolve(r)), "channels": int(r.get("channels") or 1)})["image"]
+         for r in rows]
+    ).float()  # fmt: skip
+    y = np.array([int(float(r["label"])) for r in rows])
+    members = list(net.members) if isinstance(net, Ensemble) else [net]
+    flips = tuple(net.tta_flips) if isinstance(net, Ensemble) else (0,)
+
+    def auc(model: Any) -> float:
+        with torch.no_grad():
+            z = torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)])
+        return float(roc_auc_score(y, torch.softmax(z, 1)[:, 1].numpy()))
+
+    out = {f"member{k}": auc(mm) for k, mm in enumerate(members)}
+    out["ensemble_no_tta"] = auc(Ensemble(members, ()))
+    out[f"ensemble_tta{list(flips)}"] = auc(Ensemble(members, flips))
+    return out
+
+
 def _plan_estimate(plan_yaml: Path) -> float:
     """The plan's estimated minutes (its ``# estimated_minutes:`` comment line)."""
     for line in plan_yaml.read_text().splitlines():
@@ -226,7 +260,12 @@ def _plan_estimate(plan_yaml: Path) -> float:
 
 
 def run_set(
-    bench: BenchSet, data_dir: Path, work: Path, budget: float, quick: bool
+    bench: BenchSet,
+    data_dir: Path,
+    work: Path,
+    budget: float,
+    quick: bool,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Export, ingest, plan, train one set; return its result record."""
     npz = data_dir / bench.file
@@ -261,9 +300,11 @@ def run_set(
         str(run),
         "--time-budget",
         b,
+        *extra,
         log_path=log_path,
     )
     load1 = os.getloadavg()
+    parts = ablation(run, manifest) if bench.kind == "dicom2d" else {}
     history = list(csv.DictReader((run / "history.csv").open()))
     return {
         "set": bench.name,
@@ -278,6 +319,8 @@ def run_set(
         "load_before": [round(v, 2) for v in load0],
         "load_after": [round(v, 2) for v in load1],
         "plan": plan_yaml.read_text(),
+        "train_args": list(extra),
+        "ablation": parts,
     }
 
 
@@ -308,8 +351,12 @@ def summary(res: dict[str, Any]) -> str:
     ok = "meets" if res["auc"] >= SETS[res["set"]].target_auc else "BELOW"
     est, meas = res["estimated_min"], res["train_min"]
     err = (est - meas) / meas * 100 if meas else float("nan")
+    args = " ".join(res.get("train_args") or [])
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in (res.get("ablation") or {}).items())
     return (
-        f"{res['set']}: test AUC {res['auc']:.4f} ({ok} the target "
+        (f"train args `{args}`; " if args else "")
+        + (f"test AUC by part (not used for any choice): {parts}; " if parts else "")
+        + f"{res['set']}: test AUC {res['auc']:.4f} ({ok} the target "
         f"{SETS[res['set']].target_auc}), ACC {res['acc']:.4f}; train {meas:.2f} min for a "
         f"{res['budget_min']:g} min budget (plan estimate {est:.2f} min, {err:+.0f}%), "
         f"{res['epochs']} epochs; load average before {res['load_before']}, after "
@@ -344,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny subsets and budget (smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     ap.add_argument("--no-append", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument(
+        "--train-args", default="", help="extra `medres train` options (e.g. a variant: "
+        "'--set model.ensemble=3'), recorded with the results",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETS]
@@ -354,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="medres-quality-") as tmp:
         base = args.work or Path(tmp)
         for name in names:
-            res = run_set(SETS[name], args.data, base / name, budget, args.quick)
+            extra = tuple(args.train_args.split())
+            res = run_set(SETS[name], args.data, base / name, budget, args.quick, extra)
             results.append(res)
             print(f"\n{name}\n" + table(res) + "\n" + summary(res), flush=True)
     if args.json:

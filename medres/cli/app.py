@@ -12,7 +12,9 @@ it), a full disk included (one line naming the folder and the space free); 2 usa
 click convention); 130 interrupted (Ctrl-C: one line; every output is written atomically, so
 the same command resumes). ``-h`` is ``--help`` everywhere.
 
-Imports: typer, rich, ``medres.errors``, ``medres.progress`` and the command modules of this
+Every error line and log record passes ``medres.phi.filter_message`` (the identity filter).
+
+Imports: typer, rich, ``medres.errors``, ``medres.phi``, ``medres.progress`` and the command modules of this
 package, which import the library lazily inside each command (start-up stays free of
 torch/monai).
 """
@@ -32,6 +34,7 @@ from medres.cli import data, evaluate, ingest, models, score, train
 from medres.cli import plan as plan_cli
 from medres.cli.console import err_console
 from medres.errors import MedresError
+from medres.phi import IdentityLogFilter, filter_message
 
 log = logging.getLogger("medres")
 
@@ -52,7 +55,7 @@ class _UsageLine(_UsageError):  # type: ignore[misc,valid-type]
         self.where = ctx.command_path if ctx is not None else where
 
     def show(self, file: Any = None) -> None:
-        message = self.format_message().rstrip(".")
+        message = filter_message(self.format_message().rstrip("."))
         typer.echo(f"error: {message}; see '{self.where} --help'", err=True)
 
 
@@ -75,7 +78,7 @@ def _out_option(args: list[str]) -> str | None:
 def _fail(message: str, code: int) -> typer.Exit:
     if _STATE["verbose"]:
         traceback.print_exc()
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {filter_message(message)}", err=True)  # the one identity filter
     return typer.Exit(code)
 
 
@@ -147,6 +150,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers.clear()
     handler = RichHandler(console=err_console, show_path=False, rich_tracebacks=False)
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(IdentityLogFilter())  # no record shows a token the run has learned
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False

@@ -139,7 +139,9 @@ def ingest_cmd(
 def _print_ingest_summary(report: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"medres ingest -> {report.out_dir}", show_header=True)
+    from medres.phi import filter_message
+
+    table = Table(title=filter_message(f"medres ingest -> {report.out_dir}"), show_header=True)
     table.add_column("")
     table.add_column("count", justify="right")
     for modality, n in report.images_by_modality.items():

@@ -160,11 +160,15 @@ def score_cmd(
 def _print_score_summary(summary: Any, out: Path) -> None:
     i, n = summary.shard
     shard_note = f", {summary.skipped_shard} in other shards ({i}/{n})" if n > 1 else ""
+    from medres.phi import filter_message
+
     out_console.print(
-        f"scored {summary.scored}, rejected {summary.errors}, skipped {summary.skipped_done} "
-        f"already done{shard_note} in {summary.seconds:.1f} s ({summary.items_per_s:.1f} img/s, "
-        f"{summary.precision}); ledger: {summary.total_ok} ok, {summary.total_errors} errors "
-        f"-> {summary.outputs.get('scores', out / 'scores.csv')}"
+        filter_message(
+            f"scored {summary.scored}, rejected {summary.errors}, skipped {summary.skipped_done} "
+            f"already done{shard_note} in {summary.seconds:.1f} s ({summary.items_per_s:.1f} "
+            f"img/s, {summary.precision}); ledger: {summary.total_ok} ok, "
+            f"{summary.total_errors} errors -> {summary.outputs.get('scores', out / 'scores.csv')}"
+        )
     )
 
 

@@ -308,6 +308,7 @@ def _read_simple_nii(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int
         or not 2 <= ndim <= 7
         or int(hdr["sform_code"]) == 0
         or not (slope == 0 or not np.isfinite(slope) or (slope == 1 and inter == 0))
+        or not np.isfinite(offset)  # a NaN/inf vox_offset: nibabel's path reports it
         or offset < 352
         or offset != int(offset)
     ):

@@ -113,6 +113,8 @@ def _medres_network_def(meta: ModelMeta, shape: Sequence[int]) -> dict[str, Any]
         "num_classes": meta.num_classes,
         "stem": meta.stem,
         "image_size": list(shape[2:]),
+        "ensemble": meta.ensemble,
+        "tta_flips": list(meta.tta_flips),
     }
 
 

@@ -9,7 +9,11 @@ written atomically (temp file then ``os.replace``), weights first:
   ``weights_sha256`` and what the trainer records (``task``, ``classes``,
   ``positive_class``, ``label_columns``, ``weights_source``, ``preprocessing``,
   ``threshold``, ``threshold_rule``, ``temperature``, ``calibration``,
-  ``selected_weights``, ``best_epoch``, ``val_auc``).
+  ``selected_weights``, ``best_epoch``, ``val_auc``), and for an ensemble ``ensemble``
+  (K members, left out when 1), ``tta_flips`` (test-time flipped axes) and ``members``
+  (each member's seed, best epoch, selected weights and val AUC); weights keys are then
+  ``members.{k}.*`` (:mod:`medres.models.ensemble`). A model.json without ``ensemble`` is
+  one network.
 * Probabilities are ``softmax(logits / temperature)`` (sigmoid for multi-label); a binary
   case is called positive when that probability of ``positive_class`` is >= ``threshold``.
   A model.json without these fields (older releases) means ``temperature`` 1 and
@@ -142,6 +146,9 @@ class ModelMeta:
     selected_weights: str | None = None
     best_epoch: int | None = None
     val_auc: float | None = None
+    ensemble: int = 1
+    tta_flips: tuple[int, ...] = ()
+    members: tuple[Mapping[str, Any], ...] = ()
     weights_sha256: str | None = None
     medres_version: str | None = None
     format: str = MODEL_FORMAT
@@ -151,6 +158,8 @@ class ModelMeta:
         set_ = object.__setattr__
         set_(self, "classes", tuple(str(c) for c in self.classes))
         set_(self, "label_columns", tuple(str(c) for c in self.label_columns))
+        set_(self, "tta_flips", tuple(int(a) for a in self.tta_flips))
+        set_(self, "members", tuple(FrozenMapping(m) for m in self.members))
         if self.positive_class is not None:
             set_(self, "positive_class", str(self.positive_class))
         set_(self, "preprocessing", FrozenMapping(self.preprocessing))
@@ -198,6 +207,8 @@ class ModelMeta:
             if f.name in ("format", "medres_version", "extra"):
                 continue
             value = getattr(self, f.name)
+            if f.name == "ensemble" and value == 1:  # one network: as older releases wrote
+                continue
             if f.name in _ARCH_FIELDS or value not in (None, (), {}):
                 doc[f.name] = thaw(value)
         doc.update(thaw(self.extra))
@@ -297,6 +308,21 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value
 
 
+def _axes(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("expected a list of spatial axes")
+    axes = tuple(_integer(v) for v in value)
+    if any(a < 0 or a > 2 for a in axes):
+        raise ValueError("expected spatial axes 0, 1 or 2")
+    return axes
+
+
+def _mappings(value: Any) -> tuple[Mapping[str, Any], ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError("expected a list of JSON objects")
+    return tuple(_mapping(v) for v in value)
+
+
 #: field -> (parser, required); ``format`` is checked before these.
 _PARSERS: dict[str, tuple[Any, bool]] = {
     "arch": (_arch, True),
@@ -317,6 +343,9 @@ _PARSERS: dict[str, tuple[Any, bool]] = {
     "selected_weights": (_opt_string, False),
     "best_epoch": (_opt_int, False),
     "val_auc": (_opt_float, False),
+    "ensemble": (_count(1, 64), False),
+    "tta_flips": (_axes, False),
+    "members": (_mappings, False),
     "weights_sha256": (_opt_string, False),
     "medres_version": (_opt_string, False),
 }
@@ -436,9 +465,10 @@ def load_model_dir(
         )
     try:
         model = build_model(
-            meta.arch, meta.dims, meta.in_channels, meta.num_classes, stem=meta.stem
-        )
-    except (TypeError, ValueError) as exc:
+            meta.arch, meta.dims, meta.in_channels, meta.num_classes, stem=meta.stem,
+            ensemble=meta.ensemble, tta_flips=meta.tta_flips,
+        )  # fmt: skip
+    except (TypeError, ValueError, ModelError) as exc:
         raise ModelError(
             f"{folder / MODEL_JSON} has an invalid field ({exc}); re-save it"
         ) from None

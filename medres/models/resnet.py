@@ -53,9 +53,19 @@ class ModelConfig:
     in_channels: int
     num_classes: int
     stem: str  # "standard" | "small" (never "auto": resolved at build time)
+    ensemble: int = 1
+    """Members whose logits are averaged (:class:`medres.models.ensemble.Ensemble`)."""
+    tta_flips: tuple[int, ...] = ()
+    """Spatial axes flipped at test time (every subset of them is averaged)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``ensemble``/``tta_flips`` only when set (one network: as before)."""
+        d = asdict(self)
+        if d["ensemble"] == 1:
+            del d["ensemble"]
+        if not d["tta_flips"]:
+            del d["tta_flips"]
+        return d
 
 
 class MedresResNet(ResNet):
@@ -85,13 +95,16 @@ class MedresResNet(ResNet):
         self.config = config
         self.backbone_frozen = False
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features, shape (N, feature_dim)."""
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (``layer4`` output), shape (N, feature_dim, *h)."""
         x = self.act(self.bn1(self.conv1(x)))
         if not self.no_max_pool:
             x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, shape (N, feature_dim)."""
+        return torch.flatten(self.avgpool(self.forward_map(x)), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
@@ -112,10 +125,15 @@ def build_model(
     num_classes: int,
     stem: str = "auto",
     image_size: int | Sequence[int] | None = None,
-) -> MedresResNet:
+    ensemble: int = 1,
+    tta_flips: Sequence[int] = (),
+) -> nn.Module:
     """Build a randomly initialised ResNet (MONAI's Kaiming init).
 
-    ``stem="auto"`` resolves to ``"small"`` when ``min(image_size) < 64`` (see
+    ``ensemble`` > 1 or a non-empty ``tta_flips`` gives an
+    :class:`~medres.models.ensemble.Ensemble` of that many such networks (members seeded
+    one after the other) that averages their logits over the flipped inputs; the defaults
+    give a plain :class:`MedresResNet`. ``stem="auto"`` resolves to ``"small"`` when ``min(image_size) < 64`` (see
     :func:`medres.models.registry.resolve_stem`). Raises :class:`ModelError` for an unknown
     ``arch``, ``dims`` not in (2, 3) or non-positive channel/class counts.
     """
@@ -132,6 +150,13 @@ def build_model(
         num_classes=int(num_classes),
         stem=resolve_stem(stem, image_size),
     )
+    if int(ensemble) != 1 or tuple(tta_flips):
+        from medres.models.ensemble import Ensemble
+
+        if int(ensemble) < 1:
+            raise ModelError(f"ensemble={ensemble!r} is invalid: give 1 or more members")
+        members = [MedresResNet(config) for _ in range(int(ensemble))]
+        return Ensemble(members, tta_flips)
     log.debug("building %s", config)
     return MedresResNet(config)
 

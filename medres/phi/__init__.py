@@ -7,11 +7,20 @@ manifest, log, report or error message. They are replaced by keyed hashes
 on one dataset work; without the key a pseudonym cannot be reversed or re-derived.
 
 Modules: :mod:`~medres.phi.keys` (key file, :func:`pseudonym`) and
-:mod:`~medres.phi.redact` (:class:`PathRedactor`: paths and free text). This is a core
+:mod:`~medres.phi.redact` (:class:`PathRedactor`: paths and free text;
+:func:`filter_message` and :class:`IdentityLogFilter`: every error line and log record). This is a core
 package: it imports ``medres.errors`` only.
 """
 
 from medres.phi.keys import KEY_FILE, load_or_create_key, pseudonym
-from medres.phi.redact import SOURCE_PATH_MODES, PathRedactor
+from medres.phi.redact import SOURCE_PATH_MODES, IdentityLogFilter, PathRedactor, filter_message
 
-__all__ = ["KEY_FILE", "SOURCE_PATH_MODES", "PathRedactor", "load_or_create_key", "pseudonym"]
+__all__ = [
+    "KEY_FILE",
+    "SOURCE_PATH_MODES",
+    "IdentityLogFilter",
+    "PathRedactor",
+    "filter_message",
+    "load_or_create_key",
+    "pseudonym",
+]

@@ -16,14 +16,25 @@ only: a word is split at punctuation, letter/digit and lower/upper changes, and 
 character stands alone; a run of consecutive pieces must equal a token. DICOM tag
 notation ``(gggg,eeee)`` is never changed.
 
-Owns: :data:`SOURCE_PATH_MODES` and :class:`PathRedactor`. Imports: ``medres.errors`` and
-:mod:`medres.phi.keys`.
+Messages (error lines, log records, CLI summaries) pass :func:`filter_message`, the one
+filter for text that leaves the process outside a written file: every redactor made in
+this process registers itself (the last :data:`_LIVE_MAX`), and each one's
+:meth:`PathRedactor.filter_message` replaces path components that contain a token (so an
+``--out`` below a folder named after the patient is pseudonymised too) and words that hold
+a whole token. It applies in every ``--source-paths`` mode (``keep`` is about the paths
+written to the outputs). :class:`IdentityLogFilter` applies it to every log record of the
+``medres`` logger; the CLI's error boundary applies it to every error line.
+
+Owns: :data:`SOURCE_PATH_MODES`, :class:`PathRedactor`, :func:`filter_message` and
+:class:`IdentityLogFilter`. Imports: ``medres.errors`` and :mod:`medres.phi.keys`.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import logging
 import re
 import unicodedata
 from collections.abc import Iterable
@@ -45,6 +56,10 @@ _CJK = re.compile(
     r"\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002ffff]"
 )
 _TAG = re.compile(r"(\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\))")
+# a path quoted in a message ('...' or "..."), or an unquoted word holding a separator
+_PATHLIKE = re.compile(
+    r"""'([^'\n]*[/\\][^'\n]*)'|"([^"\n]*[/\\][^"\n]*)"|([^\s'"]*[/\\][^\s'"]*)"""
+)
 # pieces of a word for whole-token matching: a CJK character, a letter run, a digit run
 _PIECE = re.compile(r"[^\W\d_]+|\d+")
 # header fields that identify a patient or a study (attributes of ``DicomHeader``)
@@ -110,6 +125,7 @@ class PathRedactor:
         self._lengths: set[int] = set()
         self._memo: dict[str, bool] = {}
         self._seen: set[str] = set()
+        _LIVE.append(self)  # every message of this process passes it (filter_message)
 
     # ---- tokens
     def _hash(self, token: str) -> str:
@@ -223,6 +239,32 @@ class PathRedactor:
             return value
         return self._words(value)
 
+    def _identity_path(self, path: str) -> str:
+        """``path`` with each component that contains a token pseudonymised (any mode)."""
+        parts = _SEPARATORS.split(path)
+        return "".join(
+            p
+            if i % 2
+            or not p
+            or p in (".", "..")
+            or _REDACTED.fullmatch(p)
+            or not self.identifies(p)
+            else "~" + pseudonym(p, self.key)
+            for i, p in enumerate(parts)
+        )
+
+    def filter_message(self, text: str) -> str:
+        """A message (error line, log record) with every path component that contains a
+        token and every word that holds a whole token pseudonymised; in every mode."""
+        if not text or not self._hashes:
+            return text
+
+        def path(m: re.Match[str]) -> str:
+            whole, inner = m.group(0), next(g for g in m.groups() if g is not None)
+            return whole.replace(inner, self._identity_path(inner))
+
+        return self._words(_PATHLIKE.sub(path, text))
+
     # ---- redaction
     def _component(self, comp: str, first: bool) -> str:
         if not comp or comp in (".", "..") or _REDACTED.fullmatch(comp):
@@ -251,3 +293,27 @@ class PathRedactor:
         if not self._hashes:
             return text
         return self._words(text)
+
+
+# the redactors made in this process, newest last: what filter_message applies
+_LIVE_MAX = 8
+_LIVE: collections.deque[PathRedactor] = collections.deque(maxlen=_LIVE_MAX)
+
+
+def filter_message(text: str) -> str:
+    """``text`` passed through every live redactor's :meth:`PathRedactor.filter_message`:
+    the identity filter of every error line, log record and CLI summary."""
+    for redactor in list(_LIVE):
+        text = redactor.filter_message(text)
+    return text
+
+
+class IdentityLogFilter(logging.Filter):
+    """A logging filter that passes each record's message through :func:`filter_message`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = filter_message(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True

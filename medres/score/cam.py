@@ -7,7 +7,8 @@ Choices:
   predicted class. The map is upsampled to the network input and scaled to [0, 1].
 - Only the top ``K`` items by that class's probability are explained (``0`` = all);
   :class:`TopK`, fed by the scoring loop's ``on_scored`` callback, keeps just those
-  inputs (a bounded heap), so memory stays flat.
+  inputs (a bounded heap), so memory stays flat. The inputs are the model inputs the
+  batched preprocessing made (copied to the host), exactly what the model scored.
 - One PNG per item, named by its pseudonymous ``image_id`` (``OUT_DIR/cam/<id>.png``):
   the network input (first channel, as the model saw it) in grey with the map as a
   ``jet`` overlay (alpha 0.4). 3D inputs give a montage of the three mid slices
@@ -68,14 +69,20 @@ class TopK:
         self._seen = 0
 
     def __call__(self, decoded: Sequence[Any], probs: np.ndarray) -> None:
-        """Offer one scored batch (``Decoded`` items and their probabilities)."""
+        """Offer one scored batch (``Decoded`` items holding their model inputs, see
+        :func:`medres.score.engine.run_items`, and their probabilities). A kept input is
+        copied: a view would keep its whole batch alive."""
         for d, p in zip(decoded, probs, strict=True):
-            entry = (float(self.rank_fn(p)), self._seen, d.item, d.array, p)  # unique order
-            self._seen += 1
+            rank = float(self.rank_fn(p))
             if self.k == 0 or len(self._heap) < self.k:
-                heapq.heappush(self._heap, entry)
-            elif entry[0] > self._heap[0][0]:
-                heapq.heapreplace(self._heap, entry)
+                heapq.heappush(self._heap, self._entry(rank, d, p))
+            elif rank > self._heap[0][0]:
+                heapq.heapreplace(self._heap, self._entry(rank, d, p))
+            self._seen += 1
+
+    def _entry(self, rank: float, d: Any, p: np.ndarray) -> tuple[Any, ...]:
+        x = np.array(d.array, dtype=np.float32, copy=True)
+        return (rank, self._seen, d.item, x, np.array(p, copy=True))  # unique order
 
     def __len__(self) -> int:
         return len(self._heap)

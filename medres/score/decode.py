@@ -1,8 +1,25 @@
-"""Decoding for scoring: where an item is decoded, the model's saved preprocessing, and the
-ordered, bounded feed of decoded chunks to the scoring loop.
+"""Decoding for scoring: where an item is decoded, what decoding returns, and the ordered,
+bounded feed of decoded chunks to the scoring loop.
 
 Choices:
 
+- **Decoding returns the raw image**: :class:`MedresDecoder` reads an item with ingest's
+  readers (NIfTI through ingest's fast ``.nii`` reader, DICOM through the stack reader)
+  and returns a :class:`~medres.train.batched.RawImage` (the array as read, in its dtype,
+  its affine and channel count), after the ``wrong_dims`` and 4D-volume checks. The saved
+  preprocessing is not run here: the scoring loop runs it on each batch, on the scoring
+  device, with :class:`~medres.train.batched.BatchedPreprocess` (the decoder's
+  :attr:`~MedresDecoder.batched`), the one scoring path (:mod:`medres.score.engine`).
+- **Where a worker-decoded item is preprocessed** (:meth:`MedresDecoder.ship_raw`): what a
+  worker sends back is pickled through a pipe, and a raw CT (512x512x300 int16, 150 MB) is
+  ~20 times its 128^3 float32 model input (8 MB). Rule: when scoring on an accelerator a
+  worker always ships the raw image (the device preprocesses a batch far faster than a
+  worker's CPU); when scoring on the CPU it ships it only when it is small (at most
+  :data:`SHIP_RAW_BYTES`, 1 MiB, or the size of its model input), else it runs the same
+  ``BatchedPreprocess`` on that one item on its own CPU (one path, the worker's core does
+  the work, in parallel with the model) and ships the model input. The result does not
+  depend on where it was computed beyond float32 rounding (the batched path equals the
+  per-item one within 1e-5 either way).
 - **Where an item is decoded** is the decoder's call (``decoder.in_process(item)``, when
   it has one). :class:`MedresDecoder` decodes in this process only what is bounded: an
   uncompressed single-file NIfTI-1 (``.nii``) whose header-declared data (``vox_offset``
@@ -20,7 +37,7 @@ Choices:
   allocation ends as a ``timeout`` error row, a crash as ``decode_failed``.
 - **The pool** starts before discovery (``_Decoders.start``) when items are expected to
   need it, else on the first item that does. Each worker receives the decoder once (the
-  pool's ``initializer``), builds its transforms there and uses one torch thread.
+  pool's ``initializer``, which marks it ``in_worker``) and uses one torch thread.
   Chunks are submitted ahead: at most ``max(workers * prefetch, chunks per batch +
   workers)`` chunks are in flight (inline chunks count too, they keep the order), which
   bounds memory and keeps the model fed while it computes. Results come back in
@@ -33,9 +50,12 @@ Choices:
   failure into a coded :class:`~medres.score.items.Decoded` (``decode_failed`` unless the
   reader raised an ``IngestError`` with its own code; ``timeout`` when decoding ran out
   of memory, also where a reader re-coded the MemoryError, as the pool reports it).
+  ``Decoded.array`` holds the ``RawImage`` or, from a custom decoder or a worker that
+  preprocessed, the model input array.
 
 Imports: :mod:`medres.workers`, :mod:`medres.ingest` (codes; nifti/dicom readers lazily),
-:mod:`medres.train.transforms` lazily, :mod:`medres.score.items`.
+:mod:`medres.train.batched` and :mod:`medres.train.transforms` lazily,
+:mod:`medres.score.items`.
 """
 
 from __future__ import annotations
@@ -59,16 +79,24 @@ from medres.workers import Failure, IsolatedPool
 
 log = logging.getLogger(__name__)
 
-# what the forkserver imports once for scoring's workers (readers, torch, MONAI transforms)
-PRELOAD = ("medres.score.decode", "medres.ingest.nifti", "medres.train.transforms")
+# what the forkserver imports once for scoring's workers (readers, torch, the preprocessing)
+PRELOAD = ("medres.score.decode", "medres.ingest.nifti", "medres.train.batched")
+# a worker on CPU scoring ships a raw image back when it is at most this large (or at most
+# its preprocessed size); a larger one is preprocessed in the worker (module docstring)
+SHIP_RAW_BYTES = 1 << 20
 
 
-def decode_one(decoder: Callable[[ScoreItem], np.ndarray], item: ScoreItem) -> Decoded:
-    """Decode one item, turning any failure into a coded error (never raises)."""
+def decode_one(decoder: Callable[[ScoreItem], Any], item: ScoreItem) -> Decoded:
+    """Decode one item, turning any failure into a coded error (never raises).
+
+    A decoder returns a raw image (``RawImage``, kept as it is: the batch preprocesses it)
+    or the model input itself (an array, kept as contiguous float32)."""
     if item.kind == "error":
         return Decoded(item, code=item.code, message=item.message)
     try:
         arr = decoder(item)
+        if hasattr(arr, "affine") and hasattr(arr, "channels"):  # a RawImage
+            return Decoded(item, arr)
         return Decoded(item, np.ascontiguousarray(arr, dtype=np.float32))
     except IngestError as exc:
         if _out_of_memory(exc):
@@ -144,28 +172,41 @@ def bounded_plain_nifti(path: str | os.PathLike[str], max_bytes: int | None = No
 
 
 class MedresDecoder:
-    """Decoding with ingest's readers + the model's saved inference transforms.
+    """Decoding with ingest's readers: an item -> its raw :class:`~medres.train.batched.RawImage`.
 
-    Picklable (only the preprocessing dict travels); the MONAI transform is built lazily
-    in each worker. ``inline_max_bytes`` (the worker memory cap) bounds what
-    :meth:`in_process` accepts.
-
-    Speed: the transforms run with MONAI's metadata tracking off (``set_track_meta(False)``)
-    unless the preprocessing resamples to a ``spacing`` (the only step after the first
-    that reads the affine). The input stays a ``MetaTensor``, so the orientation step
-    still reads its affine; every later step then works on plain tensors, which halves
-    the transform cost and gives identical values (MetaTensor bookkeeping never changes
-    voxels). Scoring keeps no metadata, so nothing is lost.
+    Picklable (the preprocessing dict, the memory cap and the scoring device travel; the
+    :class:`~medres.train.batched.BatchedPreprocess` is built lazily in each process).
+    ``inline_max_bytes`` (the worker memory cap) bounds what :meth:`in_process` accepts.
+    ``device`` is the scoring device: it decides where a worker-decoded item is
+    preprocessed (:meth:`ship_raw`); :attr:`batched` is the one preprocessing, on that
+    device, that the scoring loop runs on each batch.
     """
 
-    def __init__(self, preprocessing: dict[str, Any], *, inline_max_bytes: int | None = None):
+    def __init__(
+        self,
+        preprocessing: dict[str, Any],
+        *,
+        inline_max_bytes: int | None = None,
+        device: str = "cpu",
+    ):
         self.preprocessing = preprocessing
         self.inline_max_bytes = inline_max_bytes
-        self._tf: Any = None
-        self._track_meta = bool(preprocessing.get("spacing"))
+        self.device = str(device)
+        self.in_worker = False  # set by :func:`init_worker`
+        self._batched: Any = None
+        self._local: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tf": None}
+        return {**self.__dict__, "_batched": None, "_local": None}
+
+    @property
+    def batched(self) -> Any:
+        """The :class:`~medres.train.batched.BatchedPreprocess` on the scoring device."""
+        if self._batched is None:
+            from medres.train.batched import BatchedPreprocess
+
+            self._batched = BatchedPreprocess(self.preprocessing, device=self.device)
+        return self._batched
 
     def load(self, item: ScoreItem) -> Any:
         """The item's :class:`~medres.ingest.image.LoadedImage` via ingest's readers."""
@@ -204,53 +245,56 @@ class MedresDecoder:
         return item.kind == "nifti" and bounded_plain_nifti(item.payload[0], self.inline_max_bytes)
 
     def prepare(self) -> None:
-        """Import the readers and build the transforms (once per process)."""
+        """Import the readers and the batched preprocessing, validate the saved
+        preprocessing (once per process: a bad model.json fails here, not per item)."""
         import medres.ingest.nifti  # noqa: F401
-        from medres.train.transforms import build_transforms
 
-        if self._tf is None:
-            self._tf = build_transforms(self.preprocessing, train=False, load=False)
+        _ = self.batched.spec
 
-    def __call__(self, item: ScoreItem) -> np.ndarray:
-        from medres.train.transforms import check_volumes, image_to_metatensor
+    def ship_raw(self, raw: Any) -> bool:
+        """Whether ``raw`` leaves the decoder as it is (preprocessed later, batched, on the
+        scoring device) rather than preprocessed here. Always in the scoring process and
+        when scoring on an accelerator; in a worker on CPU scoring only when it is small
+        (at most :data:`SHIP_RAW_BYTES` or the size of its model input), so that a large
+        volume is reduced where it was read and only its model input crosses processes."""
+        if not self.in_worker or not self.device.startswith("cpu"):
+            return True
+        out = math.prod(self.batched.out_shape) * 4
+        return int(getattr(raw.array, "nbytes", 0)) <= max(SHIP_RAW_BYTES, out)
 
-        self.prepare()
+    def __call__(self, item: ScoreItem) -> Any:
+        """The raw image of ``item`` (a ``RawImage``), or, when :meth:`ship_raw` says no,
+        its model input (float32 (C, *image_size)) made by the same batched preprocessing
+        on this worker's CPU."""
+        from medres.train.batched import RawImage
+        from medres.train.transforms import check_volumes
+
         img = self.load(item)
         self.check_dims(item, img.dims)
         check_volumes(self.preprocessing, getattr(img, "n_volumes", 1), item.source)  # 4D rule
-        # C order before the float32 cast: the transposing copy moves 2-byte voxels, not 4
-        img.array = np.ascontiguousarray(img.array)
-        with _track_meta(self._track_meta):
-            out = self._tf({"image": image_to_metatensor(img)})
-        x = out["image"]
-        x = x.as_tensor() if hasattr(x, "as_tensor") else x
-        return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, np.float32)
+        raw = RawImage(img.array, np.asarray(img.affine, np.float64), int(img.channels or 1))
+        if self.ship_raw(raw):
+            return raw
+        if self._local is None:
+            from medres.train.batched import BatchedPreprocess
 
-
-@contextlib.contextmanager
-def _track_meta(on: bool) -> Iterator[None]:
-    """MONAI's global metadata tracking set to ``on`` for the block, restored after."""
-    from monai.data import get_track_meta, set_track_meta
-
-    before = get_track_meta()
-    set_track_meta(on)
-    try:
-        yield
-    finally:
-        set_track_meta(before)
+            self._local = BatchedPreprocess(self.preprocessing, device="cpu")
+        return self._local([raw])[0].numpy()
 
 
 # -- worker side (runs in IsolatedPool workers) ---------------------------------------------
-_WORKER_DECODER: Callable[[ScoreItem], np.ndarray] | None = None
+_WORKER_DECODER: Callable[[ScoreItem], Any] | None = None
 
 
-def init_worker(decoder: Callable[[ScoreItem], np.ndarray]) -> None:
-    """Pool initializer: keep the decoder, one torch thread, transforms built once."""
+def init_worker(decoder: Callable[[ScoreItem], Any]) -> None:
+    """Pool initializer: keep the decoder, one torch thread, set-up done once."""
     global _WORKER_DECODER
     with contextlib.suppress(ImportError):
         import torch
 
         torch.set_num_threads(1)  # one thread per worker; the parallelism is across workers
+    if hasattr(decoder, "in_worker"):
+        decoder.in_worker = True  # see MedresDecoder.ship_raw
     prepare = getattr(decoder, "prepare", None)
     if callable(prepare):
         prepare()
@@ -304,7 +348,7 @@ class _Decoders:
 
     def __init__(
         self,
-        decoder: Callable[[ScoreItem], np.ndarray],
+        decoder: Callable[[ScoreItem], Any],
         workers: int,
         prefetch: int,
         per_batch: int = 1,

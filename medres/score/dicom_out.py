@@ -193,22 +193,27 @@ def write_study_srs(
 
 
 def _evidence(rows: Sequence[SeriesResult], keep_ids: bool) -> list[Any]:
-    """One header (no pixel data) per series; type-2 attributes absent in the wild are
-    added empty (the SR needs them); without ``keep_ids`` identifiers emptied or removed."""
+    """One header (no pixel data) per series (:func:`reference_header`)."""
+    return [reference_header(r.header_path, keep_ids) for r in rows]
+
+
+def reference_header(path: str | os.PathLike[str], keep_ids: bool) -> Any:
+    """The pixel-free header of a source image as a derived object may copy it: type-2
+    attributes absent in the wild are added empty (SR and SC need them); without
+    ``keep_ids`` identifiers emptied or removed (see the module doc)."""
     import pydicom
 
-    evidence = [pydicom.dcmread(r.header_path, stop_before_pixels=True) for r in rows]
-    for ds in evidence:
-        if not keep_ids:
-            for kw in _DROPPED:
-                if kw in ds:
-                    delattr(ds, kw)
-            for kw in _BLANKED:
-                setattr(ds, kw, "")
-        for kw in _TYPE2:
-            if kw not in ds:
-                setattr(ds, kw, "")
-    return evidence
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    if not keep_ids:
+        for kw in _DROPPED:
+            if kw in ds:
+                delattr(ds, kw)
+        for kw in _BLANKED:
+            setattr(ds, kw, "")
+    for kw in _TYPE2:
+        if kw not in ds:
+            setattr(ds, kw, "")
+    return ds
 
 
 def _code(hd: Any, value: str, meaning: str) -> Any:
@@ -315,7 +320,7 @@ def _write_one(
 
 
 def push_new(url: str, paths: Sequence[Path], record: Path) -> int:
-    """Store the SRs of ``paths`` whose SOPInstanceUID ``record`` (a JSON list) does not
+    """Store the objects (SRs, SCs) of ``paths`` whose SOPInstanceUID ``record`` (a JSON list) does not
     hold yet; returns how many were stored. A repeated run pushes nothing twice."""
     import json
 
@@ -333,5 +338,5 @@ def push_new(url: str, paths: Sequence[Path], record: Path) -> int:
     n = push(url, list(todo.values()))
     with atomic_open(record, "w") as fh:
         json.dump(sorted(done | set(todo)), fh)
-    log.info("pushed %d SR(s) to the PACS (%d already there)", n, len(paths) - len(todo))
+    log.info("pushed %d object(s) to the PACS (%d already there)", n, len(paths) - len(todo))
     return n

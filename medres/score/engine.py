@@ -7,14 +7,29 @@ Choices:
   the ledger (or in another shard) never reach here.
 - **Decoding** is :mod:`medres.score.decode`'s: plain bounded ``.nii`` files inline just
   before their batch, everything else in the supervised worker pool, in order.
-- **Batches group items of equal shape** (the saved preprocessing normally resizes, so
-  there is one shape); each batch is committed in one ledger transaction right after its
-  forward pass, together with the error rows seen since the last one. A crash loses only
-  the batch in flight.
+- **One preprocessing path, batched on the device**: decoding returns raw images
+  (:class:`~medres.train.batched.RawImage`); a batch is preprocessed right before the
+  forward pass by the decoder's :class:`~medres.train.batched.BatchedPreprocess` on the
+  scoring device (cuda when scoring on cuda), which groups the batch by its key (raw
+  shape, dtype, channels, affine) and computes each item independently of its
+  batch-mates (per-item statistics, per-plane spatial steps). It equals the per-item
+  MONAI chain (``build_transforms(pre, train=False, load=False)``) within 1e-5
+  (``tests/unit/test_batched_preprocess.py``; end to end through ``medres score``:
+  ``tests/integration/test_score_batched.py``). An item whose preprocessing fails
+  becomes a ``decode_failed`` row; the rest of its batch is scored.
+- **Batches bucket items by model-input shape** (``(in_channels, *image_size)`` for a raw
+  image, the array's shape for one preprocessed already: by a worker, see
+  :mod:`medres.score.decode`, or by a custom decoder). A bucket is scored when it holds
+  ``batch_size`` items or :data:`RAW_BATCH_BYTES` of raw voxels (memory stays bounded
+  with large volumes), and committed in one ledger transaction right after its forward
+  pass, together with the error rows seen since the last one. A crash loses only the
+  batch in flight.
 - **What else is done with scored items** is the caller's: ``on_scored(decoded, probs)``
-  sees every committed batch (Grad-CAM's top-K selection, :class:`medres.score.cam.TopK`).
+  sees every committed batch, each ``Decoded.array`` replaced by its model input (a host
+  array, as the model saw it: Grad-CAM's top-K selection, :class:`medres.score.cam.TopK`).
 
-Imports: :mod:`medres.score.decode`, :mod:`medres.score.items`, :mod:`medres.score.ledger`.
+Imports: :mod:`medres.score.decode`, :mod:`medres.score.items`, :mod:`medres.score.ledger`,
+:mod:`medres.ingest.codes`; torch lazily.
 """
 
 from __future__ import annotations
@@ -22,11 +37,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from medres.ingest.codes import Code
 from medres.score.decode import Decoded, _Decoders, chunks
 from medres.score.items import ScoreItem
 from medres.score.ledger import Ledger, Record
@@ -36,6 +52,9 @@ log = logging.getLogger(__name__)
 __all__ = ["Decoded", "LoopConfig", "LoopStats", "ScoreItem", "background", "run_items"]
 
 OnScored = Callable[[Sequence[Decoded], np.ndarray], None]
+# a bucket of raw images is preprocessed and scored once their raw bytes reach this, even
+# before it holds a batch: 64 raw CTs (150 MB each) are never held at once
+RAW_BATCH_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class LoopStats:
     seconds: float = 0.0
     start_s: float = 0.0
     decode_wait_s: float = 0.0
+    preprocess_s: float = 0.0
     model_s: float = 0.0
     commit_s: float = 0.0
 
@@ -101,45 +121,117 @@ def _record(
     )
 
 
+def _raw(d: Decoded) -> bool:
+    """Whether ``d`` holds a raw image (a ``RawImage``: preprocessed with its batch)."""
+    return hasattr(d.array, "affine") and hasattr(d.array, "channels")
+
+
+def _raw_bytes(d: Decoded) -> int:
+    return int(getattr(getattr(d.array, "array", None), "nbytes", 0)) if _raw(d) else 0
+
+
 class _Batcher:
-    """Groups decoded items by shape, predicts full batches and commits them with the
-    error rows gathered since the last commit."""
+    """Buckets decoded items by model-input shape, preprocesses and predicts full batches,
+    and commits them with the error rows gathered since the last commit.
+
+    ``prep`` (a :class:`~medres.train.batched.BatchedPreprocess` on the scoring device)
+    turns the raw images of a batch into model inputs; it groups them internally by its
+    key (raw shape, dtype, channels, affine). A raw image goes to the bucket of
+    ``prep.out_shape``, an array already preprocessed to the bucket of its shape, so a
+    worker-preprocessed item and a raw one share a forward pass.
+    """
 
     def __init__(
         self,
-        predictor: Callable[[np.ndarray], np.ndarray],
+        predictor: Callable[[Any], np.ndarray],
         ledger: Ledger,
         model_hash: str,
         config: LoopConfig,
         stats: LoopStats,
         on_scored: OnScored | None,
         on_progress: Callable[[int], None] | None,
+        prep: Any = None,
     ) -> None:
         self.predictor, self.ledger, self.model_hash = predictor, ledger, model_hash
         self.config, self.stats = config, stats
         self.on_scored, self.on_progress = on_scored, on_progress
+        self.prep = prep
         self.by_shape: dict[tuple[int, ...], list[Decoded]] = {}
+        self.raw_bytes: dict[tuple[int, ...], int] = {}
         self.errors: list[Record] = []
+
+    def _error(self, item: ScoreItem, code: str, message: str) -> None:
+        rec = _record(item, "error", keep_ids=self.config.keep_ids, code=code, message=message)
+        self.errors.append(rec)
 
     def add(self, d: Decoded) -> None:
         if d.item.kind == "error" or d.array is None:
-            code, msg = d.code or d.item.code, d.message or d.item.message
-            rec = _record(d.item, "error", keep_ids=self.config.keep_ids, code=code, message=msg)
-            self.errors.append(rec)
+            self._error(d.item, d.code or d.item.code, d.message or d.item.message)
             return
-        shape = tuple(d.array.shape)
+        raw = _raw(d)
+        if raw and self.prep is None:
+            raise TypeError("a raw image reached a scoring loop without a BatchedPreprocess")
+        shape = tuple(self.prep.out_shape) if raw else tuple(d.array.shape)
         group = self.by_shape.setdefault(shape, [])
         group.append(d)
-        if len(group) >= self.config.batch_size:
+        self.raw_bytes[shape] = self.raw_bytes.get(shape, 0) + _raw_bytes(d)
+        if len(group) >= self.config.batch_size or self.raw_bytes[shape] >= RAW_BATCH_BYTES:
             self.flush(shape)
+
+    def _inputs(self, group: list[Decoded]) -> tuple[Any, list[Decoded]]:
+        """The model-input batch of ``group`` (in order) and the items it holds; an item
+        whose preprocessing fails becomes an error row (the others are kept)."""
+        ready = [i for i, g in enumerate(group) if not _raw(g)]
+        if len(ready) == len(group):
+            return np.stack([g.array for g in group]), group
+        import torch
+
+        try:
+            x = self.prep([g.array for g in group if _raw(g)])
+        except Exception:  # find the item(s) that cannot be preprocessed, keep the rest
+            return self._one_by_one(group)
+        if not ready:
+            return x, group
+        out = torch.empty((len(group), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        ready_set = set(ready)
+        raw_idx = [i for i in range(len(group)) if i not in ready_set]
+        out[raw_idx] = x
+        stacked = torch.from_numpy(np.stack([group[i].array for i in ready]))
+        out[ready] = stacked.to(x.device)
+        return out, group
+
+    def _one_by_one(self, group: list[Decoded]) -> tuple[Any, list[Decoded]]:
+        import torch
+
+        from medres.errors import MedresError
+
+        xs, kept = [], []
+        for g in group:
+            try:
+                x = self.prep([g.array])[0] if _raw(g) else torch.from_numpy(g.array)
+            except Exception as exc:
+                why = str(exc) if isinstance(exc, MedresError) else type(exc).__name__
+                msg = f"{g.item.source}: preprocessing failed ({why})"
+                self._error(g.item, Code.DECODE_FAILED.value, msg)
+                continue
+            xs.append(x.to(self.prep.device))
+            kept.append(g)
+        return (torch.stack(xs) if xs else None), kept
 
     def flush(self, shape: tuple[int, ...]) -> None:
         group = self.by_shape.pop(shape, [])
+        self.raw_bytes.pop(shape, None)
         if not group:
             return
         stats, label = self.stats, self.config.label_fn
         tm = time.perf_counter()
-        probs = self.predictor(np.stack([g.array for g in group]))
+        x, group = self._inputs(group)
+        stats.preprocess_s += time.perf_counter() - tm
+        if not group:
+            self.flush_errors()
+            return
+        tm = time.perf_counter()
+        probs = self.predictor(x)
         stats.model_s += time.perf_counter() - tm
         recs = [
             _record(g.item, "ok", keep_ids=self.config.keep_ids, scores=p, pred=label(list(p)))
@@ -147,8 +239,9 @@ class _Batcher:
         ]
         recs += self.errors
         self._commit(recs)
-        if self.on_scored is not None:
-            self.on_scored(group, probs)
+        if self.on_scored is not None:  # the model inputs (CAM), as the model saw them
+            xs = x.detach().cpu().numpy() if hasattr(x, "detach") else x
+            self.on_scored([replace(g, array=xi) for g, xi in zip(group, xs, strict=True)], probs)
         stats.scored += len(group)
         stats.errors += len(self.errors)
         stats.batches += 1
@@ -213,8 +306,8 @@ def _timed(results: Iterator[list[Decoded]], stats: LoopStats) -> Iterator[list[
 
 def run_items(
     items: Iterable[ScoreItem],
-    decoder: Callable[[ScoreItem], np.ndarray],
-    predictor: Callable[[np.ndarray], np.ndarray],
+    decoder: Callable[[ScoreItem], Any],
+    predictor: Callable[[Any], np.ndarray],
     ledger: Ledger,
     model_hash: str,
     config: LoopConfig,
@@ -224,15 +317,18 @@ def run_items(
 ) -> LoopStats:
     """Decode, predict and commit every item; returns counts and timings.
 
-    The decoder may have ``prepare()`` (called once here) and ``in_process(item) -> bool``
-    (items it can decode safely in this process; see :mod:`medres.score.decode`).
+    The decoder may have ``prepare()`` (called once here), ``in_process(item) -> bool``
+    (items it can decode safely in this process; see :mod:`medres.score.decode`) and
+    ``batched`` (a ``BatchedPreprocess``: needed when it returns raw images).
+    ``predictor`` takes a (B, C, *spatial) batch, a numpy array or a tensor on its device.
     ``on_scored(decoded, probs)`` is called after each committed batch, ``on_progress(n)``
     with the number of rows each commit wrote.
     """
     stats = LoopStats()
     t0 = time.perf_counter()
     decoders = _start(decoder, config, stats)
-    batcher = _Batcher(predictor, ledger, model_hash, config, stats, on_scored, on_progress)
+    prep = getattr(decoder, "batched", None)  # the batched preprocessing, on the device
+    batcher = _Batcher(predictor, ledger, model_hash, config, stats, on_scored, on_progress, prep)
     here = getattr(decoder, "in_process", None) if config.workers > 0 else None
     feed = decoders.run(chunks(items, config.chunk, here if callable(here) else None))
     for results in _timed(feed, stats):
@@ -242,9 +338,10 @@ def run_items(
     batcher.finish()
     stats.seconds = time.perf_counter() - t0
     log.debug(
-        "loop %.3f s: pool start %.3f, decode wait %.3f, model %.3f, commit %.3f (%d batches)",
-        stats.seconds, stats.start_s, stats.decode_wait_s, stats.model_s, stats.commit_s,
-        stats.batches,
+        "loop %.3f s: pool start %.3f, decode wait %.3f, preprocess %.3f, model %.3f, "
+        "commit %.3f (%d batches)",
+        stats.seconds, stats.start_s, stats.decode_wait_s, stats.preprocess_s, stats.model_s,
+        stats.commit_s, stats.batches,
     )  # fmt: skip
     return stats
 

@@ -22,9 +22,14 @@ Choices:
   pseudonym), retrieved and scored (new stacks get new rows; committed ones are never
   rewritten), and listed in ``OUT_DIR/pacs.json``.
 - ``--dicom-out`` needs one header per scored series also for complete series: a header
-  without pixel data is kept per item under ``OUT_DIR/.pacs/headers/`` (mode 0700; it
-  holds the source study's identity, like the evidence of the SR itself). A series
-  without its cached header is retrieved again.
+  without pixel data is kept per item under ``OUT_DIR/.pacs/headers/`` (mode 0700).
+  Without ``--keep-ids`` it holds only what the SR's evidence needs (the file meta and
+  SOPClassUID, SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID, Modality and the
+  image pixel description that highdicom checks a source image by): no
+  patient, study or free-text attribute reaches the output folder. With ``--keep-ids``
+  the whole header is kept, in ``.pacs/headers-ids/`` (the SR copies the patient and
+  study modules), so a run in the other mode never finds a header of the wrong kind
+  and retrieves the series again. A series without its cached header is retrieved again.
 
 Imports: :mod:`medres.ingest.pacs`, :mod:`medres.ingest.archives` (``InputFile``),
 :mod:`medres.phi`, :mod:`medres.score.items`, :mod:`medres.score.sources`.
@@ -51,6 +56,25 @@ log = logging.getLogger(__name__)
 
 REPORT_NAME = "pacs.json"
 HEADERS_DIR = Path(".pacs") / "headers"
+HEADERS_IDS_DIR = Path(".pacs") / "headers-ids"  # --keep-ids: whole headers
+# what a header cached without --keep-ids keeps (the SR evidence and image references)
+_EVIDENCE_KEEP = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    # the image pixel description: highdicom checks a source image reference by it
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "NumberOfFrames",
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pacs_series (
     series_key TEXT NOT NULL,
@@ -123,6 +147,20 @@ class SeriesState:
         except sqlite3.OperationalError:  # no items table yet
             return set()
 
+    def committed_among(self, keys: set[str]) -> set[str]:
+        """Which of ``keys`` have a row (ok or error) in the ledger now."""
+        found: set[str] = set()
+        todo = sorted(keys)
+        try:
+            for i in range(0, len(todo), 500):
+                part = todo[i : i + 500]
+                sql = "SELECT item_key FROM items WHERE model_hash = ? AND item_key IN (%s)"
+                cur = self._con.execute(sql % ",".join("?" * len(part)), (self.model_hash, *part))
+                found.update(r[0] for r in cur)
+        except sqlite3.OperationalError:  # no items table yet
+            return set()
+        return found
+
     def record(self, series_key: str, row: SeriesRow) -> None:
         self._con.execute(
             "INSERT OR REPLACE INTO pacs_series VALUES (?, ?, ?, ?, ?, ?)",
@@ -162,9 +200,11 @@ class _Run:
     state: SeriesState
     headers: Path | None
     include_errors: bool
+    keep_ids: bool
     report: PacsReport
     rows: dict[str, SeriesRow] = field(default_factory=dict)
     done: set[str] = field(default_factory=set)
+    pending: list[tuple[Path, frozenset[str]]] = field(default_factory=list)  # scratch dirs
 
 
 def pacs_items(
@@ -176,6 +216,7 @@ def pacs_items(
     model_hash: str,
     dicom_out: bool = False,
     retry_errors: bool = False,
+    keep_ids: bool = False,
 ) -> Iterator[ScoreItem]:
     """The items of a PACS query (see the module doc); a generator: nothing is sent to the
     PACS before the first item is asked for."""
@@ -184,8 +225,9 @@ def pacs_items(
     out = ledger_path.parent
     src = parse_source(request.url)
     state = SeriesState(ledger_path, model_hash)
-    headers = out / HEADERS_DIR if dicom_out else None
-    run = _Run(request, key, scratch, state, headers, not retry_errors, PacsReport(src.display))
+    headers = out / (HEADERS_IDS_DIR if keep_ids else HEADERS_DIR) if dicom_out else None
+    report = PacsReport(src.display)
+    run = _Run(request, key, scratch, state, headers, not retry_errors, keep_ids, report)
     client = open_client(src)
     try:
         yield from _produce(run, client)
@@ -212,7 +254,28 @@ def _produce(run: _Run, client: object) -> Iterator[ScoreItem]:
     for got in stream_series(client, refs, run.scratch, skip=lambda r: id(r) in keys):  # type: ignore[arg-type]
         run.report.series_fetched += 1
         run.report.instances_fetched += len(got.files)
-        yield from _series_items(run, got.ref, got.files)
+        items = list(_series_items(run, got.ref, got.files))
+        if got.files:
+            run.pending.append((got.files[0].parent, frozenset(i.key for i in items)))
+        _sweep(run)
+        yield from items
+
+
+def _sweep(run: _Run) -> None:
+    """Delete the scratch folder of every retrieved series whose items are all committed
+    (scored or rejected): the disk holds only what is in flight, not the whole query."""
+    import shutil
+
+    if not run.pending:
+        return
+    done = run.state.committed_among(set().union(*(k for _, k in run.pending)))
+    keep = []
+    for folder, ks in run.pending:
+        if ks <= done:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            keep.append((folder, ks))
+    run.pending = keep
 
 
 def _series_key(run: _Run, ref: SeriesRef) -> str:
@@ -282,15 +345,16 @@ def _series_items(run: _Run, ref: SeriesRef, files: tuple[Path, ...]) -> Iterato
     inputs = [InputFile(p, f"{sk}/{p.name}", p.stat().st_size, f"{sk}/{p.name}") for p in files]
     items = list(dicom_items(inputs, key=run.key)) if inputs else []
     if run.headers is not None:
-        _cache_headers(run.headers, items)
+        _cache_headers(run.headers, items, run.keep_ids)
     n = ref.instances if ref.instances >= 0 else len(files)
     row = SeriesRow(_study_key(run, ref), n, tuple((i.key, i.identity, i.source) for i in items))
     run.state.record(sk, row)
     yield from items
 
 
-def _cache_headers(folder: Path, items: list[ScoreItem]) -> None:
-    """A pixel-free header per DICOM item (the SR's evidence on later runs)."""
+def _cache_headers(folder: Path, items: list[ScoreItem], keep_ids: bool) -> None:
+    """A pixel-free header per DICOM item (the SR's evidence on later runs); without
+    ``keep_ids`` only the attributes of :data:`_EVIDENCE_KEEP` (see the module doc)."""
     import pydicom
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -299,6 +363,13 @@ def _cache_headers(folder: Path, items: list[ScoreItem]) -> None:
         if it.kind != "dicom":
             continue
         ds = pydicom.dcmread(it.payload.first.path, stop_before_pixels=True)
+        if not keep_ids:
+            slim = pydicom.Dataset()
+            for kw in _EVIDENCE_KEEP:
+                if kw in ds:
+                    setattr(slim, kw, ds.data_element(kw).value)
+            slim.file_meta = ds.file_meta
+            ds = slim
         with atomic_open(folder / f"{it.key}.dcm", "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
 

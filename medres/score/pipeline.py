@@ -3,9 +3,10 @@
 Choices:
 
 - The model directory is loaded with ``medres.models.load_model_dir`` and its saved
-  ``preprocessing`` is replayed with ``medres.train.transforms.build_transforms(...,
-  train=False, load=False)`` on ``image_to_metatensor(LoadedImage)``: the same code
-  path as training and evaluation, never a second copy (:mod:`medres.score.decode`).
+  ``preprocessing`` is replayed by ``medres.train.batched.BatchedPreprocess`` on each
+  batch of raw decoded images, on the scoring device: the deterministic part of
+  ``build_transforms(..., train=False)``, equal to it within 1e-5, never a second copy
+  (:mod:`medres.score.decode`, :mod:`medres.score.engine`).
 - The model hash is sha256 over the weights file then ``model.json``; the ledger is
   keyed by (item key, model hash), so one OUT_DIR can hold several models' results and
   re-scoring with a retrained model never mixes scores.
@@ -173,7 +174,7 @@ def iter_items(config: ScoreConfig, key: bytes, scratch: Path, model_hash: str =
             pacs_items(
                 config.pacs, key=key, scratch=scratch, ledger_path=config.out_dir / LEDGER_NAME,
                 model_hash=model_hash, dicom_out=config.dicom_out,
-                retry_errors=config.retry_errors,
+                retry_errors=config.retry_errors, keep_ids=config.keep_ids,
             ),
             False,
         )  # fmt: skip
@@ -293,7 +294,9 @@ def score(
     info = _model_info(config, meta, mhash)
     if decoder is None:
         mem = config.worker_memory_mb
-        decoder = MedresDecoder(meta.preprocessing, inline_max_bytes=mem * 2**20 if mem else None)
+        decoder = MedresDecoder(
+            meta.preprocessing, inline_max_bytes=mem * 2**20 if mem else None, device=device
+        )
     predictor = Predictor(
         model,
         device=device,
@@ -356,13 +359,6 @@ def _score(job: _Job) -> ScoreSummary:
         )
         counts = ledger.counts(info.model_hash)
     _fill(summary, stats, counts, listing_s)
-    if top is not None and len(top):
-        from medres.score.cam import write_cams
-
-        summary.outputs["cam"] = write_cams(
-            job.model, top.top(), out / "cam", meta=job.meta, class_name=config.cam_class,
-            device=job.device,
-        )  # fmt: skip
     log.info(
         "scored %d, rejected %d in %.1f s (%.1f img/s); ledger: %d ok, %d errors",
         summary.scored, summary.errors, summary.seconds, summary.items_per_s,
@@ -404,6 +400,8 @@ def _score_sources(
         stream = iter_items(job.config, key, scratch, job.info.model_hash)
         listing_s = time.perf_counter() - t_list
         stats = _run_loop(job, ledger, stream, done, summary, refs, top)
+        if top is not None and len(top):  # before the scratch goes away (the SCs' headers)
+            summary.outputs["cam"] = _write_cams(job, top, refs)
         if refs:  # before the scratch (extracted archive members) goes away
             summary.outputs["dicom"] = write_ledger_srs(
                 ledger,
@@ -420,6 +418,27 @@ def _score_sources(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stats, listing_s
+
+
+def _write_cams(job: _Job, top: TopK, refs: dict[str, DicomRef] | None) -> Path:
+    """The Grad-CAM PNGs (``OUT_DIR/cam``) and, with ``--dicom-out``, their Secondary
+    Capture images next to the SRs (pushed with them by ``--push``)."""
+    from medres.score.cam import write_cams
+
+    config, out = job.config, job.config.out_dir
+    cam_dir = write_cams(
+        job.model, top.top(), out / "cam", meta=job.meta, class_name=config.cam_class,
+        device=job.device,
+    )  # fmt: skip
+    if refs:
+        from medres.score.cam_sc import write_cam_scs
+        from medres.score.dicom_out import push_new
+
+        algo = Algorithm(f"medres {job.meta.arch}", job.info.model_hash[:16], job.info.positive)
+        scs = write_cam_scs(cam_dir, refs, out / "dicom", keep_ids=config.keep_ids, algorithm=algo)
+        if scs and config.push and config.pacs:
+            push_new(config.pacs.url, scs, out / "dicom" / ".pushed.json")
+    return cam_dir
 
 
 def _run_loop(

@@ -82,12 +82,17 @@ class Predictor:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: Any) -> np.ndarray:
+        """Probabilities (B, K) of a (B, C, *spatial) batch: a numpy array or a tensor
+        (already on the device when the batched preprocessing made it there)."""
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch))
+        if torch.is_tensor(batch):
+            x = batch.to(torch.float32)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         fmt = self._format_model(x.ndim)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and x.device.type == "cpu":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if fmt is not None:

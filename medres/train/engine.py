@@ -245,8 +245,12 @@ class EvalOutput:
     metric: float
 
 
-def _to_device(batch: dict[str, Any], state: TrainState) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(
+    batch: dict[str, Any], state: TrainState, augment: Any = None, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = batch["image"].to(state.device, non_blocking=True)
+    if augment is not None:  # batched on-device augmentation (loader.device_augment)
+        x = augment(x, epoch=state.epoch, start=start)
     if state.channels_last:
         x = x.contiguous(
             memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d
@@ -265,7 +269,10 @@ def _dist() -> tuple[bool, int]:
 def train_one_epoch(
     state: TrainState, loader: Iterable[dict[str, Any]], *, total: int | None = None
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``train_loss``, ``lr`` and timing figures."""
+    """One pass over ``loader``; returns ``train_loss``, ``lr`` and timing figures.
+
+    A ``loader.device_augment`` (:class:`medres.train.augment_batched.BatchedAugment`) is
+    applied to each batch on the device, seeded by the epoch and the samples' positions."""
     model = state.model
     model.train()
     opt = state.optimizer
@@ -275,6 +282,7 @@ def train_one_epoch(
     t0 = time.perf_counter()
     wait = 0.0
     n_batches = total if total is not None else len(loader)  # type: ignore[arg-type]
+    augment = getattr(loader, "device_augment", None)
     it = iter(loader)
     with progress.task(f"epoch {state.epoch + 1}", total=n_batches, unit="batch") as bar:
         i = 0
@@ -285,7 +293,7 @@ def train_one_epoch(
             except StopIteration:
                 break
             wait += time.perf_counter() - tw
-            x, y = _to_device(batch, state)
+            x, y = _to_device(batch, state, augment, n_seen)
             with autocast(state.device, state.amp_dtype):
                 logits = model(x)
             loss = state.loss_fn(logits.float(), y)

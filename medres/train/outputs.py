@@ -14,6 +14,7 @@ atomically.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -61,6 +62,8 @@ class TrainedRun:
     """The engine's ``TrainState`` (amp dtype, channels_last, epochs, history)."""
     data: DataBundle
     rt: Runtime
+    members: tuple[dict[str, Any], ...] = ()
+    """Ensemble members' records (:func:`medres.train.ensemble.member_record`)."""
 
 
 @dataclass(frozen=True)
@@ -170,16 +173,6 @@ def write_predictions(
     atomic_write_text(path, buf.getvalue())
 
 
-def _load_best(model: torch.nn.Module, run_dir: Path, rt: Runtime) -> None:
-    from medres.train.checkpoint import BEST, load_checkpoint
-
-    best_path = run_dir / "checkpoints" / BEST
-    if best_path.is_file():
-        model.load_state_dict(load_checkpoint(best_path, map_location=rt.device)["model"])
-    else:
-        log.warning("no best checkpoint (validation metric never defined); using the last weights")
-
-
 def _predict_logits(
     spec: PipelineSpec, split: str, run: TrainedRun
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,6 +248,8 @@ def _model_meta(
 
     labels, state = run.labels, run.state
     binary = labels.task == "binary"
+    many = len(run.members) > 1
+    sources = ",".join(str(m["selected_weights"]) for m in run.members)
     return ModelMeta.for_model(
         run.model,
         task=labels.task,
@@ -266,11 +261,38 @@ def _model_meta(
         threshold_rule=cal.rule if binary else None,
         temperature=cal.temperature,
         calibration=cal.stats,
-        selected_weights=state.best_source,
-        best_epoch=state.best_epoch,
+        selected_weights=sources if many else state.best_source,
+        best_epoch=None if many else state.best_epoch,
+        members=run.members if many else (),
         val_auc=None if math.isnan(val_auc) else val_auc,
         positive_class=labels.positive_class if binary else None,
     )
+
+
+def _choose_tta(spec: PipelineSpec, run: TrainedRun) -> tuple[TrainedRun, dict[str, Any]]:
+    """``model.tta`` ``auto``: keep the test-time flips unless they lower the validation AUC
+    by more than ``eval.auc_tolerance``; returns the run to save and what was measured."""
+    from medres.train.engine import compute_metric, logits_to_probs
+    from medres.train.ensemble import final_network, tta_mode
+
+    flips = tuple(getattr(run.model, "tta_flips", ()))
+    if not flips:
+        return run, {}
+    plain = dataclasses.replace(run, model=final_network(list(run.model.members), ()))
+    pos = max(run.labels.positive_index, 0)
+    aucs = {}
+    for name, r in (("tta", run), ("no_tta", plain)):
+        z, y, _ = _predict_logits(spec, spec.data.val_split, r)
+        p = logits_to_probs(z, run.labels.task) if len(y) else z
+        aucs[name] = compute_metric(run.labels.task, p, y, pos) if len(y) else float("nan")
+    keep = tta_mode(spec) == "on" or not (aucs["no_tta"] - aucs["tta"] > spec.eval.auc_tolerance)
+    log.info(
+        "test-time flips %s: val AUC %.4f with, %.4f without -> %s",
+        list(flips), aucs["tta"], aucs["no_tta"], "kept" if keep else "dropped",
+    )  # fmt: skip
+    stats = {"val_auc_tta": aucs["tta"], "val_auc_no_tta": aucs["no_tta"], "tta_kept": keep}
+    stats = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in stats.items()}
+    return (run if keep else plain), stats
 
 
 def _best_val_auc(history: Sequence[dict[str, Any]]) -> float:
@@ -294,10 +316,12 @@ def finish(
     from medres.train.checkpoint import non_finite
 
     state = run.state
-    _load_best(run.model, run_dir, run.rt)
     val_split, test_split = spec.data.val_split, spec.data.test_split
+    run, tta_stats = _choose_tta(spec, run)
     preds = {split: _predict_logits(spec, split, run) for split in (val_split, test_split)}
     cal = _calibrate(spec, run.labels, preds[val_split])
+    if tta_stats:
+        cal = dataclasses.replace(cal, stats={**cal.stats, **tta_stats})
     aucs = {
         split: _write_split(
             spec, split, run, run_dir / f"predictions_{name}.csv", preds[split], cal

@@ -15,6 +15,9 @@ Rules (each is written into the plan with the numbers that triggered it):
   measured epoch time still allows the minimum number of epochs in the budget wins.
 * **Depth.** ResNet-18 unless the training set is large (>= 20,000 images) and ResNet-34
   still fits; deeper nets from scratch overfit small medical sets.
+* **Ensemble and test-time flips** (:mod:`medres.train.ensemble`): K members when K >= 2
+  full trainings fit the budget (at most 5), else one network; ``model.tta`` auto when the
+  augmentation flips images.
 * **Epochs.** Without a budget, a default from the data size (``clip(20000 / n_train,
   12, 60)`` in 2D, ``clip(6000 / n_train, 10, 40)`` in 3D) and the resulting time is
   reported; with a budget, as many epochs as fit (at most 3x the default).
@@ -128,7 +131,9 @@ class Plan:
         budget = f"budget {self.budget_min:g} min" if self.budget_min else "no budget"
         return (
             f"plan: {self.spec.model.arch} {self.spec.model.dims}D, {self.spec.model.stem} stem, "
-            f"{size}, batch {t.batch_size}, {t.epochs} epochs, {t.optimizer} lr {t.lr:g} "
+            f"{size}, batch {t.batch_size}, {t.epochs} epochs"
+            + (f" x {self.spec.model.ensemble} members" if self.spec.model.ensemble > 1 else "")
+            + f", {t.optimizer} lr {t.lr:g} "
             f"{t.scheduler}; estimated {self.estimated_min:.1f} min "
             f"({self.epoch_s:.1f} s/epoch + {self.fixed_s:.0f} s fixed; {budget})"
         )
@@ -370,25 +375,37 @@ def make_plan(
         raise ConfigError(f"--time-budget is {budget_min}; give minutes > 0 (e.g. 15)")
     if not candidates:
         raise ConfigError(f"{fp.manifest}: no network candidate could be measured")
+    from medres.train.ensemble import n_views, plan_members, prediction_extra_s
+
     budget_s = budget_min * 60.0 - measure_s if budget_min else 0.0
     epochs_default = default_epochs(fp)
-    cand, epochs, why = _pick(
-        fp, candidates, max(budget_s, 1.0) if budget_min else 0.0, epochs_default
-    )
+    b_s = max(budget_s, 1.0) if budget_min else 0.0
+    cand, epochs, why = _pick(fp, candidates, b_s, epochs_default)
+    aug = _augmentation(fp)
+    flips = next(c.value for c in aug if c.key == "transforms.flip_axes")
+    views = n_views(flips)
+    k, epochs, why = plan_members(fp, cand, b_s, epochs_default, (epochs, why), views, OPTIMISM)
+    tta = Choice(
+        "model.tta", "auto" if flips else "off",
+        f"average the logits over the {views} flip views of {flips} used in training, unless "
+        "validation AUC drops" if flips else "no flips in training: no test-time flips",
+    )  # fmt: skip
     bs = _batch_size(fp, cuda)
     choices = (
         _data_choices(fp, cand, cuda, cores)
         + _model_choices(fp, cand)
+        + [Choice("model.ensemble", k, why.rsplit("; ", 1)[-1] if k == 1 else why), tta]
         + [_spacing_choice(fp)]
-        + _augmentation(fp)
-        + _optimisation(fp, bs, epochs, why)
+        + aug
+        + _optimisation(fp, bs, epochs, why if k == 1 else f"{epochs} epochs per member")
         + [
             Choice("eval.metric", "auc", "model selection on validation AUC"),
             Choice("eval.batch_size", 2 * bs, "no gradients: twice the training batch"),
         ]
     )
     spec = _spec_from(choices)
-    epoch_s, fixed_s = cand.epoch_s(fp), cand.fixed_s(fp)
+    extra_s = prediction_extra_s(fp, cand.timing.eval_s, k, views)
+    epoch_s, fixed_s = cand.epoch_s(fp), cand.fixed_s(fp) + extra_s
     notes = [
         f"measured {cand.arch} {fp.dims}D {cand.stem} stem at {cand.size}: "
         f"{cand.timing.train_s * 1000:.1f} ms/sample train, {cand.timing.eval_s * 1000:.1f} eval, "
@@ -397,7 +414,7 @@ def make_plan(
     ] + [f"candidate {c.arch} {c.stem} {c.size}: {c.epoch_s(fp):.1f} s/epoch" for c in candidates]
     return Plan(
         spec=spec, choices=tuple(choices), fingerprint=fp, budget_min=budget_min,
-        estimated_s=measure_s + fixed_s + _train_s(epochs, epoch_s, budget_s, fixed_s), epoch_s=epoch_s, fixed_s=fixed_s, final_s=cand.final_s(fp),
+        estimated_s=measure_s + fixed_s + _train_s(k * epochs, epoch_s, budget_s, fixed_s), epoch_s=epoch_s, fixed_s=fixed_s, final_s=cand.final_s(fp) + extra_s,
         measure_s=measure_s, notes=tuple(notes),
     )  # fmt: skip
 

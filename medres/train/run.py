@@ -78,8 +78,10 @@ def _read_inputs(spec: PipelineSpec) -> tuple[PipelineSpec, Manifest, Any]:
 def _check_quality_settings(spec: PipelineSpec) -> None:
     """Refuse a bad threshold rule, EMA decay or AUC tolerance before anything is written."""
     from medres.train.calibrate import parse_threshold_rule
+    from medres.train.ensemble import check_ensemble_settings
 
     parse_threshold_rule(spec.eval.threshold_rule, spec.eval.threshold)
+    check_ensemble_settings(spec)
     if not 0.0 <= spec.train.ema_decay < 1.0:
         raise ConfigError(
             f"train.ema_decay is {spec.train.ema_decay}; use a value in [0, 1), e.g. 0.998 "
@@ -235,13 +237,22 @@ def _epoch_end(
     rt: Runtime,
     tb: Any,
     user: EpochCallback | None,
+    member: tuple[int, int, list[dict[str, Any]]] = (0, 1, []),
 ) -> Callable[[Any, dict[str, Any], bool], None]:
-    """Rank 0 writes best.pt, last.pt, history.csv (and TensorBoard); all ranks sync."""
+    """Rank 0 writes best.pt, last.pt (in the member's folder), history.csv (every member's
+    rows so far; ``member`` is (index, K, earlier members' rows)) and TensorBoard; all
+    ranks sync."""
     from medres.runtime import barrier
     from medres.train import checkpoint as ckpt
+    from medres.train.ensemble import member_dir
     from medres.train.outputs import write_history
 
+    k, n_members, prior = member
+    folder = member_dir(run_dir, k)
+
     def on_epoch_end(st: Any, row: dict[str, Any], is_best: bool) -> None:
+        if n_members > 1:
+            row["member"] = k
         if rt.main:
             if is_best:
                 model = st.ema.module if st.best_source == "ema" else unwrap(st.model)
@@ -251,13 +262,11 @@ def _epoch_end(
                     "score": st.best_metric,
                     "source": st.best_source,
                 }
-                ckpt.save_checkpoint(run_dir / "checkpoints" / ckpt.BEST, best)
-            ckpt.save_checkpoint(
-                run_dir / "checkpoints" / ckpt.LAST, ckpt.state_payload(st, spec_dict)
-            )
-            write_history(run_dir, st.history)
+                ckpt.save_checkpoint(folder / ckpt.BEST, best)
+            ckpt.save_checkpoint(folder / ckpt.LAST, ckpt.state_payload(st, spec_dict))
+            write_history(run_dir, prior + st.history)
             if tb is not None:
-                _log_scalars(tb, row, st.epoch)
+                _log_scalars(tb, row, len(prior) + st.epoch)
         if rt.distributed:
             barrier()
         if user is not None:
@@ -306,33 +315,27 @@ def _check_resume(spec: PipelineSpec, last_path: Path, rt: Runtime) -> dict[str,
     return saved
 
 
-def _train_locked(
+def _train_member(
     spec: PipelineSpec,
-    inputs: tuple[Manifest, Any],
-    rt: Runtime,
-    run_dir: Path,
-    resume: bool,
-    on_epoch_end: EpochCallback | None,
-    t_start: float,
-    deadline: float = math.inf,
-) -> tuple[TrainResult | None, Any]:
-    """The run under the lock: (the result on rank 0, else None; the engine state)."""
+    k: int,
+    ctx: dict[str, Any],
+    saved: dict[str, Any] | None,
+    deadline: float,
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Train ensemble member ``k`` (seed ``train.seed + k``; member 0 is the single-network
+    run) and load its best weights: (model, engine state, weights meta)."""
     from medres.runtime import seed_everything
     from medres.train import checkpoint as ckpt
     from medres.train.data import build_data
     from medres.train.engine import fit
-    from medres.train.outputs import TrainedRun, finish, open_tensorboard, prepare_run_dir
+    from medres.train.ensemble import load_member_best, member_dir
 
-    manifest, labels = inputs
-    last_path = prepare_run_dir(run_dir, resume, rt)
-    saved = _check_resume(spec, last_path, rt) if resume else None
-    if rt.main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        dump_pipeline(spec, run_dir / "pipeline.yaml")
+    rt, run_dir, labels = ctx["rt"], ctx["run_dir"], ctx["labels"]
     seed_everything(spec.train.seed, spec.train.deterministic)
-
     model, wmeta = _build_model(spec, labels, rt)
-    data = build_data(spec, manifest, labels, rt, run_dir)
+    if ctx.get("data") is None:  # built once, after member 0's model (as a single run)
+        ctx["data"] = build_data(spec, ctx["manifest"], labels, rt, run_dir)
+    data = ctx["data"]
     state = _make_state(spec, model, data, labels, rt)
     train_loader = data.train
     if math.isfinite(deadline):  # --time-budget: the LR follows the clock; epochs end at it
@@ -344,24 +347,70 @@ def _train_locked(
             train_loader = DeadlineLoader(data.train, deadline)
     spec_dict = spec.to_dict()
     if saved is not None:
-        ckpt.restore_state(state, saved, spec_dict, last_path)
-    tb = open_tensorboard(spec, run_dir, rt)
+        ckpt.restore_state(state, saved, spec_dict, ctx["last_path"])
+    member = (k, spec.model.ensemble, ctx["rows"])
+    fit(
+        state, train_loader, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
+        early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
+        auc_tolerance=spec.eval.auc_tolerance, before_epoch=_before_epoch(spec, model, data, rt),
+        on_epoch_end=_epoch_end(spec_dict, run_dir, rt, ctx["tb"], ctx["user"], member),
+        deadline=deadline,
+    )  # fmt: skip
+    if rt.main:
+        load_member_best(model, member_dir(run_dir, k), rt.device)
+    return model, state, wmeta
+
+
+def _train_locked(
+    spec: PipelineSpec,
+    inputs: tuple[Manifest, Any],
+    rt: Runtime,
+    run_dir: Path,
+    resume: bool,
+    on_epoch_end: EpochCallback | None,
+    t_start: float,
+    deadline: float = math.inf,
+) -> tuple[TrainResult | None, Any]:
+    """The run under the lock: train the ``model.ensemble`` members one after the other,
+    then (rank 0) calibrate and save them as one network: (the result on rank 0, else
+    None; the last member's engine state)."""
+    from medres.train.ensemble import (
+        final_network,
+        member_deadline,
+        member_record,
+        member_spec,
+        tta_axes,
+    )
+    from medres.train.outputs import TrainedRun, finish, open_tensorboard, prepare_run_dir
+
+    manifest, labels = inputs
+    last_path = prepare_run_dir(run_dir, resume, rt)
+    saved = _check_resume(spec, last_path, rt) if resume else None
+    if rt.main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        dump_pipeline(spec, run_dir / "pipeline.yaml")
+    ctx: dict[str, Any] = {
+        "rt": rt, "run_dir": run_dir, "labels": labels, "manifest": manifest, "rows": [],
+        "last_path": last_path, "user": on_epoch_end, "tb": open_tensorboard(spec, run_dir, rt),
+    }  # fmt: skip
+    members, records, state, wmeta = [], [], None, {}
     try:
-        fit(
-            state, train_loader, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
-            early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
-            auc_tolerance=spec.eval.auc_tolerance,
-            before_epoch=_before_epoch(spec, model, data, rt),
-            on_epoch_end=_epoch_end(spec_dict, run_dir, rt, tb, on_epoch_end), deadline=deadline,
-        )  # fmt: skip
+        for k in range(spec.model.ensemble):
+            mspec = member_spec(spec, k)
+            end = member_deadline(time.perf_counter(), deadline, spec.model.ensemble - k)
+            model, state, wmeta = _train_member(mspec, k, ctx, saved if k == 0 else None, end)
+            members.append(model)
+            records.append(member_record(k, mspec, state))
+            ctx["rows"] = ctx["rows"] + state.history
     finally:
-        if tb is not None:
-            tb.close()
+        if ctx["tb"] is not None:
+            ctx["tb"].close()
     if not rt.main:
         return None, state
-    return finish(
-        spec, TrainedRun(manifest, labels, model, state, data, rt), wmeta, run_dir, t_start
-    ), state
+    state.history = ctx["rows"]
+    net = final_network(members, tta_axes(spec))
+    run = TrainedRun(manifest, labels, net, state, ctx["data"], rt, tuple(records))
+    return finish(spec, run, wmeta, run_dir, t_start), state
 
 
 def run_train(
@@ -394,6 +443,11 @@ def run_train(
     t_start = time.perf_counter()
     run_dir = Path(out_dir)
     spec, manifest, labels = _read_inputs(spec)
+    if resume and spec.model.ensemble > 1:
+        raise ConfigError(
+            f"--resume of an ensemble (model.ensemble {spec.model.ensemble}) is not supported; "
+            "start a new --out, or resume a single network (model.ensemble 1)"
+        )
     rt = _start_runtime(spec)
     with _run_dir_lock(run_dir, rt):
         result, st = _train_locked(

@@ -132,6 +132,9 @@ class TransformSpec:
     """Probability of additive Gaussian noise."""
     noise_std: float = 0.02
     """Standard deviation of that noise (in normalised units)."""
+    augment_device: str = "auto"
+    """auto | on | off: run the augmentation batched on the training device
+    (medres.train.augment_batched) instead of per item in the loader (auto: on for CUDA)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,12 @@ class ModelSpec:
     """auto | on | off: channels_last memory format (auto: on for CUDA)."""
     compile: bool = False
     """Wrap the model with torch.compile."""
+    ensemble: int = 1
+    """Members trained one after the other (seeds train.seed, +1, ...); their logits are
+    averaged in one model dir (the plan picks K from the budget)."""
+    tta: str = "auto"
+    """auto | on | off: average the logits over the transforms.flip_axes flips at test time
+    (auto: when the training used them, unless validation AUC drops)."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 
 ROOT = "1.2.826.0.1.3680043.8.498.7719"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 def _write_set(folder: Path, n_cr: int = 4, extra_series_in_first: bool = True) -> list[Path]:
@@ -171,6 +172,35 @@ def test_dicomweb_equals_disk_and_pushed_srs_read_back(
     assert len(api.search_for_series(search_filters={"Modality": "SR"})) == 4
 
 
+def test_gradcam_secondary_captures_join_their_studies(pacs, model: Path, tmp_path: Path) -> None:
+    """``--cam 2 --dicom-out --push``: two SC images of the overlays, in the source studies,
+    without identity; a repeated run stores no duplicate."""
+    import matplotlib.image as mpimg
+    from dicomweb_client.api import DICOMwebClient
+
+    srv, _ = pacs
+    out = tmp_path / "out"
+    kw = {"query": ["Modality=CR"], "dicom_out": True, "push": True, "cam": 2}
+    _score(model, srv.dicomweb_url, out, **kw)
+    pngs = sorted((out / "cam").glob("*.png"))
+    scs = sorted((out / "dicom").glob("cam-*.dcm"))
+    assert len(pngs) == 2 and [p.name for p in scs] == [f"cam-{p.stem}.dcm" for p in pngs]
+    api = DICOMwebClient(srv.dicomweb_url.removeprefix("dicomweb+"))
+    found = api.search_for_instances(search_filters={"SOPClassUID": SC_IMAGE})
+    assert len(found) == 2
+    source_studies = {f"{ROOT}.{s}" for s in range(1, 5)}
+    for f in found:
+        study, series, sop = (f[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
+        ds = api.retrieve_instance(study, series, sop)
+        assert study in source_studies  # filed into the study it explains
+        assert ds.PatientID == "" and ds.AccessionNumber == "" and ds.PatientName == ""
+        assert ds.PhotometricInterpretation == "RGB" and ds.BurnedInAnnotation == "NO"
+        png = next(p for p in pngs if (out / "dicom" / f"cam-{p.stem}.dcm").is_file())
+        assert ds.pixel_array.shape == (*mpimg.imread(png).shape[:2], 3)
+    _score(model, srv.dicomweb_url, out, **kw)
+    assert len(api.search_for_instances(search_filters={"SOPClassUID": SC_IMAGE})) == 2
+
+
 @pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_dimse_equals_disk(pacs, model: Path, disk: Path, tmp_path: Path, workers: int) -> None:
     """Over DIMSE (C-FIND + C-GET); with workers=1 decoded in the supervised worker pool."""
@@ -246,6 +276,14 @@ def test_cli_over_dicomweb_writes_and_logs_no_identifiers(
     )
     for needle in (ROOT, "PAT0", "PAT1", "ACC0"):
         assert needle not in written, needle
+    # every byte medres left in OUT_DIR (ledger, cached SR evidence headers, the SRs):
+    # no patient ID or accession; UIDs only in the SRs and their evidence headers
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert any(".pacs" in f.parts for f in files)  # the evidence cache was written
+    for f in files:
+        data = f.read_bytes()
+        for needle in (b"PAT0", b"PAT1", b"PAT2", b"ACC0"):
+            assert needle not in data, (f, needle)
 
 
 def test_ingest_from_dimse(pacs, tmp_path: Path) -> None:

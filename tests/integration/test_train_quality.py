@@ -84,6 +84,38 @@ def test_same_seed_gives_bit_identical_weights_and_predictions(runs):
         assert torch.equal(la["ema"]["model"][k], lb["ema"]["model"][k]), k
 
 
+def test_an_ensemble_is_one_reproducible_model_dir_that_score_runs(runs, tmp_path):
+    manifest = runs["manifest"]
+    for name in ("e1", "e2"):
+        _train(manifest, tmp_path / name, "--set", "model.ensemble=2", "--set", "model.tta=on")
+    a, b = tmp_path / "e1", tmp_path / "e2"
+    assert (a / "predictions_test.csv").read_bytes() == (b / "predictions_test.csv").read_bytes()
+    meta = json.loads((a / "model" / "model.json").read_text())
+    assert meta["ensemble"] == 2 and meta["tta_flips"] == [0]
+    assert [m["seed"] for m in meta["members"]] == [3, 4]
+    assert meta["calibration"]["tta_kept"] is True and meta["temperature"] > 0
+    weights = load_file(str(a / "model" / "weights.safetensors"))
+    assert {k.split(".")[1] for k in weights} == {"0", "1"}
+    assert (a / "checkpoints" / "member1" / "best.pt").is_file()
+    history = _read(a / "history.csv")
+    assert [r["member"] for r in history] == ["0", "0", "1", "1"]
+    test = _read(a / "predictions_test.csv")
+    mrows = {r["image_id"]: r for r in _read(manifest)}
+    src = tmp_path / "src"
+    src.mkdir()
+    for r in test:
+        shutil.copy(manifest.parent / mrows[r["image_id"]]["image_path"], src)
+    res = runner.invoke(
+        app, ["-q", "score", str(a / "model"), str(src), "--out", str(tmp_path / "s")]
+    )
+    assert res.exit_code == 0, res.output
+    scored = {Path(r["source"]).name: r for r in _read(tmp_path / "s" / "scores.csv")}
+    for r in test:
+        s = scored[Path(mrows[r["image_id"]]["image_path"]).name]
+        assert float(s["prob_1"]) == pytest.approx(float(r["prob_1"]), abs=1e-5)
+        assert s["pred"] == r["pred"]
+
+
 def test_score_applies_the_stored_temperature_and_threshold(runs, tmp_path):
     run, manifest = runs["a"], runs["manifest"]
     meta = json.loads((run / "model" / "model.json").read_text())

@@ -42,6 +42,16 @@ GATHERED = (
     "tests/unit/test_discover.py::test_tar_",
     "tests/unit/test_discover.py::test_member_count_limit_rejects_whole_archive",
     "tests/unit/test_pydicom_testfiles.py::",
+    # issue #16 reproductions that live with their stages (train runs, statistics, redactor)
+    "tests/integration/test_train_hardening.py::",
+    "tests/unit/test_metrics.py::test_perfect_separation_gives_exact_auc_and_a_collapsed_ci",
+    "tests/unit/test_metrics.py::test_auc_is_the_exact_mann_whitney_fraction_with_ties",
+    "tests/unit/test_metrics.py::test_youden_exact_tie_takes_the_highest_threshold",
+    "tests/unit/test_metrics.py::test_tiny_p_value_stays_positive_and_matches_the_normal_tail",
+    "tests/unit/test_proc_oracle.py::",
+    "tests/unit/test_phi_paths.py::test_nfd_and_full_width_spellings_are_pseudonymised",
+    "tests/unit/test_phi_paths.py::test_cjk_name_parts_of_two_characters_and_the_joined_name",
+    "tests/unit/test_phi_paths.py::test_text_keeps_dicom_tag_notation_and_matches_whole_tokens",
 )
 
 # tests/integration helpers (train_data.make_dataset) are imported by name

@@ -189,3 +189,35 @@ def test_nesting_is_bounded_and_shares_the_outer_limits(dicoms, tmp_path):
     assert [(r.source, r.code) for r in found.rejected] == [
         ("nest.zip!l2.zip", Code.ARCHIVE_UNSAFE.value)
     ]
+
+
+def test_links_empty_files_odd_names_and_special_tar_members_are_accounted(dicoms, tmp_path):
+    """A hostile tree: a folder link to its parent (a loop), a link to itself, zero-byte
+    files, a newline and a spreadsheet formula in file names, and a tar holding a hard
+    link, a device, a FIFO and an empty member. Ingest finishes; every regular file and
+    every member is named once (links to folders and dangling links are not inputs)."""
+    src = tmp_path / "src"
+    (src / "loop").mkdir(parents=True)
+    os.symlink("..", src / "loop" / "up")  # walking it would never end
+    os.symlink("self", src / "self")  # ELOOP when opened
+    (src / "a.dcm").write_bytes(dicoms[0])
+    (src / "new\nline.dcm").write_bytes(dicoms[1])
+    (src / "=cmd|' -C calc'!A0.dcm").write_bytes(dicoms[2])
+    (src / "empty.dcm").write_bytes(b"")
+    with tarfile.open(src / "odd.tar", "w") as tf:
+        _tar_add(tf, "zero.dcm", b"")
+        for name, kind in (("hard.dcm", tarfile.LNKTYPE), ("dev", tarfile.CHRTYPE),
+                           ("fifo", tarfile.FIFOTYPE)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "zero.dcm" if kind == tarfile.LNKTYPE else ""
+            tf.addfile(info)
+    files, used, errors = _ingest(src, tmp_path / "ds")
+    assert files["seen"] == 8, (files, used, errors)  # 4 files + 4 members; links are not
+    assert sorted(used) == ["=cmd|' -C calc'!A0.dcm", "a.dcm", "new?line.dcm"], used
+    assert {k: v for k, v in errors.items() if k.startswith("odd.tar!")} == {
+        "odd.tar!zero.dcm": Code.NOT_DICOM,
+        "odd.tar!hard.dcm": Code.ARCHIVE_UNSAFE,
+        "odd.tar!dev": Code.ARCHIVE_UNSAFE,
+        "odd.tar!fifo": Code.ARCHIVE_UNSAFE,
+    }
+    assert errors["empty.dcm"] == Code.NOT_DICOM

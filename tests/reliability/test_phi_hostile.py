@@ -21,7 +21,7 @@ PID = "CANARYPID9"
 CANARIES = ("canaryfam", "canarygiven", "canarypid9")
 
 
-def _series(folder: Path, n: int = 3) -> None:
+def _series(folder: Path, n: int = 3, name: str = NAME) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -36,7 +36,7 @@ def _series(folder: Path, n: int = 3) -> None:
         ds.file_meta = meta
         ds.SOPClassUID = meta.MediaStorageSOPClassUID
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.PatientID, ds.PatientName = PID, NAME
+        ds.PatientID, ds.PatientName = PID, name
         ds.Manufacturer = "CanaryFam CanaryGiven"  # a name where a vendor belongs
         ds.BodyPartExamined = f"{PID}_CHEST"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
@@ -101,3 +101,90 @@ def test_score_dicom_out_without_keep_ids_writes_no_patient_identifiers(tmp_path
     assert sr.StudyInstanceUID == study
     refs = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
     assert [r.SeriesInstanceUID for r in refs] == [study + ".1"]
+
+
+# ------------------------------------------- error lines, logs and summaries (one filter)
+def _no_canary(text: str) -> None:
+    low = text.lower()
+    assert not any(c in low for c in CANARIES), text
+
+
+def test_a_full_disk_error_does_not_print_a_patient_named_out(tmp_path: Path, monkeypatch) -> None:
+    """The disk-full line names --out; a folder on it named after the patient (from the
+    DICOM headers of this run) is pseudonymised by the one message filter."""
+    import errno
+
+    from medres import io as mio
+
+    src = tmp_path / "src"
+    _series(src / "ct")
+    out = tmp_path / "CanaryFam_CanaryGiven" / "ds"
+    real = mio.os.fsync
+
+    def full(fd):  # every atomic write fails: the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mio.os, "fsync", full)
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(out), "--workers", "0"])
+    monkeypatch.setattr(mio.os, "fsync", real)
+    assert res.exit_code == 1, res.output
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: no space left on the disk of ") and "~" in line
+    assert str(tmp_path) in line and line.endswith("it resumes")  # the rest stays readable
+    _no_canary(res.output)
+
+
+def test_score_logs_and_summary_do_not_print_a_patient_named_out(tmp_path: Path) -> None:
+    """``score --dicom-out`` logs the SR folder and prints the scores path: both pass the
+    filter (the log handler's :class:`medres.phi.IdentityLogFilter`, the summary's
+    :func:`medres.phi.filter_message`)."""
+    pytest.importorskip("highdicom")
+    model = write_model_dir(tmp_path / "model", image_size=(16, 16))
+    uid = "1.2.826.0.1.3680043.8.498.304"
+    write_dicom_2d(tmp_path / "src" / "a.dcm", study_uid=uid, series_uid=uid + ".1", patient_id=PID)
+    out = tmp_path / "CANARYPID9 results" / "out"
+    res = runner.invoke(
+        app, ["score", str(model), str(tmp_path / "src"), "--out", str(out), "--workers", "0",
+              "--dicom-out"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "DICOM SR" in res.stderr and "scored 1," in res.stdout  # the lines are there
+    _no_canary(res.output)
+    for path in out.rglob("*"):  # scores.csv, errors.csv, the ledger, the SR
+        if path.is_file() and path.name != ".medres_key":
+            _no_canary(path.read_bytes().decode("latin-1"))
+
+
+def test_the_message_filter_keeps_what_is_not_identity() -> None:
+    """Containment for path components, whole tokens for words, tag notation untouched,
+    NFD and full-width spellings matched, and nothing changes before a token is known."""
+    import unicodedata
+
+    from medres.phi import PathRedactor, filter_message
+
+    text = "'/data/Zoë_Quux/out' lacks (0002,0010) near /x/ＭＲＮ０００９７/y; zoë wrote it"
+    assert filter_message(text) == text  # no redactor knows these tokens yet
+    r = PathRedactor(b"\x01" * 32, mode="keep")  # every mode, keep included
+    r.add_values(["MRN00097", "0010"], [unicodedata.normalize("NFD", "QUUX^ZOË")])
+    got = filter_message(text)
+    assert "Zoë" not in got and "zoë" not in got and "ＭＲＮ" not in got, got
+    assert "(0002,0010)" in got and got.startswith("'/data/~") and "/out' lacks" in got
+
+
+def test_nfd_and_full_width_folder_names_of_the_patient_are_pseudonymised(tmp_path: Path) -> None:
+    """Folders named after the patient in NFD (what macOS writes), in full-width characters
+    and in another case reach no output, through the CLI."""
+    import unicodedata
+
+    src = tmp_path / "src"
+    nfd = unicodedata.normalize("NFD", "Zoë_CANARYZOË")  # the decomposed ë: two code points
+    for folder in (nfd, "ＣＡＮＡＲＹＰＩＤ９", "canaryzoË"):
+        _series(src / folder / "ct", name="CanaryFam^CanaryGiven^CanaryZoë")
+    out = tmp_path / "ds"
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(out), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    for name in ("manifest.csv", "errors.csv", "ingest.json", ".medres_cache.json"):
+        text = unicodedata.normalize("NFKC", (out / name).read_text(encoding="utf-8")).casefold()
+        assert not any(c in text for c in (*CANARIES, "canaryzo")), (name, text)
+    sources = [ln.split(",")[2] for ln in _text(out / "manifest.csv").splitlines()[1:]]
+    assert len(sources) == 3 and all(s.startswith("~") and s.endswith("/ct") for s in sources)

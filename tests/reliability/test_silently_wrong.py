@@ -141,3 +141,20 @@ def test_a_cache_of_the_old_identity_filter_is_rebuilt(tmp_path):
     assert not report.files.get("cached")
     assert "STALE-FILTER" not in (out / "manifest.csv").read_text()
     assert json.loads(cache_file.read_text())["version"] == icache._CACHE_VERSION
+
+
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_vox_offset_is_a_coded_rejection_not_a_crash(tmp_path, offset):
+    """Found by the long-mode fuzz (plain.nii#325@0): a NaN ``vox_offset`` crashed the fast
+    NIfTI reader with ``ValueError``; now the file is read or rejected with a code."""
+    import struct
+
+    path = tmp_path / "a.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4)), path)
+    data = bytearray(path.read_bytes())
+    data[108:112] = struct.pack("<f", offset)  # vox_offset
+    path.write_bytes(bytes(data))
+    try:
+        load_nifti(path, "a.nii")
+    except IngestError as exc:
+        assert exc.code and "a.nii" in str(exc)

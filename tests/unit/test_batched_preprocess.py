@@ -193,8 +193,8 @@ def test_fortran_order_volumes_as_nibabel_reads_them() -> None:
 
 
 def test_matches_the_scoring_decoder_on_a_helper_model_dir(tmp_path: Path) -> None:
-    """A model dir written by the test helpers (before this module existed): the batched
-    path gives what scoring's decoder gives today for the same NIfTI files."""
+    """A model dir written by the test helpers (before this module existed): what scoring's
+    decoder returns (the raw image), batched, equals the per-item path on the same files."""
     from helpers.models import write_model_dir, write_nifti_folder
 
     from medres.ingest.nifti import load_nifti
@@ -207,10 +207,10 @@ def test_matches_the_scoring_decoder_on_a_helper_model_dir(tmp_path: Path) -> No
         pre = read_model_meta(mdir).preprocessing
         files = write_nifti_folder(tmp_path / f"i{dims}", 3, stored)
         dec = MedresDecoder(pre)
-        want = np.stack([dec(ScoreItem(f.stem, f.stem, f.name, "nifti", (str(f),))) for f in files])
-        loaded = [load_nifti(f) for f in files]
-        got = BatchedPreprocess(pre)([RawImage(im.array, im.affine, im.channels) for im in loaded])
-        np.testing.assert_allclose(got.numpy(), want, atol=1e-5, rtol=1e-6)
+        raws = [dec(ScoreItem(f.stem, f.stem, f.name, "nifti", (str(f),))) for f in files]
+        assert all(isinstance(r, RawImage) for r in raws)
+        want = torch.stack([_per_item(pre, load_nifti(f)) for f in files])
+        np.testing.assert_allclose(dec.batched(raws).numpy(), want.numpy(), atol=1e-5, rtol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
