@@ -410,14 +410,17 @@ def _score_sources(
                 job.info.classes,
                 out / "dicom",
                 keep_ids=job.config.keep_ids,
-                algorithm=Algorithm(
-                    f"medres {job.meta.arch}", job.info.model_hash[:16], job.info.positive
-                ),
+                algorithm=_algorithm(job),
                 push_to=job.config.pacs.url if job.config.push and job.config.pacs else None,
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stats, listing_s
+
+
+def _algorithm(job: _Job) -> Algorithm:
+    """The model as the SR and the SCs name it."""
+    return Algorithm(f"medres {job.meta.arch}", job.info.model_hash[:16], job.info.positive)
 
 
 def _write_cams(job: _Job, top: TopK, refs: dict[str, DicomRef] | None) -> Path:
@@ -434,8 +437,9 @@ def _write_cams(job: _Job, top: TopK, refs: dict[str, DicomRef] | None) -> Path:
         from medres.score.cam_sc import write_cam_scs
         from medres.score.dicom_out import push_new
 
-        algo = Algorithm(f"medres {job.meta.arch}", job.info.model_hash[:16], job.info.positive)
-        scs = write_cam_scs(cam_dir, refs, out / "dicom", keep_ids=config.keep_ids, algorithm=algo)
+        scs = write_cam_scs(
+            cam_dir, refs, out / "dicom", keep_ids=config.keep_ids, algorithm=_algorithm(job)
+        )
         if scs and config.push and config.pacs:
             push_new(config.pacs.url, scs, out / "dicom" / ".pushed.json")
     return cam_dir

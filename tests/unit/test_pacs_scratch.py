@@ -44,7 +44,8 @@ class FakeClient:
         pass
 
 
-def test_scratch_holds_only_uncommitted_series(tmp_path: Path, monkeypatch) -> None:
+def _fake_pacs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """``N_SERIES`` DICOM files behind a fake client; returns (out, scratch)."""
     src = tmp_path / "src"
     files = {
         f"{ROOT}.{i}.1": write_dicom_2d(
@@ -55,6 +56,11 @@ def test_scratch_holds_only_uncommitted_series(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(pi, "open_client", lambda source: FakeClient(files))
     out, scratch = tmp_path / "out", tmp_path / "out" / "scratch"
     scratch.mkdir(parents=True)
+    return out, scratch
+
+
+def test_scratch_holds_only_uncommitted_series(tmp_path: Path, monkeypatch) -> None:
+    out, scratch = _fake_pacs(tmp_path, monkeypatch)
     ledger = Ledger(out / "ledger.sqlite")
     ledger.register_model(ModelInfo("m" * 12, ("a", "b")))
     request = pi.PacsRequest("dicomweb+http://127.0.0.1:1/dicom-web", PacsQuery())
@@ -79,16 +85,7 @@ def test_scratch_holds_only_uncommitted_series(tmp_path: Path, monkeypatch) -> N
 
 def test_uncommitted_series_are_kept(tmp_path: Path, monkeypatch) -> None:
     """Nothing committed (a consumer that lags behind): every folder stays."""
-    src = tmp_path / "src"
-    files = {
-        f"{ROOT}.{i}.1": write_dicom_2d(
-            src / f"{i}.dcm", study_uid=f"{ROOT}.{i}", series_uid=f"{ROOT}.{i}.1", seed=i
-        )
-        for i in range(N_SERIES)
-    }
-    monkeypatch.setattr(pi, "open_client", lambda source: FakeClient(files))
-    out, scratch = tmp_path / "out", tmp_path / "out" / "scratch"
-    scratch.mkdir(parents=True)
+    out, scratch = _fake_pacs(tmp_path, monkeypatch)
     Ledger(out / "ledger.sqlite").close()
     request = pi.PacsRequest("dicomweb+http://127.0.0.1:1/dicom-web", PacsQuery())
     items = list(
