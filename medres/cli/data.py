@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from medres.cli.console import out_console
+from medres.cli.console import out_console, say
+from medres.cli.identity import learn_identity
 from medres.io import parse_size
 
 
@@ -190,12 +191,13 @@ def export_cmd(
     """
     from medres.dataset.export import export_dataset
 
+    learn_identity(manifest, out)  # before anything is printed
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     result = export_dataset(
         manifest, fmt, out, classes=class_list, absolute_paths=absolute_paths, link=link
     )
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
-    out_console.print(f"{result.format}: wrote {result.path} ({counts})", highlight=False)
+    say(f"{result.format}: wrote {result.path} ({counts})")
 
 
 def demo_cmd(

@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from medres.cli.console import out_console
+from medres.cli.console import out_console, say
+from medres.cli.identity import learn_identity
 
 
 def evaluate_cmd(
@@ -59,6 +60,7 @@ def evaluate_cmd(
     """ROC/AUC with confidence intervals, operating points, calibration and an HTML report."""
     from medres.evaluate.evaluate import EvaluateConfig, run_evaluate
 
+    learn_identity(target, out)  # before anything is printed
     result = run_evaluate(
         EvaluateConfig(
             target=target,
@@ -78,7 +80,7 @@ def evaluate_cmd(
         )
     )
     _print_evaluation(result.metrics)
-    out_console.print(f"wrote {result.metrics_path} and {result.report_path}", markup=False)
+    say(f"wrote {result.metrics_path} and {result.report_path}")
 
 
 def _print_evaluation(m: dict[str, Any]) -> None:

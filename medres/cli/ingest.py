@@ -101,10 +101,12 @@ def ingest_cmd(
     """Turn DICOM/NIfTI folders and archives into validated volumes plus a manifest."""
     import shutil
 
+    from medres.cli.identity import learn_identity
     from medres.ingest.discover import ArchiveLimits
     from medres.ingest.pacs import build_query, local_sources
     from medres.ingest.pipeline import IngestConfig, run_ingest
 
+    learn_identity(out)  # a rerun's early errors are filtered too
     scratch = out / ".pacs-retrieve"  # PACS SOURCEs are retrieved here, removed after
     paths = local_sources(sources, scratch, build_query(query or [], limit=limit))
     config = IngestConfig(

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
-from medres.cli.console import out_console
+from medres.cli.console import out_console, say
+from medres.cli.identity import learn_identity
 from medres.io import parse_size
 
 
@@ -113,10 +114,10 @@ def export_model_cmd(
     """
     from medres.models.export import export_model
 
+    learn_identity(run_dir, out)  # before anything is printed
     size = parse_size(input_size, "--input-size", example="224,224")
     result = export_model(run_dir, fmt, out, input_size=size)
-    out_console.print(
+    say(
         f"{result.format}: wrote {result.path} (input {list(result.input_shape)}, "
-        f"max |diff| vs PyTorch {result.max_abs_diff:.1e})",
-        highlight=False,
+        f"max |diff| vs PyTorch {result.max_abs_diff:.1e})"
     )

@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from medres.cli.console import out_console
+from medres.cli.console import say
+from medres.cli.identity import learn_identity
 
 
 def plan_cmd(
@@ -29,10 +30,11 @@ def plan_cmd(
     from medres.io import atomic_write_text
     from medres.train.plan import plan_for_manifest
 
+    learn_identity(manifest, out)  # before anything is printed
     plan = plan_for_manifest(str(manifest), budget_min=time_budget or 0.0, device=device)
     text = plan.to_yaml()
-    out_console.print(text, markup=False, highlight=False, soft_wrap=True)
-    out_console.print(plan.summary(), markup=False, highlight=False, soft_wrap=True)
+    say(text)
+    say(plan.summary())
     if out is not None:
         atomic_write_text(out, text)
-        out_console.print(f"wrote {out}", markup=False, highlight=False)
+        say(f"wrote {out}")

@@ -122,9 +122,11 @@ def score_cmd(
     ] = "identity",
 ) -> None:
     """Score folders/archives of scans with a trained model; re-running resumes."""
+    from medres.cli.identity import learn_identity
     from medres.score import ScoreConfig, score
     from medres.score.pacs_items import split_sources
 
+    learn_identity(model_dir, out)  # a rerun's early errors are filtered too
     paths, pacs = split_sources(
         sources, query=query, study_date=study_date, accessions=accessions, limit=limit,
         push=push, dicom_out=dicom_out,

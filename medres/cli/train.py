@@ -10,7 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
-from medres.cli.console import out_console
+from medres.cli.console import say
+from medres.cli.identity import learn_identity
 
 
 def train_cmd(
@@ -74,6 +75,7 @@ def train_cmd(
     from medres.train.run import run_train
 
     t_start = time.perf_counter()
+    learn_identity(manifest, pipeline, out)  # before anything is printed
 
     overrides = _overrides(
         set_,
@@ -97,8 +99,9 @@ def train_cmd(
         pipeline = out / "pipeline.yaml"  # the run's resolved spec, not a fresh plan
     check_weights_file(weights)  # before the plan measures anything
     spec, plan = spec_for_train(pipeline, overrides, time_budget or 0.0)
+    learn_identity(spec.data.manifest)
     if plan is not None:
-        out_console.print(plan.summary(), markup=False, highlight=False, soft_wrap=True)
+        say(plan.summary())
     deadline = train_deadline(plan, time_budget or 0.0, t_start)
     result = run_train(spec, out, resume=resume, deadline=deadline)
     if result.rank == 0 and plan is not None:
@@ -106,7 +109,7 @@ def train_cmd(
 
         atomic_write_text(out / "plan.yaml", plan.to_yaml())
     if result.rank == 0:
-        out_console.print(
+        say(
             f"run {result.run_dir}: best epoch {result.best_epoch}/{result.epochs_completed}, "
             f"val AUC {result.val_auc:.4f}, test AUC {result.test_auc:.4f}, "
             f"{result.seconds:.0f}s"

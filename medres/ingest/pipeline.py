@@ -132,7 +132,7 @@ from medres.ingest.tasks import (
     scan_task_lean,
 )
 from medres.io import LOCK_NAME, MIN_FREE_BYTES, check_output_dir, output_lock, tree_bytes
-from medres.phi import PathRedactor, load_or_create_key
+from medres.phi import PathRedactor, load_or_create_key, save_tokens
 from medres.workers import Failure, IsolatedPool, default_workers, isolated_map
 
 log = logging.getLogger(__name__)
@@ -400,6 +400,7 @@ def _decode_stage(
     new_cache.units = {fp: _filtered(r, run.redactor) for fp, r in new_cache.units.items()}
     records = [_filtered(r, run.redactor) for r in records]
     save_cache(config.out_dir, new_cache, cache_settings(config), run.key, run.redactor)
+    save_tokens(config.out_dir, run.key)  # for commands that read no header (medres.phi.tokens)
     return records, cached_files + reused
 
 

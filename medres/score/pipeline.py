@@ -42,7 +42,7 @@ from medres import progress
 from medres.errors import ConfigError, ScoringError
 from medres.io import MIN_FREE_BYTES, check_output_dir, disk_guard
 from medres.models.modeldir import ModelMeta
-from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key
+from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key, save_tokens
 from medres.score.cam import TopK, rank_fn
 from medres.score.decode import MedresDecoder
 from medres.score.dicom_out import Algorithm, DicomRef, write_ledger_srs
@@ -354,6 +354,7 @@ def _score(job: _Job) -> ScoreSummary:
     with Ledger(out / LEDGER_NAME) as ledger:
         done = _open_ledger(job, ledger, key)
         stats, listing_s = _score_sources(job, ledger, key, done, summary, top)
+        save_tokens(out, key)  # for commands that read no header (medres.phi.tokens)
         summary.outputs |= export_csvs(
             ledger, out, info.model_hash, keep_ids=config.keep_ids, aggregate=config.aggregate
         )

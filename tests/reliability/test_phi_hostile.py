@@ -188,3 +188,68 @@ def test_nfd_and_full_width_folder_names_of_the_patient_are_pseudonymised(tmp_pa
         assert not any(c in text for c in (*CANARIES, "canaryzo")), (name, text)
     sources = [ln.split(",")[2] for ln in _text(out / "manifest.csv").splitlines()[1:]]
     assert len(sources) == 3 and all(s.startswith("~") and s.endswith("/ct") for s in sources)
+
+
+# ------------------------- commands that read no header (train, evaluate, export, plan)
+def test_train_evaluate_export_filter_a_patient_named_folder_from_stored_tokens(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """``train``, ``evaluate`` and ``export-model`` read no DICOM header, yet a folder named
+    after a patient of their dataset is pseudonymised in every line they print: ingest
+    stores the hashed tokens next to the key (``.medres_tokens.json``) and each command
+    restores them from the folders it is given (the manifest's dataset, the run's
+    pipeline.yaml). Each command starts with an empty filter, as in a new process."""
+    import collections
+
+    from medres.phi import TOKENS_FILE, redact
+    from medres.synth import SynthSpec, generate
+
+    def fresh_filter() -> None:  # a new process: no redactor is live
+        monkeypatch.setattr(redact, "_LIVE", collections.deque(maxlen=redact._LIVE_MAX))
+
+    spec = SynthSpec(kind="xray", n_patients=10, shape=(16, 16), phi_canary=True, seed=3)
+    synth = generate(spec, tmp_path / "synth")
+    ds = tmp_path / "ds"
+    res = runner.invoke(
+        app, ["ingest", str(synth.data_dir), "--out", str(ds), "--labels",
+              str(synth.labels_csv), "--workers", "0"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    stored = (ds / TOKENS_FILE).read_text(encoding="utf-8")
+    assert "zelda" not in stored.lower() and "phicanary" not in stored.lower()  # hashes only
+    canaries = ("zelda", "phicanary")
+    named = tmp_path / "Zelda results"  # the patient's given name (PHICANARY^ZELDA^1)
+
+    def clean(out: str) -> None:
+        assert not any(c in out.lower() for c in canaries), out
+        assert str(tmp_path) in out and "~" in out, out  # the rest stays readable
+
+    fresh_filter()
+    run = named / "run"
+    res = runner.invoke(
+        app, ["train", "pipelines/small_2d.yaml", "--manifest", str(ds / "manifest.csv"),
+              "--out", str(run), "--epochs", "1", "--image-size", "16", "--device", "cpu",
+              "--set", "data.workers=0"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    clean(res.output)
+    fresh_filter()
+    res = runner.invoke(app, ["evaluate", str(run), "--out", str(named / "eval"), "--n-boot", "0"])
+    assert res.exit_code == 0, res.output
+    clean(res.output)
+    fresh_filter()
+    res = runner.invoke(
+        app, ["export-model", str(run), "--format", "torchscript", "--out", str(named / "m.ts")]
+    )
+    assert res.exit_code == 0, res.output
+    clean(res.output)
+    fresh_filter()  # an error line names --out: a file where the run folder should be
+    (named / "blocker").write_text("x")
+    res = runner.invoke(
+        app, ["train", "pipelines/small_2d.yaml", "--manifest", str(ds / "manifest.csv"),
+              "--out", str(named / "blocker" / "run"), "--epochs", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "lies below the file" in line, line
+    clean(res.output)
