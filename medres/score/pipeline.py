@@ -293,6 +293,7 @@ def score(
         mhash = hashlib.sha256(repr(sorted(meta.to_json().items())).encode()).hexdigest()
     info = _model_info(config, meta, mhash)
     if decoder is None:
+        _check_preprocessing(config.model_dir, meta)  # the model's fault, not every item's
         mem = config.worker_memory_mb
         decoder = MedresDecoder(
             meta.preprocessing, inline_max_bytes=mem * 2**20 if mem else None, device=device
@@ -306,6 +307,20 @@ def score(
     )
     with disk_guard(config.out_dir):  # SQLite "disk is full", ENOSPC: one line, ledger kept
         return _score(_Job(config, model, meta, info, decoder, predictor, shard, device))
+
+
+def _check_preprocessing(model_dir: Path, meta: ModelMeta) -> None:
+    """A model.json whose saved preprocessing cannot be built is one line naming it."""
+    from medres.errors import ConfigError, ModelError
+    from medres.train.transforms import transform_spec_from
+
+    try:
+        transform_spec_from(meta.preprocessing)
+    except ConfigError as err:
+        raise ModelError(
+            f"{model_dir}/model.json: field 'preprocessing': {str(err).rstrip('.')}; fix the "
+            "field or re-save the model with `medres train`"
+        ) from None
 
 
 def _model_info(config: ScoreConfig, meta: ModelMeta, mhash: str) -> ModelInfo:

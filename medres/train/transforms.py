@@ -86,6 +86,8 @@ INTENSITY_METHODS = ("ct_window", "percentile", "range", "zscore", "none")
 RESIZE_MODES = ("resize", "crop_pad")
 SLICE_MODES = ("none", "center", "random")
 VOLUME_MODES = ("auto", "first", "mean", "channels")  # transforms.volume (auto: refuse 4D)
+MAX_SIDE = 8192  # transforms.image_size: at most this a side ...
+MAX_VOXELS = 512**3  # ... and this many voxels per channel (512 MiB of float32)
 _EXTRA_KEYS = {"format", "value_range", "weights_source", "weights"}
 
 
@@ -143,6 +145,13 @@ def _validate(spec: TransformSpec) -> None:
         raise ConfigError(
             f"{where}.image_size is {list(spec.image_size)}; give {spec.dims} positive sizes "
             "(e.g. --image-size 128 or 64,64,64)"
+        )
+    voxels = math.prod(spec.image_size)
+    if max(spec.image_size) > MAX_SIDE or voxels > MAX_VOXELS:
+        raise ConfigError(
+            f"{where}.image_size is {list(spec.image_size)}: {voxels:,} voxels per image, more "
+            f"than medres allocates ({MAX_SIDE} a side, {MAX_VOXELS:,} in all = 512^3); give a "
+            "smaller size (e.g. --image-size 224 or 128,128,128)"
         )
     if spec.intensity == "ct_window" and (len(spec.ct_window) != 2 or spec.ct_window[1] <= 0):
         raise ConfigError(f"{where}.ct_window is {list(spec.ct_window)}; give [center, width>0]")
