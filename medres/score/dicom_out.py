@@ -29,9 +29,12 @@ Optional extra ``medres[dicom-out]`` (highdicom). Choices:
   type-2 patient and study attributes PatientName, PatientID, PatientBirthDate,
   PatientSex, AccessionNumber, ReferringPhysicianName, StudyID, StudyDate and StudyTime
   are present but **empty** (type 2; no keyed pseudonym: a PACS would file an empty ID as
-  "unknown", a pseudonym as another patient), and :data:`_DROPPED` identifiers
-  (OtherPatientIDs, IssuerOfPatientID, ...) are removed from the evidence before highdicom
-  copies its patient and study modules. Consequence: a PACS that groups by PatientID
+  "unknown", a pseudonym as another patient). The rule is an allow-list, the one of every
+  source header medres copies or caches (:func:`slim_header`): only the attributes of
+  :data:`EVIDENCE_KEEP` (UIDs, Modality, the pixel description highdicom checks) and a
+  minimal file meta survive, so nothing else of the source (OtherPatientIDs, clinical
+  trial subject IDs, PatientComments, private tags, ...) can reach the patient and study
+  modules highdicom copies. Consequence: a PACS that groups by PatientID
   (Orthanc does) shows the SR under an anonymous patient with the same StudyInstanceUID;
   ``--keep-ids`` copies the patient and study modules as they are, so the SR joins the
   source study in every viewer. The SR is written only when asked for, only into OUT_DIR,
@@ -70,36 +73,27 @@ _TYPE2 = (
     "AccessionNumber",
 )
 
-# emptied in the SR without --keep-ids (type 2: present but empty)
-_BLANKED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
+# all that a source header keeps without --keep-ids, in the SR/SC evidence and in the PACS
+# header cache: what links a derived object to its images, and the image pixel
+# description highdicom checks a source image reference by (an allow-list: anything not
+# named here, private tags included, is dropped)
+EVIDENCE_KEEP = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "NumberOfFrames",
 )
-# removed from the evidence without --keep-ids
-_DROPPED = (
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "IssuerOfPatientID",
-    "PatientBirthTime",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientMotherBirthName",
-    "ReferringPhysicianIdentificationSequence",
-    "PatientAge",
-    "PatientWeight",
-    "PatientSize",
-    "StudyDescription",
-    "InstitutionName",
-    "InstitutionAddress",
-)
+_META_KEEP = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
 
 
 @dataclass(frozen=True)
@@ -205,15 +199,30 @@ def reference_header(path: str | os.PathLike[str], keep_ids: bool) -> Any:
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     if not keep_ids:
-        for kw in _DROPPED:
-            if kw in ds:
-                delattr(ds, kw)
-        for kw in _BLANKED:
-            setattr(ds, kw, "")
+        ds = slim_header(ds)
     for kw in _TYPE2:
         if kw not in ds:
             setattr(ds, kw, "")
     return ds
+
+
+def slim_header(ds: Any) -> Any:
+    """A new dataset holding only the :data:`EVIDENCE_KEEP` attributes of ``ds`` and the
+    file meta a file needs (SOP class/instance, transfer syntax): the one identity rule
+    for source headers medres writes without ``--keep-ids``."""
+    import pydicom
+
+    slim = pydicom.Dataset()
+    for kw in EVIDENCE_KEEP:
+        if kw in ds:
+            setattr(slim, kw, ds.data_element(kw).value)
+    meta = pydicom.dataset.FileMetaDataset()
+    old = getattr(ds, "file_meta", None)
+    for kw in _META_KEEP:
+        if old is not None and kw in old:
+            setattr(meta, kw, old.data_element(kw).value)
+    slim.file_meta = meta
+    return slim
 
 
 def _code(hd: Any, value: str, meaning: str) -> Any:

@@ -57,24 +57,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "pacs.json"
 HEADERS_DIR = Path(".pacs") / "headers"
 HEADERS_IDS_DIR = Path(".pacs") / "headers-ids"  # --keep-ids: whole headers
-# what a header cached without --keep-ids keeps (the SR evidence and image references)
-_EVIDENCE_KEEP = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    # the image pixel description: highdicom checks a source image reference by it
-    "Rows",
-    "Columns",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-    "NumberOfFrames",
-)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pacs_series (
     series_key TEXT NOT NULL,
@@ -354,8 +336,11 @@ def _series_items(run: _Run, ref: SeriesRef, files: tuple[Path, ...]) -> Iterato
 
 def _cache_headers(folder: Path, items: list[ScoreItem], keep_ids: bool) -> None:
     """A pixel-free header per DICOM item (the SR's evidence on later runs); without
-    ``keep_ids`` only the attributes of :data:`_EVIDENCE_KEEP` (see the module doc)."""
+    ``keep_ids`` only what :func:`medres.score.dicom_out.slim_header` keeps (the one
+    identity rule of every source header medres writes)."""
     import pydicom
+
+    from medres.score.dicom_out import slim_header
 
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -364,12 +349,7 @@ def _cache_headers(folder: Path, items: list[ScoreItem], keep_ids: bool) -> None
             continue
         ds = pydicom.dcmread(it.payload.first.path, stop_before_pixels=True)
         if not keep_ids:
-            slim = pydicom.Dataset()
-            for kw in _EVIDENCE_KEEP:
-                if kw in ds:
-                    setattr(slim, kw, ds.data_element(kw).value)
-            slim.file_meta = ds.file_meta
-            ds = slim
+            ds = slim_header(ds)
         with atomic_open(folder / f"{it.key}.dcm", "wb") as fh:
             ds.save_as(fh, enforce_file_format=True)
 

@@ -82,14 +82,21 @@ def test_score_dicom_out_without_keep_ids_writes_no_patient_identifiers(tmp_path
     ds.PatientName, ds.PatientBirthDate = NAME, "19500101"
     ds.ReferringPhysicianName, ds.AccessionNumber = "CANARYFAM^DOC", "ACCCANARY1"
     ds.OtherPatientIDs = "CANARYPID9X"
+    # what no block-list names: clinical-trial IDs, comments, a private tag (allow-list rule)
+    ds.ClinicalTrialSubjectID, ds.ClinicalTrialSponsorName = "CANARYTRIAL7", "CanarySponsor"
+    ds.PatientComments, ds.EthnicGroup = "canary comment", "CANARYETH"
+    ds.add_new(0x00431010, "LO", "CANARYPRIVATE")
     ds.save_as(p)
     out = tmp_path / "out"
     res = runner.invoke(
         app, ["score", str(model), str(tmp_path / "src"), "--out", str(out), "--workers", "0",
-              "--dicom-out"],
+              "--dicom-out", "--cam", "1"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
-    (sr_path,) = sorted((out / "dicom").glob("*.dcm"))
+    sr_path, *scs = sorted((out / "dicom").glob("*.dcm"), key=lambda q: q.name.startswith("cam"))
+    assert len(scs) == 1  # the Grad-CAM secondary capture follows the same rule
+    for path in scs:
+        assert b"canary" not in path.read_bytes().lower(), path
     sr = pydicom.dcmread(sr_path)
     for kw in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
                "ReferringPhysicianName"):  # fmt: skip
