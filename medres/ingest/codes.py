@@ -52,7 +52,7 @@ CODE_DESCRIPTIONS: dict[str, str] = {
     "invalid_nifti": "A NIfTI file with a corrupt header, zero-size or non-finite affine.",
     "archive_unsafe": "An archive member escapes the destination, is a link/device, or exceeds limits.",
     "timeout": "Decoding one input exceeded the per-file time or memory limit.",
-    "duplicate_input": "The same SOP instance was seen twice; the copy was skipped.",
+    "duplicate_input": "The same SOP instance was seen twice; the later file in path order was skipped (its message says when its pixel data differ from the kept file's).",
     "invalid_mosaic": "A Siemens mosaic whose tile count, grid or geometry is missing or inconsistent.",
     "unsupported_values": "Voxel values medres cannot store as they are: complex numbers, or floats beyond the float32 range.",
     "wrong_dims": "Scoring: the image is 2D and the model 3D, or the other way round (no slice is picked silently).",

@@ -11,10 +11,11 @@ positions repeat it is split by ImageType into separate images and each into vol
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -129,13 +130,53 @@ def _unique_instances(hs: list[DicomHeader]) -> tuple[list[DicomHeader], list[Re
     unique: list[DicomHeader] = []
     for h in sorted(hs, key=lambda h: (str(h.path), h.source)):
         if h.sop_instance_uid and h.sop_instance_uid in seen:
-            why = f"same SOP instance as {seen[h.sop_instance_uid].source}; copy skipped"
+            first = seen[h.sop_instance_uid]
+            if _same_pixels(first, h):
+                why = f"same SOP instance as {first.source}; copy skipped"
+            else:  # not a copy: say so, and which file was kept
+                why = (
+                    f"same SOP instance as {first.source} but different pixel data; kept "
+                    f"{first.source} (first in path order): remove the wrong file and re-run"
+                )
+                log.warning("%s: %s", h.source, why)
             rejections.append(reject([h], Code.DUPLICATE_INPUT, why))
             continue
         if h.sop_instance_uid:
             seen[h.sop_instance_uid] = h
         unique.append(h)
     return unique, rejections
+
+
+def _pixel_bytes(h: DicomHeader) -> Iterator[bytes]:
+    """The bytes of ``h``'s PixelData value (the whole file when its place is unknown)."""
+    start, length = (h.pixel_offset, h.pixel_length)
+    if start < 0 or length < 0:
+        start, length = 0, -1
+    with open(h.path, "rb") as fh:
+        fh.seek(start)
+        left = length
+        while left != 0:
+            chunk = fh.read(1 << 20 if left < 0 else min(left, 1 << 20))
+            if not chunk:
+                return
+            left -= len(chunk) if left > 0 else 0
+            yield chunk
+
+
+def _same_pixels(a: DicomHeader, b: DicomHeader) -> bool:
+    """Whether two files of one SOP instance hold the same pixel data (read only for such
+    repeats, which are rare); unreadable counts as the same (the copy stays skipped)."""
+    if a.pixel_length >= 0 and b.pixel_length >= 0 and a.pixel_length != b.pixel_length:
+        return False
+    try:
+        da, db = hashlib.sha256(), hashlib.sha256()
+        for chunk in _pixel_bytes(a):
+            da.update(chunk)
+        for chunk in _pixel_bytes(b):
+            db.update(chunk)
+    except OSError:
+        return True
+    return da.digest() == db.digest()
 
 
 def _orientation_clusters(
