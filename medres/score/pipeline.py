@@ -40,7 +40,7 @@ from typing import Any
 
 from medres import progress
 from medres.errors import ConfigError, ScoringError
-from medres.io import MIN_FREE_BYTES, check_output_dir, disk_guard
+from medres.io import MIN_FREE_BYTES, check_output_dir, check_output_kind, disk_guard
 from medres.models.modeldir import ModelMeta
 from medres.phi import KEY_FILE, SOURCE_PATH_MODES, load_or_create_key, save_tokens
 from medres.score.cam import TopK, rank_fn
@@ -283,6 +283,7 @@ def score(
     shard = resolve_shard(config.shard)
     device = str(resolve_device(config.device))
     check_output_dir(config.out_dir, MIN_FREE_BYTES)  # a file/read-only --out; disk space
+    check_output_kind(config.out_dir, "score")  # not into a dataset or a run
     if model is None:
         mdir = resolve_model_dir(config.model_dir)
         mhash = model_hash(mdir)
