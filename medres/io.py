@@ -14,20 +14,29 @@ size options), and the one output-folder and disk-space rule of every command th
   and ``os.replace``, so a full disk leaves the previous outputs as they were and the same
   command resumes once space is freed.
 
+And the one CSV cell rule (spreadsheet formula injection, OWASP): every CSV medres writes
+goes through :func:`csv_writer` / :func:`csv_dict_writer`, which put a ``'`` before a text
+cell that starts with ``= + - @``, a tab, a carriage return or ``'`` itself (so a file named
+``=cmd|' /C calc'!A0.dcm`` is written ``'=cmd|...``), except a plain number (``-0.5``,
+``-1e-3``, ``-inf``, ``nan``); every reader of those files (:func:`csv_reader` /
+:func:`csv_dict_reader`) strips that ``'`` again, so round trips are exact.
+
 Core module: imports the standard library and ``medres.errors`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -249,6 +258,33 @@ def check_output_dir(
     return out
 
 
+# what each command's --out holds once it ran (a file no other command writes)
+_OUTPUT_MARKERS: dict[str, tuple[str, ...]] = {
+    "ingest": ("ingest.json",),
+    "train": ("history.csv", "checkpoints/last.pt", "model/model.json"),
+    "score": ("ledger.sqlite",),
+}
+_OUTPUT_NAMES = {"ingest": "dataset", "train": "run", "score": "scores"}
+
+
+def check_output_kind(path: str | os.PathLike[str], command: str) -> None:
+    """Refuse an ``--out`` that holds another command's output (a run written into a
+    dataset, a dataset into a run, scores into either): their files would mix and a later
+    run of either command would read the other's. One line naming the file found."""
+    out = Path(path)
+    for other, markers in _OUTPUT_MARKERS.items():
+        if other == command:
+            continue
+        for marker in markers:
+            if (out / marker).is_file():
+                name = _OUTPUT_NAMES.get(command, command)
+                own = out.with_name(f"{out.name}-{name}") if out.name else out / name
+                raise OutputDirError(
+                    f"--out {str(out)!r} holds the {_OUTPUT_NAMES[other]} of `medres {other}` "
+                    f"({marker}); give `medres {command}` a folder of its own (e.g. {str(own)!r})"
+                )
+
+
 @contextlib.contextmanager
 def output_lock(
     out_dir: str | os.PathLike[str],
@@ -263,6 +299,7 @@ def output_lock(
     ``need_bytes``, an estimate of the space the command needs).
     """
     out = Path(out_dir)
+    check_output_kind(out, command)  # not into another command's output
     lock = out / LOCK_NAME
     for _ in range(2):
         try:
@@ -322,3 +359,92 @@ def parse_size(
             f"{option} {text!r} is not a list of {kind.__name__} values separated by ',' or "
             f"'x'; write it like {example}"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# CSV cells: the one spreadsheet-escaping rule of every CSV medres writes and reads
+# ---------------------------------------------------------------------------------------
+# a cell a spreadsheet may run as a formula starts with one of these (OWASP); "'" is the
+# escape itself, so a text that starts with it is escaped too and the rule round-trips
+CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "'")
+# a plain number (what float() reads, without its spaces and underscores): never escaped
+_NUMBER = re.compile(
+    r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf|infinity|nan)", re.IGNORECASE
+)
+
+
+def csv_escape(value: Any) -> Any:
+    """One cell as written: a text starting with a :data:`CSV_TRIGGERS` character gets a
+    leading ``'`` unless it is a plain number (``-0.5``, ``-1e-3``, ``-inf``); anything
+    that is not a ``str`` (numbers, ``None``) is returned as it is."""
+    if isinstance(value, str) and value.startswith(CSV_TRIGGERS) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_unescape(text: str) -> str:
+    """Undo :func:`csv_escape`: ``csv_unescape(csv_escape(s)) == s`` for every text ``s``.
+
+    Strips one leading ``'`` when what follows starts with a trigger character; other
+    cells (a hand-written ``'note``) are left as they are.
+    """
+    if isinstance(text, str) and text[:1] == "'" and text[1:].startswith(CSV_TRIGGERS):
+        return text[1:]
+    return text
+
+
+class _EscapingWriter:
+    """A ``csv.writer`` whose rows pass :func:`csv_escape` cell by cell."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.dialect = inner.dialect
+
+    def writerow(self, row: Iterable[Any]) -> Any:
+        return self._inner.writerow([csv_escape(v) for v in row])
+
+    def writerows(self, rows: Iterable[Iterable[Any]]) -> None:
+        for row in rows:
+            self.writerow(row)
+
+
+class _UnescapingReader:
+    """A ``csv.reader`` whose rows pass :func:`csv_unescape` cell by cell."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.dialect = inner.dialect
+
+    @property
+    def line_num(self) -> int:
+        return self._inner.line_num
+
+    def __iter__(self) -> _UnescapingReader:
+        return self
+
+    def __next__(self) -> list[str]:
+        return [csv_unescape(v) for v in next(self._inner)]
+
+
+def csv_writer(fh: IO[str], **kwargs: Any) -> Any:
+    """``csv.writer(fh, **kwargs)`` with every cell escaped (:func:`csv_escape`)."""
+    return _EscapingWriter(csv.writer(fh, **kwargs))
+
+
+def csv_dict_writer(fh: IO[str], fieldnames: Sequence[str], **kwargs: Any) -> csv.DictWriter:
+    """``csv.DictWriter`` with every cell, header included, escaped (:func:`csv_escape`)."""
+    w = csv.DictWriter(fh, fieldnames, **kwargs)
+    w.writer = _EscapingWriter(w.writer)
+    return w
+
+
+def csv_reader(fh: Iterable[str], **kwargs: Any) -> Any:
+    """``csv.reader`` with every cell unescaped (:func:`csv_unescape`)."""
+    return _UnescapingReader(csv.reader(fh, **kwargs))
+
+
+def csv_dict_reader(fh: Iterable[str], **kwargs: Any) -> csv.DictReader:
+    """``csv.DictReader`` with every cell, header included, unescaped (:func:`csv_unescape`)."""
+    r = csv.DictReader(fh, **kwargs)
+    r.reader = _UnescapingReader(r.reader)
+    return r

@@ -46,7 +46,6 @@ Owns the exporters and their registry. Manifests are read with
 
 from __future__ import annotations
 
-import csv
 import gzip
 import logging
 import os
@@ -61,7 +60,7 @@ from typing import Any
 from medres import progress
 from medres.dataset.manifest import Manifest, class_order, read_manifest
 from medres.errors import ConfigError, ManifestError
-from medres.io import atomic_open, atomic_write_json
+from medres.io import atomic_open, atomic_write_json, csv_dict_writer
 
 __all__ = [
     "DATASET_EXPORTERS",
@@ -404,7 +403,7 @@ def _write_side_file(path: Path, m: Manifest, rows: list[dict[str, str]]) -> Non
         list(m.multilabel_columns) if m.multilabel_columns else ["label", "label_index"]
     )
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        w = csv_dict_writer(fh, fields, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
 

@@ -5,7 +5,9 @@ The schema is documented in ``data_manifests/README.md``. Choices made here:
 * The file is plain CSV (UTF-8, header row, every value a string; empty = unknown) so that
   spreadsheets, pandas and ``csv`` all read it. Columns are written in the fixed order of
   :data:`MANIFEST_COLUMNS`; label columns (``label`` or ``label_<name>``) take the place of
-  ``label``; unknown extra columns are kept, after ``split``.
+  ``label``; unknown extra columns are kept, after ``split``. Cells follow the one CSV cell
+  rule of :mod:`medres.io` (a text starting with ``= + - @`` is written with a leading
+  ``'``, which reading strips again).
 * Only ``image_id`` and ``image_path`` are required when *reading*, so hand-made manifests
   work; every column that is present is validated (dims, split names, unique ids, one
   patient in one split). Problems raise :class:`~medres.errors.ManifestError` naming the
@@ -22,7 +24,6 @@ import: the core only (``medres.errors``, ``medres.io``).
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import os
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medres.errors import ManifestError
-from medres.io import atomic_write_text
+from medres.io import atomic_write_text, csv_dict_reader, csv_dict_writer
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def manifest_text(
         extra.extend(k for k in r if k not in base and k not in extra)
     cols = base + extra
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="raise")
+    w = csv_dict_writer(buf, cols, lineterminator="\n", extrasaction="raise")
     w.writeheader()
     for r in rows:
         w.writerow({c: _cell(r.get(c, "")) for c in cols})
@@ -203,7 +204,7 @@ def read_manifest(path: str | os.PathLike[str], *, check_files: bool = False) ->
 
 def _parse(text: str, path: Path) -> Manifest:
     name = path.name
-    reader = csv.DictReader(io.StringIO(text))
+    reader = csv_dict_reader(io.StringIO(text))
     columns = tuple(reader.fieldnames or ())
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:

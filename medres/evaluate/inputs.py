@@ -57,6 +57,7 @@ from medres.evaluate.table import (
     to_float,
     with_columns,
 )
+from medres.io import csv_dict_reader
 from medres.models.modeldir import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,7 @@ def _split_counts(run: Path) -> dict[str, dict[str, Any]]:
     for p in sorted(run.glob("predictions_*.csv")):
         try:
             with p.open(newline="", encoding="utf-8-sig") as fh:
-                rows = list(csv.DictReader(fh))
+                rows = list(csv_dict_reader(fh))
         except (OSError, UnicodeDecodeError, csv.Error):
             continue
         counts = Counter(r.get("label", "") for r in rows if "label" in r)

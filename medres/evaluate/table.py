@@ -20,6 +20,7 @@ import numpy as np
 
 from medres.errors import EvaluationError
 from medres.evaluate.config import EvaluateConfig
+from medres.io import csv_dict_reader
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def read_table(path: Path) -> Table:
         raise EvaluationError(f"{path}: file not found; pass a run dir or a predictions CSV")
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv_dict_reader(fh)
             rows = list(reader)
             fields = [f.strip() for f in (reader.fieldnames or [])]
     except (UnicodeDecodeError, csv.Error) as exc:

@@ -79,7 +79,7 @@ from medres.ingest.archives import (
 )
 from medres.ingest.codes import Code
 from medres.ingest.dicomdir import follow_dicomdirs
-from medres.phi import KEY_FILE
+from medres.phi import KEY_FILE, TOKENS_FILE
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
@@ -102,8 +102,8 @@ log = logging.getLogger(__name__)
 # what ingest/score write into their output folder (passed over when a SOURCE is one)
 _OUTPUT_MARKERS = (KEY_FILE, "manifest.csv", "ingest.json")
 _OUTPUT_ENTRIES = frozenset(
-    {KEY_FILE, "manifest.csv", "errors.csv", "ingest.json", ".medres_cache.json",
-     ".medres_lock", ".medres_scratch"}
+    {KEY_FILE, TOKENS_FILE, "manifest.csv", "errors.csv", "ingest.json",
+     ".medres_cache.json", ".medres_lock", ".medres_scratch"}
 )  # fmt: skip
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medres.errors import ConfigError, ManifestError
+from medres.io import csv_dict_reader
 from medres.phi import pseudonym
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def read_labels(path: Path, key: bytes, key_column: str | None = None) -> LabelT
         raise ManifestError(f"labels file {name!r} not found; check the --labels path")
     try:
         with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv_dict_reader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             raw_rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:

@@ -14,6 +14,10 @@ Choices made (docs/architecture.md, "Canonical image on disk"):
   pixdim[4] = the repetition time (s) for a ``time`` axis (else 1.0, unit unknown) and a
   sidecar ``img-x.json`` next to the image (:func:`sidecar_path`; the body is
   :meth:`medres.ingest.dicom.volume_keys.VolumeAxis.sidecar`), written before the image.
+- A file named like NIfTI (``.nii``, ``.nii.gz``, ``.hdr``, a pair's ``.img`` without its
+  ``.hdr``) that holds no NIfTI header is ``invalid_nifti`` with its cause (empty, N of the
+  348 header bytes, a broken gzip, no magic): :func:`named_nifti_error`, used by ingest's
+  classification and by :func:`load_nifti`, never ``not_dicom`` junk.
 - Values: complex data and float64 values beyond the float32 range are refused
   (``unsupported_values``), never silently cut to their real part or to +-inf.
 - :func:`write_image` writes exactly the array and affine of a
@@ -36,6 +40,7 @@ import logging
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,14 @@ from medres.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_nifti", "is_ras_diagonal", "load_nifti", "sidecar_path", "write_image"]
+__all__ = [
+    "is_nifti",
+    "is_ras_diagonal",
+    "load_nifti",
+    "named_nifti_error",
+    "sidecar_path",
+    "write_image",
+]
 
 _NO_CATCH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -81,6 +93,70 @@ def is_nifti(path: Path) -> bool:
     return False
 
 
+# names that promise NIfTI (or an Analyze-style pair): such a file that is not NIfTI by
+# content is a broken NIfTI (invalid_nifti, with the cause), never not_dicom junk
+NIFTI_NAMES = (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")
+_PAIR_DATA = (".img", ".img.gz")
+
+
+def _pair_header(path: Path) -> Path | None:
+    """The ``.hdr`` beside a pair's ``.img`` data file, when there is one."""
+    stem = path.name[: -len(".img.gz")] if path.name.lower().endswith(".gz") else path.stem
+    for suffix in (".hdr", ".HDR", ".hdr.gz"):
+        if (path.parent / (stem + suffix)).is_file():
+            return path.parent / (stem + suffix)
+    return None
+
+
+def _header_cause(path: Path) -> str:
+    """Why ``path`` holds no NIfTI header: empty, cut short, not gzip, or no NIfTI magic."""
+    try:
+        head = _head(path, 348)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        return f"not a readable gzip stream ({type(exc).__name__}); re-copy or re-export the file"
+    with open(path, "rb") as fh:
+        where = " after decompression" if fh.read(2) == b"\x1f\x8b" else ""
+    if not head:
+        return (
+            f"empty file (0 bytes{where}), a NIfTI header needs 348; re-export the file or "
+            "remove it"
+        )
+    if len(head) < 348:
+        return (
+            f"{len(head)} bytes{where}, a NIfTI header needs 348 (the file is cut short); "
+            "re-copy or re-export it"
+        )
+    return (
+        "no NIfTI-1/2 header (sizeof_hdr is not 348/540 or the magic is not n+1/ni1/n+2/ni2; "
+        "an Analyze 7.5 file?); convert it to NIfTI"
+    )
+
+
+def named_nifti_error(path: Path, source: str = "") -> IngestError | None:
+    """For a file named like NIfTI (:data:`NIFTI_NAMES`) that holds no NIfTI header: the
+    ``invalid_nifti`` error naming the file, the cause (empty, N bytes of the 348 a header
+    needs, a broken gzip, no NIfTI magic) and the fix; ``None`` for any other name, and for
+    a pair's ``.img`` data file whose ``.hdr`` lies beside it (the header is read instead).
+    """
+    path = Path(path)
+    low = path.name.lower()
+    if not low.endswith(NIFTI_NAMES):
+        return None
+    src = source or str(path)
+    if low.endswith(_PAIR_DATA):
+        if _pair_header(path) is not None:
+            return None
+        cause = (
+            "the data file of a NIfTI/Analyze pair without its .hdr header; put the .hdr beside it"
+        )
+    else:
+        try:
+            cause = _header_cause(path)
+        except OSError as exc:
+            return IngestError(f"{src}: cannot be read ({exc.strerror})", code=Code.UNREADABLE)
+    return IngestError(f"{src}: {cause}", code=Code.INVALID_NIFTI)
+
+
 def load_nifti(path: Path, source: str = "") -> LoadedImage:
     """Read one NIfTI file into a canonical :class:`LoadedImage`.
 
@@ -106,7 +182,8 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
     except _NO_CATCH:
         raise
     except BaseException as exc:
-        raise IngestError(
+        named = None if is_nifti(path) else named_nifti_error(path, src)
+        raise named or IngestError(
             f"{src}: not a valid NIfTI header ({type(exc).__name__}); re-export the file",
             code=Code.INVALID_NIFTI,
         ) from None

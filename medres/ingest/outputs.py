@@ -8,7 +8,6 @@ atomic. Imports: core, ``medres.dataset.manifest``, ``ingest.config``, ``ingest.
 from __future__ import annotations
 
 import contextlib
-import csv
 import platform
 import sys
 import time
@@ -21,7 +20,7 @@ from medres.dataset.manifest import write_manifest
 from medres.ingest.config import IMAGES_DIR, IngestConfig, IngestReport
 from medres.ingest.labels import LabelTable
 from medres.ingest.records import ImageRecord
-from medres.io import atomic_open, atomic_write_json
+from medres.io import atomic_open, atomic_write_json, csv_dict_writer
 from medres.phi import KEY_FILE, PathRedactor
 
 ERRORS_NAME = "errors.csv"
@@ -62,7 +61,7 @@ def write_outputs(
 def write_errors(path: Path, rows: list[dict[str, str]]) -> None:
     """``errors.csv``: one (source, code, message) row per file not used."""
     with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["source", "code", "message"], lineterminator="\n")
+        w = csv_dict_writer(fh, ["source", "code", "message"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
 

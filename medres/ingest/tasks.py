@@ -50,9 +50,21 @@ def scan_task(item: tuple[Path, str]) -> ScanResult:
     try:
         return ScanResult("dicom", dicom.scan_header(path, source))
     except IngestError as exc:
-        if str(exc.code) == Code.NOT_DICOM.value and nifti.is_nifti(path):
-            return ScanResult("nifti")
+        if str(exc.code) == Code.NOT_DICOM.value:
+            if nifti.is_nifti(path):
+                return ScanResult("nifti")
+            _raise_named_nifti(path, source)
         raise
+
+
+def _raise_named_nifti(path: Path, source: str) -> None:
+    """A file named like NIfTI that is neither DICOM nor NIfTI is a broken NIfTI
+    (``invalid_nifti`` with its cause), not ``not_dicom`` junk."""
+    from medres.ingest import nifti
+
+    named = nifti.named_nifti_error(path, source)
+    if named is not None:
+        raise named from None
 
 
 # Files larger than this are header-scanned in the pool even when the lean walk would take
@@ -85,8 +97,10 @@ def scan_task_lean(item: tuple[Path, str]) -> ScanResult | None:
     except IngestError as exc:  # plainly not DICOM: NIfTI by content, else not_dicom
         from medres.ingest import nifti
 
-        if str(exc.code) == Code.NOT_DICOM.value and nifti.is_nifti(path):
-            return ScanResult("nifti")
+        if str(exc.code) == Code.NOT_DICOM.value:
+            if nifti.is_nifti(path):
+                return ScanResult("nifti")
+            _raise_named_nifti(path, source)
         raise
     return None if header is None else ScanResult("dicom", header)
 

@@ -25,7 +25,6 @@ Choices:
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
 import hashlib
 import json
@@ -39,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medres.errors import ScoringError
-from medres.io import atomic_open
+from medres.io import atomic_open, csv_writer
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +436,7 @@ def export_csvs(
     with _export_lock(out):
         records = list(ledger.records(info.model_hash))
         with atomic_open(paths["scores"], "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh)
+            w = csv_writer(fh)
             w.writerow(score_columns(classes, keep_ids=keep_ids))
             for r in records:
                 probs = list(r.scores) if r.status == "ok" else []
@@ -448,7 +447,7 @@ def export_csvs(
                     row += [r.study_uid, r.accession]
                 w.writerow(row)
         with atomic_open(paths["errors"], "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh)
+            w = csv_writer(fh)
             w.writerow(ERROR_COLUMNS)
             for r in records:
                 if r.status == "error":
@@ -485,7 +484,7 @@ def _export_study(records: list[Record], info: ModelInfo, how: str, path: Path) 
     classes = list(info.classes)
     agg = aggregate_study(records, len(classes), how)
     with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv_writer(fh)
         w.writerow(["study_key", "n_items", *(f"prob_{c}" for c in classes), "pred"])
         for study in sorted(agg):
             probs, n = agg[study]

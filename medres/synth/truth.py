@@ -8,7 +8,6 @@ Imports: numpy, ``medres.errors``, ``medres.io`` and, within the package,
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medres.errors import ManifestError
-from medres.io import atomic_write_text
+from medres.io import atomic_write_text, csv_dict_reader, csv_dict_writer, csv_writer
 from medres.synth.plan import SeriesPlan
 from medres.synth.spec import SynthSpec
 
@@ -199,13 +198,17 @@ def write_labels_csv(path: Path, plans: Sequence[SeriesPlan]) -> None:
     labels: dict[str, int] = {}
     for pl in plans:
         labels.setdefault(pl.patient_id, pl.label)
-    atomic_write_text(path, "patient_id,label\n" + "".join(f"{k},{v}\n" for k, v in labels.items()))
+    buf = io.StringIO()
+    wr = csv_writer(buf, lineterminator="\n")
+    wr.writerow(["patient_id", "label"])
+    wr.writerows(labels.items())
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_truth_csv(path: Path, rows: Sequence[TruthRow]) -> None:
     """``truth.csv``: the :data:`TRUTH_FIELDS` columns, one row per written series."""
     buf = io.StringIO()
-    wr = csv.DictWriter(buf, fieldnames=TRUTH_FIELDS, lineterminator="\n")
+    wr = csv_dict_writer(buf, TRUTH_FIELDS, lineterminator="\n")
     wr.writeheader()
     for r in rows:
         wr.writerow(r.to_csv())
@@ -221,7 +224,7 @@ def load_result(out_dir: str | os.PathLike[str]) -> SynthResult:
     meta = json.loads(meta_path.read_text())
     spec = SynthSpec.from_dict(meta["spec"])
     with open(out / "truth.csv", newline="") as fh:
-        rows = tuple(TruthRow.from_csv(r) for r in csv.DictReader(fh))
+        rows = tuple(TruthRow.from_csv(r) for r in csv_dict_reader(fh))
     return SynthResult(
         spec,
         out,

@@ -13,7 +13,6 @@ atomically.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import logging
@@ -29,7 +28,7 @@ import torch
 
 from medres.dataset.manifest import Manifest
 from medres.errors import TrainError
-from medres.io import atomic_write_text
+from medres.io import atomic_write_text, csv_dict_writer, csv_writer
 from medres.runtime import Runtime
 from medres.train.data import DataBundle, LabelInfo
 from medres.train.spec import PipelineSpec
@@ -117,7 +116,7 @@ def history_csv(history: list[dict[str, Any]]) -> str:
         return ""
     names = list(dict.fromkeys(k for row in history for k in row))  # rows of older releases
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", restval="")
+    w = csv_dict_writer(buf, names, lineterminator="\n", restval="")
     w.writeheader()
     for row in history:
         w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
@@ -156,7 +155,7 @@ def write_predictions(
         *PASSTHROUGH,
     ]
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv_writer(buf, lineterminator="\n")
     w.writerow(cols)
     for p, i in zip(probs, idx, strict=True):
         row = manifest.rows[int(i)]

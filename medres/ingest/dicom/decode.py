@@ -37,6 +37,7 @@ from medres.ingest.dicom.header import (
     Stack,
     as_code,
 )
+from medres.ingest.dicom.j2k_guard import install as guard_j2k
 from medres.ingest.dicom.mosaic import frame_header, tile_region
 from medres.ingest.image import to_output_dtype
 from medres.workers import IsolatedPool
@@ -124,6 +125,7 @@ def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
     """Decode all frames with pydicom -> (frames, rows, cols[, 3]) and the dataset."""
     import pydicom
 
+    guard_j2k()  # pydicom's JP2 box walk never ends on a zero-length box
     try:
         ds = pydicom.dcmread(h.path, force=True)
     except NO_CATCH:
@@ -207,6 +209,7 @@ def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     try:
         from pydicom.pixels import get_decoder  # here: native reads never need pydicom
 
+        guard_j2k()
         decoder = get_decoder(h.transfer_syntax)
         with open(h.path, "rb") as fh:
             fh.seek(h.pixel_offset)

@@ -1,0 +1,132 @@
+"""Two inputs that used to be misreported (issue #16).
+
+* A JPEG 2000 frame whose JP2 box chain holds a zero-length box made pydicom's
+  ``get_j2k_parameters`` loop forever (found by the long fuzz mode on a mutated
+  ``GDCMJ2K_TextGBR.dcm``: a ``timeout`` after the full 10 s per-file limit). With the guard
+  of :mod:`medres.ingest.dicom.j2k_guard` it is ``decode_failed`` in milliseconds.
+* A zero-byte or too-short ``.nii`` / ``.nii.gz`` / ``.hdr`` was ``not_dicom`` (junk);
+  it is ``invalid_nifti`` with a message naming the file, the cause and the fix, in ingest
+  and in score.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import time
+from pathlib import Path
+
+import pytest
+from fuzz_mutations import case_rng, mutate
+from helpers.models import write_model_dir, write_nifti_folder
+from typer.testing import CliRunner
+
+from medres.cli import app
+from medres.ingest import dicom
+from medres.ingest.dicom.j2k_guard import JP2_SIGNATURE, guarded, install, jp2_boxes_advance
+from medres.ingest.tasks import DecodeJob, decode_task, scan_task
+from medres.workers import IsolatedPool
+
+pytestmark = pytest.mark.reliability
+
+runner = CliRunner()
+# the long-mode case that hung: seed file, case index, base seed (see test_fuzz.py)
+HUNG_CASE = ("GDCMJ2K_TextGBR.dcm", 162, 0)
+
+
+def _box(kind: bytes, body: bytes, length: int | None = None) -> bytes:
+    n = len(body) + 8 if length is None else length
+    return n.to_bytes(4, "big") + kind + body
+
+
+def test_zero_length_box_before_the_codestream_is_caught() -> None:
+    ftyp = _box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ")
+    sig = JP2_SIGNATURE + b"\r\n\x87\n"  # the 12-byte signature box
+    good = sig + ftyp + _box(b"jp2c", b"\xff\x4f\xff\x51")
+    bad = sig + ftyp + _box(b"Zu\x00\x00", b"junk", length=0) + _box(b"jp2c", b"")
+    assert jp2_boxes_advance(good) and jp2_boxes_advance(b"\xff\x4f\xff\x51")
+    assert not jp2_boxes_advance(bad)
+    calls: list[bytes] = []
+    safe = guarded(lambda cs: calls.append(cs) or {"precision": 8})
+    assert safe(bad) == {} and calls == []
+    assert safe(good) == {"precision": 8} and calls == [good]
+
+
+def test_install_wraps_where_pydicom_calls_it() -> None:
+    from pydicom.pixels import utils
+    from pydicom.pixels.decoders import base
+
+    install()
+    install()  # idempotent: one wrapper, around pydicom's own function
+    assert base.get_j2k_parameters is utils.get_j2k_parameters
+    assert not hasattr(base.get_j2k_parameters.__wrapped__, "__wrapped__")
+
+
+def test_the_mutated_j2k_that_hung_is_decode_failed_at_once(tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    name, index, base_seed = HUNG_CASE
+    seed = get_testdata_file(name)
+    if seed is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    data, _ = mutate(Path(seed).read_bytes(), case_rng(name, index, base_seed))
+    case = tmp_path / "case.dcm"
+    case.write_bytes(data)
+    header = scan_task((case, case.name)).header
+    (stack,), _ = dicom.group_stacks([header], dicom.GeometryPolicy(min_slices=1))
+    job = DecodeJob(
+        "dicom", stack, "img-x", tmp_path / "img-x.nii.gz", "images/img-x.nii.gz",
+        b"k" * 32, 1, (case.name,),
+    )  # fmt: skip
+    t0 = time.monotonic()
+    with IsolatedPool(1, timeout_s=4.0, memory_mb=1024) as pool:
+        ((ok, err),) = pool.map(decode_task, [job])
+    assert not ok and err.code == "decode_failed", err
+    assert time.monotonic() - t0 < 4.0
+
+
+def _write_broken_nifti(src: Path) -> dict[str, str]:
+    """Broken NIfTI-named files -> a word their message must hold."""
+    src.mkdir(parents=True)
+    (src / "empty.nii").write_bytes(b"")
+    (src / "empty.nii.gz").write_bytes(b"")
+    (src / "short.nii").write_bytes(b"\x00" * 100)
+    (src / "tiny.nii.gz").write_bytes(gzip.compress(b"\x5c\x01\x00\x00"))
+    (src / "cut.hdr").write_bytes(b"\x00" * 10)
+    (src / "lost.img").write_bytes(b"\x00" * 64)  # a pair's data without its .hdr
+    (src / "junk.txt").write_bytes(b"junk")  # still not_dicom
+    write_nifti_folder(src / "ok", 1, (16, 16))  # one good image: ingest exits 0
+    return {
+        "empty.nii": "empty file (0 bytes), a NIfTI header needs 348",
+        "empty.nii.gz": "empty file (0 bytes)",
+        "short.nii": "100 bytes, a NIfTI header needs 348",
+        "tiny.nii.gz": "4 bytes after decompression",
+        "cut.hdr": "10 bytes",
+        "lost.img": "without its .hdr",
+    }
+
+
+def _errors(path: Path) -> dict[str, tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["source"]: (r["code"], r["message"]) for r in csv.DictReader(fh)}
+
+
+def test_empty_and_short_nifti_files_are_invalid_nifti(tmp_path: Path) -> None:
+    want = _write_broken_nifti(tmp_path / "src")
+    model = write_model_dir(tmp_path / "model", image_size=(16, 16))
+    ingest = runner.invoke(app, ["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "ds")])
+    assert ingest.exit_code == 0, ingest.output
+    score = runner.invoke(
+        app, ["score", str(model), str(tmp_path / "src"), "--out", str(tmp_path / "sc"), "-j", "0"]
+    )
+    assert score.exit_code == 0, score.output
+    for errors in (
+        _errors(tmp_path / "ds" / "errors.csv"),
+        _errors(tmp_path / "sc" / "errors.csv"),
+    ):
+        assert errors.pop("junk.txt")[0] == "not_dicom"
+        assert set(errors) == set(want), errors
+        for name, (code, message) in errors.items():
+            assert code == "invalid_nifti", (name, code, message)
+            assert message.startswith(f"{name}: ") and want[name] in message, message
+            assert "\n" not in message
