@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -208,6 +209,7 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
             f"{src}: NIfTI has an empty or 1D shape {shape}; re-export the file",
             code=Code.INVALID_NIFTI,
         )
+    _check_data_size(img, path, shape, src)
     try:
         data = np.asanyarray(img.dataobj)
     except _NO_CATCH:
@@ -224,6 +226,42 @@ def load_nifti(path: Path, source: str = "") -> LoadedImage:
         ) from None
     codes = (int(img.header["qform_code"]), int(img.header["sform_code"]))
     return _canonical(data, affine, codes, src)
+
+
+_MAX_DATA_BYTES = 16 << 30  # a header declaring more is not read (no allocation attempt)
+
+
+def _check_data_size(img: Any, path: Path, shape: tuple[int, ...], src: str) -> None:
+    """Before any allocation: the voxel data the header declares must fit in the file (an
+    uncompressed image) and below :data:`_MAX_DATA_BYTES`; else one coded line that
+    names the declared shape and size instead of a ``MemoryError``."""
+    try:
+        itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+        offset = int(getattr(img.dataobj, "offset", 0))
+        data_file = Path(img.file_map["image"].filename or path)
+    except Exception:  # an odd header: nibabel's own read reports it
+        return
+    need = math.prod(shape) * itemsize
+    amount = f"{need / 2**30:.3g} GiB" if need >= 2**30 else f"{need:,} bytes"
+    declared = f"its header declares {'x'.join(map(str, shape))} voxels ({amount})"
+    if need > _MAX_DATA_BYTES:
+        raise IngestError(
+            f"{src}: {declared}, more than medres reads (16 GiB); check the header's dim "
+            "field or re-export the file",
+            code=Code.INVALID_NIFTI,
+        )
+    if data_file.name.lower().endswith(".gz"):
+        return
+    try:
+        size = data_file.stat().st_size
+    except OSError:
+        return
+    if offset + need > size:
+        raise IngestError(
+            f"{src}: NIfTI data is shorter than its header says: {declared} from byte "
+            f"{offset}, the file has {size} bytes; re-copy the file",
+            code=Code.TRUNCATED,
+        )
 
 
 def is_ras_diagonal(affine: Any) -> bool:

@@ -76,3 +76,39 @@ def test_no_command_writes_into_another_commands_output(tmp_path: Path) -> None:
         assert f"({marker}); give `medres {args[0]}` a folder of its own" in line, line
     assert sorted(p.name for p in ds.iterdir()) == before
     assert not (scores / "manifest.csv").exists()
+
+
+# ------------------------------------- a NIfTI header that declares more than the file
+def test_a_nifti_header_declaring_huge_or_missing_data_is_named_before_any_allocation(
+    tmp_path: Path,
+) -> None:
+    """dim = 30000^3 in a 360-byte file is ``invalid_nifti`` naming the declared shape and
+    size (not a ``MemoryError``), a 7D header past the file's end is ``truncated`` with the
+    byte counts; both in well under a second each."""
+    import struct
+    import time
+
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), src / "ok.nii")
+    raw = bytearray((src / "ok.nii").read_bytes())
+    huge, long = bytearray(raw), bytearray(raw)
+    struct.pack_into("<8h", huge, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)
+    struct.pack_into("<8h", long, 40, 7, 8, 8, 8, 2, 2, 2, 2)
+    (src / "huge.nii").write_bytes(huge)
+    (src / "long.nii").write_bytes(long)
+    out = tmp_path / "ds"
+    t0 = time.monotonic()
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(out), "--workers", "0"])
+    assert res.exit_code == 0, res.output
+    assert time.monotonic() - t0 < 30
+    text = (out / "errors.csv").read_text(encoding="utf-8")
+    rows = {r["source"]: r for r in csv.DictReader(text.splitlines())}
+    assert rows["huge.nii"]["code"] == "invalid_nifti"
+    assert "declares 30000x30000x30000 voxels" in rows["huge.nii"]["message"]
+    assert "MemoryError" not in text
+    assert rows["long.nii"]["code"] == "truncated"
+    assert "from byte 352, the file has" in rows["long.nii"]["message"]
