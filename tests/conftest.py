@@ -26,6 +26,19 @@ def _few_threads():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_identity_filter(monkeypatch: pytest.MonkeyPatch):
+    """Each test starts with no live identity redactors, as each CLI command does in its
+    own process: tokens learned by an earlier test (a patient named "Disk Error") must not
+    pseudonymise this test's tmp_path."""
+    import collections
+
+    from medres.phi import redact
+
+    monkeypatch.setattr(redact, "_LIVE", collections.deque(maxlen=redact._LIVE_MAX))
+    yield
+
+
 # --- synthetic study sets (medres.synth) -------------------------------------------------
 # Session-scoped and cached per spec: tests must treat these folders as read-only (copy
 # them to tmp_path before planting further damage).

@@ -1,5 +1,9 @@
-"""Two inputs that used to be misreported (issue #16).
+"""Inputs that used to hang or be misreported (issue #16).
 
+* A JPEG-LS frame with one byte changed (the long fuzz mode's case 370 at base seed 1 of
+  a synthetic JPEG-LS radiograph) made pylibjpeg-libjpeg spin in C forever; with
+  :mod:`medres.ingest.dicom.decoder_guards` CharLS (pyjpegls) decodes JPEG-LS and the
+  case is ``decode_failed`` at once, named as a damaged file, not a missing decoder.
 * A JPEG 2000 frame whose JP2 box chain holds a zero-length box made pydicom's
   ``get_j2k_parameters`` loop forever (found by the long fuzz mode on a mutated
   ``GDCMJ2K_TextGBR.dcm``: a ``timeout`` after the full 10 s per-file limit). With the guard
@@ -23,7 +27,13 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 from medres.ingest import dicom
-from medres.ingest.dicom.j2k_guard import JP2_SIGNATURE, guarded, install, jp2_boxes_advance
+from medres.ingest.dicom.decoder_guards import (
+    JP2_SIGNATURE,
+    drop_hanging_jpegls_plugin,
+    guarded,
+    install,
+    jp2_boxes_advance,
+)
 from medres.ingest.tasks import DecodeJob, decode_task, scan_task
 from medres.workers import IsolatedPool
 
@@ -32,6 +42,9 @@ pytestmark = pytest.mark.reliability
 runner = CliRunner()
 # the long-mode case that hung: seed file, case index, base seed (see test_fuzz.py)
 HUNG_CASE = ("GDCMJ2K_TextGBR.dcm", 162, 0)
+# the JPEG-LS case that hung: a synthetic radiograph (test_fuzz.py's seed spec), case, base
+HUNG_JPEGLS_SPEC = dict(kind="xray", n_patients=2, shape=(24, 20), compression="jpegls", seed=23)
+HUNG_JPEGLS_CASE = (370, 1)
 
 
 def _box(kind: bytes, body: bytes, length: int | None = None) -> bytes:
@@ -83,6 +96,51 @@ def test_the_mutated_j2k_that_hung_is_decode_failed_at_once(tmp_path: Path) -> N
         ((ok, err),) = pool.map(decode_task, [job])
     assert not ok and err.code == "decode_failed", err
     assert time.monotonic() - t0 < 4.0
+
+
+def _decode_in_pool(case: Path, tmp_path: Path, limit_s: float = 4.0):
+    header = scan_task((case, case.name)).header
+    (stack,), _ = dicom.group_stacks([header], dicom.GeometryPolicy(min_slices=1))
+    job = DecodeJob(
+        "dicom", stack, "img-x", tmp_path / "img-x.nii.gz", "images/img-x.nii.gz",
+        b"k" * 32, 1, (case.name,),
+    )  # fmt: skip
+    t0 = time.monotonic()
+    with IsolatedPool(1, timeout_s=limit_s, memory_mb=1024) as pool:
+        ((ok, err),) = pool.map(decode_task, [job])
+    return ok, err, time.monotonic() - t0
+
+
+def test_jpegls_decoders_leave_out_the_plugin_that_hangs() -> None:
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder
+
+    pytest.importorskip("jpeg_ls", reason="pyjpegls (a medres dependency) is not installed")
+    install()
+    drop_hanging_jpegls_plugin()  # again: nothing left to change, nothing breaks
+    for decoder in (JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder):
+        assert "pyjpegls" in decoder.available_plugins
+        assert "pylibjpeg" not in decoder.available_plugins
+        assert decoder.is_available
+
+
+def test_the_mutated_jpegls_that_hung_is_decode_failed_at_once(
+    synth_factory, tmp_path: Path
+) -> None:
+    pytest.importorskip("jpeg_ls", reason="pyjpegls (a medres dependency) is not installed")
+    res = synth_factory(**HUNG_JPEGLS_SPEC)
+    seed = sorted(res.data_dir.rglob("*.dcm"))[0]
+    index, base_seed = HUNG_JPEGLS_CASE
+    data, names = mutate(seed.read_bytes(), case_rng(seed.name, index, base_seed))
+    assert names == ("byteset",)  # the case is the one the fuzz found
+    case = tmp_path / "case.dcm"
+    case.write_bytes(data)
+    ok, err, took = _decode_in_pool(case, tmp_path)
+    assert not ok and err.code == "decode_failed", err
+    assert "damaged" in err.message and "no installed decoder" not in err.message
+    assert took < 4.0
+    # the unmutated seed still decodes (CharLS does JPEG-LS now)
+    ok, err, _ = _decode_in_pool(seed, tmp_path)
+    assert ok, err
 
 
 def _write_broken_nifti(src: Path) -> dict[str, str]:

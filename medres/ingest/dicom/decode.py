@@ -27,6 +27,7 @@ import numpy as np
 
 from medres.errors import IngestError
 from medres.ingest.codes import Code
+from medres.ingest.dicom.decoder_guards import install as guard_decoders
 from medres.ingest.dicom.header import (
     EXPLICIT_BE,
     EXPLICIT_LE,
@@ -37,7 +38,6 @@ from medres.ingest.dicom.header import (
     Stack,
     as_code,
 )
-from medres.ingest.dicom.j2k_guard import install as guard_j2k
 from medres.ingest.dicom.mosaic import frame_header, tile_region
 from medres.ingest.image import to_output_dtype
 from medres.workers import IsolatedPool
@@ -125,7 +125,7 @@ def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
     """Decode all frames with pydicom -> (frames, rows, cols[, 3]) and the dataset."""
     import pydicom
 
-    guard_j2k()  # pydicom's JP2 box walk never ends on a zero-length box
+    guard_decoders()  # JP2 box walk and pylibjpeg JPEG-LS never return on some frames
     try:
         ds = pydicom.dcmread(h.path, force=True)
     except NO_CATCH:
@@ -141,10 +141,18 @@ def decode_dataset(h: DicomHeader) -> tuple[np.ndarray, Any]:
     except NO_CATCH:
         raise
     except NotImplementedError as exc:
+        if not _decoder_available(h.transfer_syntax):
+            raise IngestError(
+                f"{h.source}: no installed decoder handles transfer syntax {h.transfer_syntax} ({exc}); "
+                "install the pydicom plugins (pylibjpeg, gdcm) or re-export uncompressed",
+                code=Code.UNSUPPORTED_TRANSFER_SYNTAX,
+            ) from None
+        # a decoder is there: what pydicom could not do is read a damaged element
+        msg = str(exc).split("\n")[0][:160]
         raise IngestError(
-            f"{h.source}: no installed decoder handles transfer syntax {h.transfer_syntax} ({exc}); "
-            "install the pydicom plugins (pylibjpeg, gdcm) or re-export uncompressed",
-            code=Code.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"{h.source}: pixel decoding failed ({type(exc).__name__}: {msg}); the file is "
+            "damaged, re-copy or re-export it",
+            code=Code.DECODE_FAILED,
         ) from None
     except BaseException as exc:
         msg = str(exc).split("\n")[0][:160]
@@ -198,6 +206,18 @@ def _set_transfer_syntax(ds: Any, tsyntax: str) -> None:
     meta.TransferSyntaxUID = tsyntax
 
 
+def _decoder_available(transfer_syntax: str) -> bool:
+    """Whether pydicom has a working decoder (an installed plugin) for ``transfer_syntax``."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(transfer_syntax).is_available)
+    except NO_CATCH:
+        raise
+    except BaseException:
+        return False
+
+
 def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     """Decode compressed frames straight from the bytes located by the header scan (no second
     header parse): (frames, rows, cols[, 3]), or None when this shortcut does not apply or
@@ -209,7 +229,7 @@ def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     try:
         from pydicom.pixels import get_decoder  # here: native reads never need pydicom
 
-        guard_j2k()
+        guard_decoders()
         decoder = get_decoder(h.transfer_syntax)
         with open(h.path, "rb") as fh:
             fh.seek(h.pixel_offset)

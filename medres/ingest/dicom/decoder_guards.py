@@ -1,4 +1,9 @@
-"""A guard for pydicom's JPEG 2000 parameter scan, which never returns on some corrupt frames.
+"""Guards for two third-party decode paths that never return on some corrupt frames.
+
+Both were found by the long fuzz mode (``MEDRES_RELIABILITY_LONG=1``); both are installed
+once per process by :func:`install`, before medres decodes pixels.
+
+**JPEG 2000 parameter scan.**
 
 ``pydicom.pixels.utils.get_j2k_parameters`` (pydicom 3.0: its JP2 header support, pydicom PR #2074) walks the boxes
 of a JP2-wrapped frame with ``offset += length`` until it finds the ``jp2c`` box. A box
@@ -13,6 +18,16 @@ a frame whose box chain reaches a zero-length box before ``jp2c`` gets pydicom's
 answer for a codestream it cannot parse (``{}``), and the decoder then fails on it in
 milliseconds (``decode_failed``). Every other frame goes to pydicom's function unchanged.
 
+**JPEG-LS through pylibjpeg-libjpeg.** pydicom tries its JPEG-LS plugins in turn
+(gdcm, pyjpegls, pylibjpeg) until one decodes. On a JPEG-LS frame with one byte changed
+(a synthetic radiograph mutated by the fuzz test) gdcm and pyjpegls (CharLS) refuse it in
+under a millisecond, but ``pylibjpeg-libjpeg`` 2.x spins in C and never returns: a
+``timeout`` row at best, a hung inline run at worst. Where pyjpegls is installed (a
+medres dependency) :func:`install` takes pylibjpeg out of the JPEG-LS decoders' plugins,
+so a damaged JPEG-LS frame is ``decode_failed`` at once and a sound one is decoded by
+CharLS, the JPEG-LS reference implementation. pylibjpeg stays the plugin for every other
+syntax.
+
 Imports pydicom lazily (only when installed); no medres module.
 """
 
@@ -25,6 +40,10 @@ from typing import Any
 JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 
 _installed = False
+# the pydicom JPEG-LS decoders (by name in pydicom.pixels.decoders) and the plugin that hangs
+JPEGLS_DECODERS = ("JPEGLSLosslessDecoder", "JPEGLSNearLosslessDecoder")
+HANGING_JPEGLS_PLUGIN = "pylibjpeg"
+SAFE_JPEGLS_PLUGIN = "pyjpegls"
 
 
 def jp2_boxes_advance(codestream: bytes) -> bool:
@@ -58,11 +77,31 @@ def guarded(original: Callable[[bytes], dict[str, Any]]) -> Callable[[bytes], di
     return get_j2k_parameters
 
 
+def drop_hanging_jpegls_plugin() -> list[str]:
+    """Take pylibjpeg out of pydicom's JPEG-LS decoders where pyjpegls can decode instead;
+    returns the names of the decoders changed (none without pyjpegls: then pylibjpeg is
+    the only JPEG-LS decoder and stays)."""
+    from pydicom.pixels import decoders
+
+    changed = []
+    for name in JPEGLS_DECODERS:
+        decoder = getattr(decoders, name, None)
+        if decoder is None:
+            continue
+        plugins = decoder.available_plugins
+        if SAFE_JPEGLS_PLUGIN in plugins and HANGING_JPEGLS_PLUGIN in plugins:
+            decoder.remove_plugin(HANGING_JPEGLS_PLUGIN)
+            changed.append(name)
+    return changed
+
+
 def install() -> None:
-    """Wrap pydicom's ``get_j2k_parameters`` where its decoders call it (idempotent)."""
+    """Wrap pydicom's ``get_j2k_parameters`` where its decoders call it and drop the
+    hanging JPEG-LS plugin (idempotent)."""
     global _installed
     if _installed:
         return
+    drop_hanging_jpegls_plugin()
     from pydicom.pixels import utils
     from pydicom.pixels.decoders import base
 
