@@ -24,6 +24,14 @@ Choices:
   with large volumes), and committed in one ledger transaction right after its forward
   pass, together with the error rows seen since the last one. A crash loses only the
   batch in flight.
+- **Sharing a CPU with the model** (measured, issue 18): on a CPU every op of the model's
+  forward ends at an OpenMP barrier, and an op waits for any of its threads that another
+  runnable thread preempted; on 2 cores a 2-thread forward ran 3-5x slower than a 1-thread
+  one while another process was busy. So the predictor measures its thread count per batch
+  (:class:`~medres.score.predict.ThreadTuner`), the discovery thread runs at a lower
+  priority (:func:`_lower_priority`), and decoding ahead uses no core of this process:
+  large in-process NIfTI files are only handed to the kernel's read-ahead when routed
+  (:func:`medres.score.decode.bounded_plain_nifti`), then read just before their batch.
 - **What else is done with scored items** is the caller's: ``on_scored(decoded, probs)``
   sees every committed batch, each ``Decoded.array`` replaced by its model input (a host
   array, as the model saw it: Grad-CAM's top-K selection, :class:`medres.score.cam.TopK`).
@@ -35,6 +43,7 @@ Imports: :mod:`medres.score.decode`, :mod:`medres.score.items`, :mod:`medres.sco
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -346,11 +355,30 @@ def run_items(
     return stats
 
 
+# the discovery thread's niceness above the process's: it yields the cores to the model's
+# OpenMP team, whose every op waits at a barrier for a preempted thread (medres.score.predict)
+DISCOVERY_NICE = 5
+
+
+def _lower_priority() -> None:
+    """Lower this thread's scheduling priority by :data:`DISCOVERY_NICE` (Linux: a thread
+    has its own nice value; elsewhere, or when refused, nothing happens)."""
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + DISCOVERY_NICE))
+    except (AttributeError, OSError):  # no per-thread priorities here: run as is
+        log.debug("discovery thread priority left as it is")
+
+
 def background(iterable: Iterable[Any], maxsize: int = 256) -> Iterator[Any]:
     """Run ``iterable`` in a daemon thread, yielding its items through a bounded queue.
 
-    Discovery runs here so that scoring starts before it ends; an exception in the
-    thread is re-raised in the consumer.
+    Discovery runs here so that scoring starts before it ends, at a lower priority than
+    the model (:func:`_lower_priority`); an exception in the thread is re-raised in the
+    consumer.
     """
     import queue
     import threading
@@ -359,6 +387,7 @@ def background(iterable: Iterable[Any], maxsize: int = 256) -> Iterator[Any]:
     stop = threading.Event()
 
     def produce() -> None:
+        _lower_priority()
         try:
             for x in iterable:
                 while not stop.is_set():

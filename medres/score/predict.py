@@ -5,18 +5,72 @@ Probabilities are the model's logits divided by model.json's ``temperature`` (se
 ``predictions_*.csv`` of ``medres train``; the ``pred`` column then applies model.json's
 ``threshold`` (:mod:`medres.score.ledger`).
 
+On a CPU the model's torch thread count is measured, not assumed (:class:`ThreadTuner`): with
+every core busy elsewhere (a shared machine, a decode thread), an OpenMP team as wide as the
+cores waits at each op's barrier for a preempted thread, and a 2-thread ResNet-18 forward on
+28 px batches was measured 3-5x slower than a 1-thread one (benchmarks/RESULTS.md, issue 18);
+on an idle machine 2 threads are ~1.5x faster. The outputs do not depend on the thread
+count (checked bitwise for ResNet-18 2D/3D fp32, ``tests/unit/test_score_threads.py``).
+
 Imports: numpy, :mod:`medres.errors`; torch lazily.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from medres.errors import ConfigError
+
+
+class ThreadTuner:
+    """The torch thread count of each CPU forward pass, chosen from measured batches.
+
+    ``most`` is the count the caller allows (all cores less the decode processes). Batch 0
+    warms up at ``most``; batches 1 and 2 are timed at ``most`` and at 1 thread; then the
+    faster (per item, a running mean of the last measurements) is used, and every
+    ``every`` batches the other one is timed again, so that the choice follows the load of
+    the machine. ``most <= 1`` always gives 1.
+    """
+
+    def __init__(self, most: int, every: int = 16) -> None:
+        self.most, self.every = max(1, int(most)), max(2, int(every))
+        self.calls = 0
+        self.per_item: dict[int, float] = {}
+
+    @property
+    def best(self) -> int:
+        """The thread count measured fastest so far (``most`` until both were timed)."""
+        if len(self.per_item) < 2:
+            return self.most
+        return min(self.per_item, key=lambda t: (self.per_item[t], -t))
+
+    def pick(self) -> int:
+        """The thread count for the next batch."""
+        if self.most <= 1:
+            return 1
+        n = self.calls
+        if n <= 1:
+            return self.most
+        if n == 2:
+            return 1
+        best = self.best
+        if n % self.every == 0:  # re-check the other count: the machine's load changes
+            return 1 if best == self.most else self.most
+        return best
+
+    def record(self, threads: int, seconds: float, items: int) -> None:
+        """Account one forward pass of ``items`` items at ``threads`` threads."""
+        self.calls += 1
+        if self.calls == 1 or items <= 0:
+            return  # the warm-up batch (first-call allocations, kernel selection)
+        v = seconds / items
+        old = self.per_item.get(threads)
+        self.per_item[threads] = v if old is None else 0.5 * (old + v)
 
 
 class Predictor:
@@ -26,6 +80,8 @@ class Predictor:
     or CUDA), ``fp16`` (CUDA autocast), ``auto`` (fp16 AMP on CUDA, fp32 on CPU: bf16 on
     CPU is opt-in because it changes probabilities by up to ~1e-2, see the benchmark).
     ``to_probs`` maps logits to probabilities (the model's task decides how).
+    ``tune_threads`` (CPU only): pick the torch thread count per batch, at most the count
+    set when the first batch arrives, with a :class:`ThreadTuner`.
     """
 
     PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -39,6 +95,7 @@ class Predictor:
         to_probs: Callable[[Any], Any] | None = None,
         channels_last: bool = True,
         dims: int | None = None,
+        tune_threads: bool = True,
     ) -> None:
         import torch
 
@@ -57,6 +114,9 @@ class Predictor:
         self.channels_last = channels_last
         self._formatted: set[int] = set()
         self.to_probs = to_probs or default_to_probs
+        # CPU: the thread count per batch is measured (ThreadTuner), made on first use
+        self.tune_threads = tune_threads and self.device.type == "cpu"
+        self.tuner: ThreadTuner | None = None
         if dims in (2, 3):  # convert the weights now, not inside the first timed batch
             self._format_model(dims + 2)
 
@@ -98,9 +158,29 @@ class Predictor:
         if fmt is not None:
             x = x.contiguous(memory_format=fmt)
         with torch.inference_mode(), self._autocast():
-            logits = self.model(x)
+            logits = self._forward(x)
         probs = self.to_probs(logits.float())
         return probs.detach().cpu().numpy().astype(np.float64)
+
+    def _forward(self, x: Any) -> Any:
+        """The model on ``x``; on CPU at the thread count the tuner picks (timed)."""
+        import torch
+
+        if not self.tune_threads:
+            return self.model(x)
+        if self.tuner is None:
+            self.tuner = ThreadTuner(torch.get_num_threads())
+        threads, before = self.tuner.pick(), torch.get_num_threads()
+        if before != threads:
+            torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            out = self.model(x)
+            self.tuner.record(threads, time.perf_counter() - t0, int(x.shape[0]))
+        finally:
+            if before != threads:  # the process's setting is the caller's
+                torch.set_num_threads(before)
+        return out
 
 
 def default_to_probs(logits: Any) -> Any:

@@ -156,7 +156,8 @@ def plan_geometry(affine: np.ndarray, shape: tuple[int, ...], spec: TransformSpe
 # ------------------------------------------------------------------------------ spatial steps
 def _lerp_axis(x: torch.Tensor, axis: int, n_out: int, scale: float, shift: float) -> torch.Tensor:
     """Linear interpolation along ``axis`` at ``scale * i + shift`` (border clamped), in
-    float32. The axis is moved outermost first, so that each gather copies whole rows."""
+    float32: two advanced-indexing gathers along ``axis`` (whole planes or rows when it is
+    not the innermost in memory; no transposing copy) and one ``lerp``."""
     n_in = x.shape[axis]
     pos = torch.arange(n_out, dtype=torch.float64, device=x.device) * scale + shift
     pos = pos.clamp(0.0, float(n_in - 1))
@@ -164,31 +165,29 @@ def _lerp_axis(x: torch.Tensor, axis: int, n_out: int, scale: float, shift: floa
     pos = torch.where((pos - near).abs() < 1e-9, near, pos)  # grid-aligned voxels stay exact
     i0 = pos.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    w = (pos - i0).to(torch.float32).view(n_out, 1)
-    # ``axis`` first, the others in memory order: no copy when ``axis`` is outermost
-    others = sorted((d for d in range(x.ndim) if d != axis), key=lambda d: -x.stride(d))
-    order = [axis, *others]
-    t = x.permute(order).contiguous()
-    rows = t.reshape(n_in, -1)  # 2D row gathers: the fast copy path of advanced indexing
-    a = rows[i0].to(torch.float32)  # a raw int16 volume is cast after the gather
-    b = rows[i1].to(torch.float32)
-    out = torch.lerp(a, b, w).reshape(n_out, *t.shape[1:])
-    return out.permute([order.index(d) for d in range(x.ndim)])
+    shape = [1] * x.ndim
+    shape[axis] = n_out
+    w = (pos - i0).to(torch.float32).view(shape)
+    at = (slice(None),) * axis
+    a = x[(*at, i0)].to(torch.float32)  # a raw int16 volume is cast after the gather
+    b = x[(*at, i1)].to(torch.float32)
+    return torch.lerp(a, b, w)
 
 
 def _resample(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     """``x`` (N, *spatial) resampled by the plan ``g``."""
     assert g.out_shape is not None
     if g.scale is not None and g.shift is not None:
-        # first the axis outermost in memory (its gather needs no transposing copy; a
-        # Fortran-order NIfTI volume is taken as it lies), then the strongest reduction
-        # first, so that every later pass works on fewer voxels
+        # on the memory-order view (a Fortran-order NIfTI volume is taken as it lies: no
+        # transposing copy), the strongest reduction first, so that every later pass
+        # works on fewer voxels; the order depends on the plan only (not on the layout)
         n = len(g.out_shape)
-        outer = max(range(n), key=lambda k: x.stride(k + 1))
-        rest = sorted(set(range(n)) - {outer}, key=lambda k: g.out_shape[k] / x.shape[k + 1])
-        for k in (outer, *rest):
-            x = _lerp_axis(x, k + 1, g.out_shape[k], g.scale[k], g.shift[k])
-        return x
+        mem = sorted(range(n), key=lambda k: -x.stride(k + 1))  # spatial axes, outer first
+        t = x.permute(0, *[k + 1 for k in mem])
+        t = t if t.is_contiguous() else t.contiguous()
+        for k in sorted(range(n), key=lambda k: (g.out_shape[k] / x.shape[k + 1], k)):
+            t = _lerp_axis(t, mem.index(k) + 1, g.out_shape[k], g.scale[k], g.shift[k])
+        return t.permute(0, *[mem.index(k) + 1 for k in range(n)])
     from monai.networks.layers import AffineTransform
 
     op = AffineTransform(
