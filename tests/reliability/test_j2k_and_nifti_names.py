@@ -4,6 +4,9 @@
   a synthetic JPEG-LS radiograph) made pylibjpeg-libjpeg spin in C forever; with
   :mod:`medres.ingest.dicom.decoder_guards` CharLS (pyjpegls) decodes JPEG-LS and the
   case is ``decode_failed`` at once, named as a damaged file, not a missing decoder.
+* Compressed pixel data cut short by the end of the file (the long fuzz mode's truncations
+  of pydicom's JPEG-LS files) kept CharLS busy for seconds per file, past the per-file
+  limit under load; it is ``truncated`` before any decoder runs (``cut_fragment``).
 * A JPEG 2000 frame whose JP2 box chain holds a zero-length box made pydicom's
   ``get_j2k_parameters`` loop forever (found by the long fuzz mode on a mutated
   ``GDCMJ2K_TextGBR.dcm``: a ``timeout`` after the full 10 s per-file limit). With the guard
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import re
 import time
 from pathlib import Path
 
@@ -75,6 +79,24 @@ def test_install_wraps_where_pydicom_calls_it() -> None:
     assert not hasattr(base.get_j2k_parameters.__wrapped__, "__wrapped__")
 
 
+def _pixel_value_start(data: bytes) -> int:
+    """Where the value of an encapsulated (undefined length) Pixel Data element starts."""
+    found = [m.end() for m in re.finditer(rb"\xe0\x7f\x10\x00O[BW]\x00\x00\xff\xff\xff\xff", data)]
+    return found[-1] if found else -1
+
+
+def _whole_fragments(data: bytes) -> bytes:
+    """``data`` with the length of a fragment the file cuts short set to what it holds."""
+    from medres.ingest.dicom.decode import cut_fragment
+
+    start = _pixel_value_start(data)
+    cut = cut_fragment(data[start:])
+    if cut is None:
+        return data
+    at = len(data) - cut[2] - 4  # the cut item's length field
+    return data[:at] + cut[2].to_bytes(4, "little") + data[at + 4 :]
+
+
 def test_the_mutated_j2k_that_hung_is_decode_failed_at_once(tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
@@ -83,6 +105,7 @@ def test_the_mutated_j2k_that_hung_is_decode_failed_at_once(tmp_path: Path) -> N
     if seed is None:
         pytest.skip(f"pydicom's test file {name} is not installed")
     data, _ = mutate(Path(seed).read_bytes(), case_rng(name, index, base_seed))
+    data = _whole_fragments(data)  # the mutation also cut a fragment: only the box loop stays
     case = tmp_path / "case.dcm"
     case.write_bytes(data)
     header = scan_task((case, case.name)).header
@@ -141,6 +164,42 @@ def test_the_mutated_jpegls_that_hung_is_decode_failed_at_once(
     # the unmutated seed still decodes (CharLS does JPEG-LS now)
     ok, err, _ = _decode_in_pool(seed, tmp_path)
     assert ok, err
+
+
+def _items(*bodies: bytes, end: bool = True) -> bytes:
+    out = b"".join(b"\xfe\xff\x00\xe0" + len(b).to_bytes(4, "little") + b for b in bodies)
+    return out + (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00" if end else b"")
+
+
+def test_cut_fragment_finds_only_real_cuts() -> None:
+    from medres.ingest.dicom.decode import cut_fragment
+
+    whole = _items(b"", b"\xff\xd8" + b"x" * 40)
+    assert cut_fragment(whole) is None
+    assert cut_fragment(_items(b"", b"abcd", end=False)) is None  # no delimiter: still whole
+    assert cut_fragment(whole + b"\x00" * 8) is None  # trailing padding after the delimiter
+    assert cut_fragment(b"\x10\x00\x10\x00junk") is None  # unknown: the decoders judge
+    assert cut_fragment(whole[:30]) == (1, 42, 14)
+    assert cut_fragment(whole[:5]) == (0, 8, 5)  # the offset table's item header itself
+    assert cut_fragment(_items(b"\x00" * 8)[:12]) == (0, 8, 4)
+
+
+@pytest.mark.parametrize("name", ["JPEGLSNearLossless_16.dcm", "MR_small_jpeg_ls_lossless.dcm"])
+def test_cut_compressed_pixel_data_is_truncated_at_once(name: str, tmp_path: Path) -> None:
+    from pydicom.data import get_testdata_file
+
+    seed = get_testdata_file(name)
+    if seed is None:
+        pytest.skip(f"pydicom's test file {name} is not installed")
+    data = Path(seed).read_bytes()
+    start = _pixel_value_start(data)
+    assert start > 12
+    case = tmp_path / "cut.dcm"
+    case.write_bytes(data[: start + (len(data) - start) // 2])  # a fragment loses its end
+    ok, err, took = _decode_in_pool(case, tmp_path)
+    assert not ok and err.code == "truncated", err
+    assert "pixel data ends early" in err.message and "re-copy" in err.message
+    assert took < 2.0
 
 
 def _write_broken_nifti(src: Path) -> dict[str, str]:

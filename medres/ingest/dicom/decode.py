@@ -218,22 +218,66 @@ def _decoder_available(transfer_syntax: str) -> bool:
         return False
 
 
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian
+_SEQ_END = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD) Sequence Delimitation Item
+
+
+def cut_fragment(buf: bytes) -> tuple[int, int, int] | None:
+    """The first item of encapsulated pixel data ``buf`` (from its value's first byte) that
+    the file cuts short, as (item index, bytes declared, bytes left), or None when every
+    item is whole (also when the walk meets something it does not know: the decoders judge
+    that). Index 0 is the Basic Offset Table. A file that ends right after its last item,
+    without the delimiter, is whole."""
+    offset, total, index = 0, len(buf), 0
+    while offset < total:
+        tag = buf[offset : offset + 4]
+        if tag == _SEQ_END:
+            return None
+        if offset + 8 > total:
+            return (index, 8, total - offset) if tag == _ITEM[: len(tag)] else None
+        if tag != _ITEM:
+            return None
+        length = int.from_bytes(buf[offset + 4 : offset + 8], "little")
+        left = total - offset - 8
+        if length > left:
+            return index, length, left
+        offset += 8 + length
+        index += 1
+    return None
+
+
 def decode_encapsulated(h: DicomHeader) -> np.ndarray | None:
     """Decode compressed frames straight from the bytes located by the header scan (no second
     header parse): (frames, rows, cols[, 3]), or None when this shortcut does not apply or
-    fails (the caller then decodes through the full dataset, which also classifies errors)."""
+    fails (the caller then decodes through the full dataset, which also classifies errors).
+
+    Pixel data cut short by the end of the file (:func:`cut_fragment`) is ``truncated`` at
+    once, before any decoder: CharLS, for one, spends seconds on a cut JPEG-LS frame (the
+    long fuzz mode's per-file timeouts)."""
     if h.pixel_offset < 0 or h.pixel_length != -1 or h.photometric.startswith("PALETTE"):
         return None
     if h.has_modality_lut_sequence:
         return None
     try:
+        with open(h.path, "rb") as fh:
+            fh.seek(h.pixel_offset)
+            buf = fh.read()
+    except OSError:
+        return None
+    cut = cut_fragment(buf)
+    if cut is not None:
+        item, declared, left = cut
+        what = "its offset table" if item == 0 else f"fragment {item}"
+        raise IngestError(
+            f"{h.source}: pixel data ends early ({what} declares {declared} bytes, the file "
+            f"holds {left}); re-copy the file",
+            code=Code.TRUNCATED,
+        )
+    try:
         from pydicom.pixels import get_decoder  # here: native reads never need pydicom
 
         guard_decoders()
         decoder = get_decoder(h.transfer_syntax)
-        with open(h.path, "rb") as fh:
-            fh.seek(h.pixel_offset)
-            buf = fh.read()
         kw: dict[str, Any] = {
             "rows": h.rows,
             "columns": h.cols,
