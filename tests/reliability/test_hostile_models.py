@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from medres.cli import app
 
+pytestmark = pytest.mark.reliability
+
 runner = CliRunner()
 
 

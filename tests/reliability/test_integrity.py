@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from medres.cli import app
 
 pydicom = pytest.importorskip("pydicom")
+pytestmark = pytest.mark.reliability
+
 runner = CliRunner()
 
 

@@ -15,6 +15,8 @@ from medres.cli import app
 
 pydicom = pytest.importorskip("pydicom")
 
+pytestmark = pytest.mark.reliability
+
 runner = CliRunner()
 NAME = "CANARYFAM^CANARYGIVEN"
 PID = "CANARYPID9"
