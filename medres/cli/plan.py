@@ -25,13 +25,22 @@ def plan_cmd(
         Path | None, typer.Option("--out", "-o", help="Write the plan here (plan.yaml).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto|cpu|cuda.")] = "auto",
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds",
+            help="Plan a cross-validation ensemble of K members (as `medres train --folds K`).",
+        ),
+    ] = None,
 ) -> None:
     """Fingerprint the data, time candidate networks here and print the training plan."""
     from medres.io import atomic_write_text
     from medres.train.plan import plan_for_manifest
 
     learn_identity(manifest, out)  # before anything is printed
-    plan = plan_for_manifest(str(manifest), budget_min=time_budget or 0.0, device=device)
+    plan = plan_for_manifest(
+        str(manifest), budget_min=time_budget or 0.0, device=device, folds=folds or 0
+    )
     text = plan.to_yaml()
     say(text)
     say(plan.summary())

@@ -56,6 +56,15 @@ def train_cmd(
             help="Minutes for the whole run: the plan fits it, training stops at it.",
         ),
     ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            "--folds",
+            help="Cross-validation ensemble (model.folds): K models (2-10) on K folds of "
+            "train+val grouped by patient and stratified by label, calibrated on the "
+            "out-of-fold predictions, saved as one model dir; the test split is untouched.",
+        ),
+    ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")
     ] = False,
@@ -91,6 +100,7 @@ def train_cmd(
             "train.device": device,
             "train.seed": seed,
             "eval.threshold_rule": threshold_rule,
+            "model.folds": folds,
         },
     )
     if out is None:
@@ -109,9 +119,10 @@ def train_cmd(
 
         atomic_write_text(out / "plan.yaml", plan.to_yaml())
     if result.rank == 0:
+        val = f"{spec.model.folds}-fold out-of-fold AUC" if spec.model.folds else "val AUC"
         say(
             f"run {result.run_dir}: best epoch {result.best_epoch}/{result.epochs_completed}, "
-            f"val AUC {result.val_auc:.4f}, test AUC {result.test_auc:.4f}, "
+            f"{val} {result.val_auc:.4f}, test AUC {result.test_auc:.4f}, "
             f"{result.seconds:.0f}s"
         )
 

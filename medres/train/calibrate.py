@@ -50,6 +50,7 @@ __all__ = [
     "choose_threshold",
     "ece",
     "fit_calibration",
+    "fit_shift",
     "fit_temperature",
     "nll",
     "parse_threshold_rule",
@@ -142,6 +143,32 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     t = float(math.exp(min(max(float(log_t.detach()), lo), hi)))
     # L-BFGS may stop on a flat stretch: never return a temperature worse than T = 1
     return t if _objective(logits, labels, t) <= _objective(logits, labels, 1.0) else 1.0
+
+
+def fit_shift(logits: np.ndarray, labels: np.ndarray, prior_sd: float = 10.0) -> np.ndarray:
+    """The per-class logit shift ``c`` minimising the NLL of ``softmax(z + c)`` (L-BFGS,
+    float64), with a weak ``N(0, prior_sd^2)`` prior on each entry; zeros when ``labels``
+    hold fewer than two classes. The scale is left alone, so on (nearly) separated cases
+    the minimum stays finite; ``softmax`` ignores a common shift, which the prior pins.
+    Used to align the offsets of cross-validation members (:mod:`medres.train.folds`)."""
+    import torch
+
+    z = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if len(y) == 0 or len(torch.unique(y)) < 2:
+        return np.zeros(z.shape[1] if z.ndim == 2 else 0)
+    c = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([c], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+    scale = 2.0 * prior_sd**2 * len(y)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z + c, y) + (c**2).sum() / scale
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return c.detach().numpy().copy()
 
 
 # --------------------------------------------------------------------------------- threshold

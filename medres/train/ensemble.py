@@ -8,11 +8,12 @@ Choices (each is written into the plan or model.json with its numbers):
   augmentation); the official validation split selects each member's checkpoint (EMA rule,
   :mod:`medres.train.selection`) and then calibrates the *ensemble*: the temperature and
   the operating threshold are fitted on the averaged validation logits of exactly the
-  network that is saved. Cross-validation folds would train each member on less data
-  than the full training split and calibrate on out-of-fold logits of single members, not
-  of the averaged network (whose logits are less extreme), and would need a second,
-  patient-grouped split of a manifest whose split the user may have fixed. Member 0 is
-  exactly the single network a run with K = 1 trains.
+  network that is saved. Cross-validation folds (``model.folds``, opt-in,
+  :mod:`medres.train.folds`) train each member on more of the data (train+val less one
+  fold) but calibrate on out-of-fold logits of single members, not of the averaged network
+  (whose logits are less extreme), and re-split a manifest whose split the user may have
+  fixed, so the plan does not choose them. Member 0 is exactly the single network a run
+  with K = 1 trains.
 * **K from the measured time.** With a ``--time-budget``, K is the largest number (at most
   :data:`MAX_MEMBERS`) of *full* trainings (the no-budget default epochs each) that fit the
   budget at the measured epoch time, after the fixed costs and the K-fold prediction cost;

@@ -140,12 +140,15 @@ def write_predictions(
     path: Path,
     manifest: Manifest,
     labels: LabelInfo,
-    split: str,
+    split: str | None,
     probs: np.ndarray,
     idx: np.ndarray,
     threshold: float,
+    extra: dict[str, Sequence[Any]] | None = None,
 ) -> None:
-    """``predictions_<split>.csv``: one row per predicted manifest row."""
+    """``predictions_<split>.csv``: one row per predicted manifest row; ``extra`` columns
+    (one value per row) go last. ``split`` None: each row's own manifest split."""
+    extra = extra or {}
     cols = [
         "image_id",
         "split",
@@ -153,20 +156,22 @@ def write_predictions(
         *(f"prob_{c}" for c in labels.classes),
         "pred",
         *PASSTHROUGH,
+        *extra,
     ]
     buf = io.StringIO()
     w = csv_writer(buf, lineterminator="\n")
     w.writerow(cols)
-    for p, i in zip(probs, idx, strict=True):
+    for n, (p, i) in enumerate(zip(probs, idx, strict=True)):
         row = manifest.rows[int(i)]
         w.writerow(
             [
                 row["image_id"],
-                split,
+                row.get("split", "") if split is None else split,
                 *(row.get(c, "") for c in labels.label_columns),
                 *(f"{float(v):.8g}" for v in p),
                 _pred_label(p, labels, threshold),
                 *(row.get(c, "") for c in PASSTHROUGH),
+                *(values[n] for values in extra.values()),
             ]
         )
     atomic_write_text(path, buf.getvalue())
@@ -220,8 +225,11 @@ def _write_split(
     out: Path,
     pred: tuple[np.ndarray, ...],
     cal: Any,
+    oof: Any = None,
 ) -> float:
-    """Calibrated ``predictions_<split>.csv``; returns the split's AUC (NaN when undefined)."""
+    """Calibrated ``predictions_<split>.csv``; returns the split's AUC (NaN when undefined).
+    With ``oof`` (:class:`~medres.train.folds.OutOfFold`) the rows are out-of-fold: each
+    keeps its manifest split and gets a ``fold`` column."""
     from medres.train.calibrate import apply_temperature
     from medres.train.engine import compute_metric
 
@@ -229,7 +237,11 @@ def _write_split(
     logits, y, idx = pred
     probs = apply_temperature(logits, cal.temperature, labels.task)
     threshold = cal.threshold if cal.threshold is not None else spec.eval.threshold
-    write_predictions(out, run.manifest, labels, split, probs, idx, threshold)
+    if oof is None:
+        write_predictions(out, run.manifest, labels, split, probs, idx, threshold)
+    else:
+        extra = {"fold": [int(f) for f in oof.fold]}
+        write_predictions(out, run.manifest, labels, None, probs, idx, threshold, extra)
     pos = max(labels.positive_index, 0)
     return compute_metric(labels.task, probs, y, pos) if len(idx) else float("nan")
 
@@ -240,6 +252,7 @@ def _model_meta(
     wmeta: dict[str, Any],
     val_auc: float,
     cal: Any,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     """The ``ModelMeta`` of model.json: the architecture from the model, the rest from training."""
     from medres.models import ModelMeta
@@ -265,6 +278,7 @@ def _model_meta(
         members=run.members if many else (),
         val_auc=None if math.isnan(val_auc) else val_auc,
         positive_class=labels.positive_class if binary else None,
+        extra=extra or {},
     )
 
 
@@ -305,28 +319,39 @@ def finish(
     wmeta: dict[str, Any],
     run_dir: Path,
     t_start: float,
+    oof: Any = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Best checkpoint -> calibration on val -> predictions_val/test.csv and the model dir.
 
     Rank 0 only. The probabilities in both CSVs are temperature-scaled and ``pred`` uses
-    the validation-chosen threshold (binary), exactly as ``medres score`` will.
+    the validation-chosen threshold (binary), exactly as ``medres score`` will. With
+    ``oof`` (a cross-validation run, :mod:`medres.train.folds`) the out-of-fold logits
+    stand in for the validation split (test-time flips already chosen on them):
+    calibration is fitted on them and they are predictions_val.csv; ``extra_meta`` goes
+    into model.json as it is.
     """
     from medres.models import save_model_dir
     from medres.train.checkpoint import non_finite
 
     state = run.state
     val_split, test_split = spec.data.val_split, spec.data.test_split
-    run, tta_stats = _choose_tta(spec, run)
-    preds = {split: _predict_logits(spec, split, run) for split in (val_split, test_split)}
+    if oof is None:
+        run, tta_stats = _choose_tta(spec, run)
+        preds = {split: _predict_logits(spec, split, run) for split in (val_split, test_split)}
+    else:
+        tta_stats = dict(oof.tta_stats)
+        preds = {val_split: oof.as_split(), test_split: _predict_logits(spec, test_split, run)}
     cal = _calibrate(spec, run.labels, preds[val_split])
+    if oof is not None:  # fitted on the pooled train+val rows, each predicted out of fold
+        cal = dataclasses.replace(cal, stats={**cal.stats, "split": "oof"})
     if tta_stats:
         cal = dataclasses.replace(cal, stats={**cal.stats, **tta_stats})
-    aucs = {
-        split: _write_split(
-            spec, split, run, run_dir / f"predictions_{name}.csv", preds[split], cal
-        )
-        for split, name in ((val_split, "val"), (test_split, "test"))
-    }
+    aucs = {}
+    for split, name in ((val_split, "val"), (test_split, "test")):
+        out = run_dir / f"predictions_{name}.csv"
+        fold_rows = oof if split == val_split else None
+        aucs[split] = _write_split(spec, split, run, out, preds[split], cal, fold_rows)
     val_auc = aucs[val_split]
     bad = non_finite(run.model.state_dict())
     if bad:
@@ -334,7 +359,7 @@ def finish(
             f"model weight {bad} holds NaN/inf (training diverged); the model dir was not "
             "written; lower --lr, check the input images, or use --set train.amp=none"
         )
-    meta = _model_meta(spec, run, wmeta, val_auc, cal)
+    meta = _model_meta(spec, run, wmeta, val_auc, cal, extra_meta)
     model_dir = save_model_dir(run_dir / "model", run.model, meta)
     return TrainResult(
         run_dir=run_dir,

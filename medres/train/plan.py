@@ -17,7 +17,10 @@ Rules (each is written into the plan with the numbers that triggered it):
   still fits; deeper nets from scratch overfit small medical sets.
 * **Ensemble and test-time flips** (:mod:`medres.train.ensemble`): K members when K >= 2
   full trainings fit the budget (at most 5), else one network; ``model.tta`` auto when the
-  augmentation flips images.
+  augmentation flips images. ``--folds K`` (:mod:`medres.train.folds`; never chosen by
+  the plan): K cross-validation members share the budget instead, timed on a fold's
+  train/val sizes, with each member's caching and the K-member predictions in the fixed
+  time.
 * **Epochs.** Without a budget, a default from the data size (``clip(20000 / n_train,
   12, 60)`` in 2D, ``clip(6000 / n_train, 10, 40)`` in 3D) and the resulting time is
   reported; with a budget, as many epochs as fit (at most 3x the default).
@@ -133,6 +136,7 @@ class Plan:
             f"plan: {self.spec.model.arch} {self.spec.model.dims}D, {self.spec.model.stem} stem, "
             f"{size}, batch {t.batch_size}, {t.epochs} epochs"
             + (f" x {self.spec.model.ensemble} members" if self.spec.model.ensemble > 1 else "")
+            + (f" x {self.spec.model.folds} folds" if self.spec.model.folds else "")
             + f", {t.optimizer} lr {t.lr:g} "
             f"{t.scheduler}; estimated {self.estimated_min:.1f} min "
             f"({self.epoch_s:.1f} s/epoch + {self.fixed_s:.0f} s fixed; {budget})"
@@ -369,8 +373,10 @@ def make_plan(
     cuda: bool = False,
     cores: int = 2,
     measure_s: float = 0.0,
+    folds: int = 0,
 ) -> Plan:
-    """The plan for ``fp`` given measured ``candidates`` (largest first); pure."""
+    """The plan for ``fp`` given measured ``candidates`` (largest first); pure. ``folds``
+    (``--folds K``): K cross-validation members share the budget (no seed ensemble)."""
     if budget_min < 0 or not math.isfinite(budget_min):
         raise ConfigError(f"--time-budget is {budget_min}; give minutes > 0 (e.g. 15)")
     if not candidates:
@@ -384,7 +390,20 @@ def make_plan(
     aug = _augmentation(fp)
     flips = next(c.value for c in aug if c.key == "transforms.flip_axes")
     views = n_views(flips)
-    k, epochs, why = plan_members(fp, cand, b_s, epochs_default, (epochs, why), views, OPTIMISM)
+    if folds:
+        from medres.train.folds import plan_folds
+
+        k = folds
+        epochs, epoch_s, fixed_s, why = plan_folds(
+            fp, cand, b_s, epochs_default, k, views, OPTIMISM
+        )
+        members = [Choice("model.ensemble", 1, "--folds trains the members"),
+                   Choice("model.folds", k, why)]  # fmt: skip
+    else:
+        k, epochs, why = plan_members(fp, cand, b_s, epochs_default, (epochs, why), views, OPTIMISM)
+        epoch_s = cand.epoch_s(fp)
+        fixed_s = cand.fixed_s(fp) + prediction_extra_s(fp, cand.timing.eval_s, k, views)
+        members = [Choice("model.ensemble", k, why.rsplit("; ", 1)[-1] if k == 1 else why)]
     tta = Choice(
         "model.tta", "auto" if flips else "off",
         f"average the logits over the {views} flip views of {flips} used in training, unless "
@@ -394,7 +413,7 @@ def make_plan(
     choices = (
         _data_choices(fp, cand, cuda, cores)
         + _model_choices(fp, cand)
-        + [Choice("model.ensemble", k, why.rsplit("; ", 1)[-1] if k == 1 else why), tta]
+        + [*members, tta]
         + [_spacing_choice(fp)]
         + aug
         + _optimisation(fp, bs, epochs, why if k == 1 else f"{epochs} epochs per member")
@@ -405,7 +424,6 @@ def make_plan(
     )
     spec = _spec_from(choices)
     extra_s = prediction_extra_s(fp, cand.timing.eval_s, k, views)
-    epoch_s, fixed_s = cand.epoch_s(fp), cand.fixed_s(fp) + extra_s
     notes = [
         f"measured {cand.arch} {fp.dims}D {cand.stem} stem at {cand.size}: "
         f"{cand.timing.train_s * 1000:.1f} ms/sample train, {cand.timing.eval_s * 1000:.1f} eval, "
@@ -471,8 +489,10 @@ def plan_for_manifest(
     budget_min: float = 0.0,
     device: str = "auto",
     threads: int = 0,
+    folds: int = 0,
 ) -> Plan:
-    """Fingerprint ``manifest_path``, measure the candidates on ``device`` and plan."""
+    """Fingerprint ``manifest_path``, measure the candidates on ``device`` and plan
+    (``folds``: for a ``--folds K`` cross-validation run)."""
     import os
     import time
 
@@ -482,6 +502,9 @@ def plan_for_manifest(
 
     if budget_min < 0 or not math.isfinite(budget_min):
         raise ConfigError(f"--time-budget is {budget_min}; give minutes > 0 (e.g. 15)")
+    from medres.train.folds import check_fold_count
+
+    check_fold_count(folds)
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
     fp = data_fingerprint(manifest)
@@ -491,7 +514,7 @@ def plan_for_manifest(
     measured = time.perf_counter() - t0
     plan = make_plan(
         fp, cands, budget_min=budget_min, cuda=cuda, cores=os.cpu_count() or 1,
-        measure_s=measured,
+        measure_s=measured, folds=folds,
     )  # fmt: skip
     log.info("%s", plan.summary())
     return plan
@@ -521,6 +544,7 @@ def spec_for_train(
         budget_min=budget_min,
         device=str(overrides.get("train.device", "auto")),
         threads=int(overrides.get("train.threads", 0) or 0),
+        folds=int(overrides.get("model.folds", 0) or 0),
     )
     return apply_overrides(plan.spec, overrides), plan
 

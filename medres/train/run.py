@@ -16,7 +16,12 @@ Run directory::
     checkpoints/last.pt    full state (resume), checkpoints/best.pt (best weights)
     model/                 weights.safetensors + model.json (classes, task, preprocessing)
     predictions_val.csv, predictions_test.csv
+    folds.csv              cross-validation runs (``model.folds``): each train+val row's fold
     tensorboard/           when tensorboard is installed
+
+Ensembles (``model.ensemble``, :mod:`medres.train.ensemble`) and cross-validation ensembles
+(``model.folds``, :mod:`medres.train.folds`) train their members one after the other here
+(``checkpoints/member{k}/``) and save them as one network.
 
 DDP (``torchrun --nproc-per-node N -m medres train ...``): gloo on CPU, nccl on CUDA; each
 rank trains on its shard; only rank 0 writes files. Resume is exact on one machine in
@@ -79,9 +84,11 @@ def _check_quality_settings(spec: PipelineSpec) -> None:
     """Refuse a bad threshold rule, EMA decay or AUC tolerance before anything is written."""
     from medres.train.calibrate import parse_threshold_rule
     from medres.train.ensemble import check_ensemble_settings
+    from medres.train.folds import check_fold_settings
 
     parse_threshold_rule(spec.eval.threshold_rule, spec.eval.threshold)
     check_ensemble_settings(spec)
+    check_fold_settings(spec)
     if not 0.0 <= spec.train.ema_decay < 1.0:
         raise ConfigError(
             f"train.ema_decay is {spec.train.ema_decay}; use a value in [0, 1), e.g. 0.998 "
@@ -323,7 +330,8 @@ def _train_member(
     deadline: float,
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """Train ensemble member ``k`` (seed ``train.seed + k``; member 0 is the single-network
-    run) and load its best weights: (model, engine state, weights meta)."""
+    run) on ``ctx["manifest"]`` (a fold's, in a cross-validation run) and load its best
+    weights: (model, engine state, weights meta)."""
     from medres.runtime import seed_everything
     from medres.train import checkpoint as ckpt
     from medres.train.data import build_data
@@ -348,7 +356,7 @@ def _train_member(
     spec_dict = spec.to_dict()
     if saved is not None:
         ckpt.restore_state(state, saved, spec_dict, ctx["last_path"])
-    member = (k, spec.model.ensemble, ctx["rows"])
+    member = (k, ctx.get("n_members", spec.model.ensemble), ctx["rows"])
     fit(
         state, train_loader, data.val, epochs=spec.train.epochs, metric=spec.eval.metric,
         early_stopping=spec.train.early_stopping, positive_index=max(labels.positive_index, 0),
@@ -361,9 +369,37 @@ def _train_member(
     return model, state, wmeta
 
 
+def _train_members(
+    spec: PipelineSpec, ctx: dict[str, Any], saved: dict[str, Any] | None, deadline: float
+) -> tuple[list[torch.nn.Module], list[dict[str, Any]], Any, dict[str, Any], list[Any]]:
+    """Train the ``model.ensemble`` (or ``model.folds``) members one after the other; a fold
+    member trains on its fold's manifest and predicts its held-out fold (rank 0): (members,
+    records, last engine state, weights meta, fold predictions)."""
+    from medres.train.ensemble import member_deadline, member_record, member_spec, tta_axes
+    from medres.train.folds import fold_manifest, predict_fold
+
+    folds, rt = ctx["folds"], ctx["rt"]
+    n = ctx["n_members"]
+    members, records, fold_preds, state, wmeta = [], [], [], None, {}
+    for k in range(n):
+        mspec = member_spec(spec, k)
+        if folds is not None:  # fold k is this member's val split; data built anew
+            ctx["manifest"] = fold_manifest(ctx["official"], folds, k, spec.data)
+            ctx["data"] = None
+        end = member_deadline(time.perf_counter(), deadline, n - k)
+        model, state, wmeta = _train_member(mspec, k, ctx, saved if k == 0 else None, end)
+        members.append(model)
+        records.append(member_record(k, mspec, state))
+        if folds is not None and rt.main:
+            pred = predict_fold(model, ctx["data"], state, ctx["labels"], tta_axes(spec), k, rt)
+            fold_preds.append(pred)
+        ctx["rows"] = ctx["rows"] + state.history
+    return members, records, state, wmeta, fold_preds
+
+
 def _train_locked(
     spec: PipelineSpec,
-    inputs: tuple[Manifest, Any],
+    inputs: tuple[Manifest, Any, Any],
     rt: Runtime,
     run_dir: Path,
     resume: bool,
@@ -371,46 +407,54 @@ def _train_locked(
     t_start: float,
     deadline: float = math.inf,
 ) -> tuple[TrainResult | None, Any]:
-    """The run under the lock: train the ``model.ensemble`` members one after the other,
-    then (rank 0) calibrate and save them as one network: (the result on rank 0, else
-    None; the last member's engine state)."""
-    from medres.train.ensemble import (
-        final_network,
-        member_deadline,
-        member_record,
-        member_spec,
-        tta_axes,
-    )
+    """The run under the lock: train the members, then (rank 0) calibrate and save them as
+    one network (on the out-of-fold logits of a cross-validation run): (the result on rank
+    0, else None; the last member's engine state)."""
+    from medres.train.ensemble import final_network, tta_axes
     from medres.train.outputs import TrainedRun, finish, open_tensorboard, prepare_run_dir
 
-    manifest, labels = inputs
+    manifest, labels, folds = inputs
     last_path = prepare_run_dir(run_dir, resume, rt)
     saved = _check_resume(spec, last_path, rt) if resume else None
     if rt.main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         dump_pipeline(spec, run_dir / "pipeline.yaml")
+        if folds is not None:
+            from medres.train.folds import write_folds_csv
+
+            write_folds_csv(run_dir, manifest, labels, folds)
     ctx: dict[str, Any] = {
         "rt": rt, "run_dir": run_dir, "labels": labels, "manifest": manifest, "rows": [],
         "last_path": last_path, "user": on_epoch_end, "tb": open_tensorboard(spec, run_dir, rt),
+        "official": manifest, "folds": folds,
+        "n_members": folds.k if folds is not None else spec.model.ensemble,
     }  # fmt: skip
-    members, records, state, wmeta = [], [], None, {}
     try:
-        for k in range(spec.model.ensemble):
-            mspec = member_spec(spec, k)
-            end = member_deadline(time.perf_counter(), deadline, spec.model.ensemble - k)
-            model, state, wmeta = _train_member(mspec, k, ctx, saved if k == 0 else None, end)
-            members.append(model)
-            records.append(member_record(k, mspec, state))
-            ctx["rows"] = ctx["rows"] + state.history
+        members, records, state, wmeta, fold_preds = _train_members(spec, ctx, saved, deadline)
     finally:
         if ctx["tb"] is not None:
             ctx["tb"].close()
     if not rt.main:
         return None, state
     state.history = ctx["rows"]
-    net = final_network(members, tta_axes(spec))
+    oof, extra = None, None
+    flips = tta_axes(spec)
+    if folds is not None:
+        from medres.train.folds import (
+            fold_record,
+            folds_summary,
+            join_out_of_fold,
+            shift_members,
+        )
+
+        oof = join_out_of_fold(fold_preds, labels, flips, spec)
+        shift_members(members, oof.shifts)
+        flips = oof.flips
+        records = [fold_record(r, folds, k, oof) for k, r in enumerate(records)]
+        extra = {"folds": folds_summary(folds, oof, records, spec.train.seed)}
+    net = final_network(members, flips)
     run = TrainedRun(manifest, labels, net, state, ctx["data"], rt, tuple(records))
-    return finish(spec, run, wmeta, run_dir, t_start), state
+    return finish(spec, run, wmeta, run_dir, t_start, oof, extra), state
 
 
 def run_train(
@@ -448,10 +492,16 @@ def run_train(
             f"--resume of an ensemble (model.ensemble {spec.model.ensemble}) is not supported; "
             "start a new --out, or resume a single network (model.ensemble 1)"
         )
+    folds = None
+    if spec.model.folds:
+        from medres.train.folds import assign_folds, check_fold_settings
+
+        check_fold_settings(spec, resume)
+        folds = assign_folds(manifest, spec, labels)
     rt = _start_runtime(spec)
     with _run_dir_lock(run_dir, rt):
         result, st = _train_locked(
-            spec, (manifest, labels), rt, run_dir, resume, on_epoch_end, t_start, deadline
+            spec, (manifest, labels, folds), rt, run_dir, resume, on_epoch_end, t_start, deadline
         )
     if rt.distributed:
         shutdown_distributed()

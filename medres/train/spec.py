@@ -162,6 +162,10 @@ class ModelSpec:
     ensemble: int = 1
     """Members trained one after the other (seeds train.seed, +1, ...); their logits are
     averaged in one model dir (the plan picks K from the budget)."""
+    folds: int = 0
+    """0 = off; K (2-10): K members trained on cross-validation folds of train+val (grouped
+    by patient_key, stratified by label; member k validates on fold k), calibrated on the
+    out-of-fold logits and saved as one averaged model dir (medres.train.folds)."""
     tta: str = "auto"
     """auto | on | off: average the logits over the transforms.flip_axes flips at test time
     (auto: when the training used them, unless validation AUC drops)."""
