@@ -84,6 +84,7 @@ __all__ = [
     "fold_record",
     "folds_summary",
     "join_out_of_fold",
+    "member_choices",
     "plan_folds",
     "predict_fold",
     "shift_members",
@@ -452,3 +453,31 @@ def plan_folds(
     if epochs < epochs_default:
         why += f"; under the default {epochs_default}: fewer folds or a larger budget"
     return epochs, epoch_s, fixed, why
+
+
+def member_choices(
+    fp: Any,
+    cand: Any,
+    budget_s: float,
+    epochs: tuple[int, int, str],
+    views: int,
+    optimism: float,
+    folds: int = 0,
+) -> tuple[int, int, float, float, str, list[tuple[str, Any, str]]]:
+    """The plan's members: (K, epochs per member, epoch s, fixed s, reason, the
+    ``model.ensemble`` / ``model.folds`` choices as (key, value, reason)). ``epochs`` is (the
+    no-budget default, one network's epochs, its reason); ``folds`` (``--folds K``) makes K
+    fold members share the budget (:func:`plan_folds`), else a seed ensemble or one network
+    (:func:`medres.train.ensemble.plan_members`)."""
+    from medres.train.ensemble import plan_members, prediction_extra_s
+
+    default, single, why = epochs
+    if folds:
+        n, epoch_s, fixed_s, why = plan_folds(fp, cand, budget_s, default, folds, views, optimism)
+        return folds, n, epoch_s, fixed_s, why, [
+            ("model.ensemble", 1, "--folds trains the members"), ("model.folds", folds, why)
+        ]  # fmt: skip
+    k, n, why = plan_members(fp, cand, budget_s, default, (single, why), views, optimism)
+    fixed_s = cand.fixed_s(fp) + prediction_extra_s(fp, cand.timing.eval_s, k, views)
+    reason = why.rsplit("; ", 1)[-1] if k == 1 else why
+    return k, n, cand.epoch_s(fp), fixed_s, why, [("model.ensemble", k, reason)]

@@ -381,7 +381,8 @@ def make_plan(
         raise ConfigError(f"--time-budget is {budget_min}; give minutes > 0 (e.g. 15)")
     if not candidates:
         raise ConfigError(f"{fp.manifest}: no network candidate could be measured")
-    from medres.train.ensemble import n_views, plan_members, prediction_extra_s
+    from medres.train.ensemble import n_views, prediction_extra_s
+    from medres.train.folds import member_choices
 
     budget_s = budget_min * 60.0 - measure_s if budget_min else 0.0
     epochs_default = default_epochs(fp)
@@ -390,20 +391,10 @@ def make_plan(
     aug = _augmentation(fp)
     flips = next(c.value for c in aug if c.key == "transforms.flip_axes")
     views = n_views(flips)
-    if folds:
-        from medres.train.folds import plan_folds
-
-        k = folds
-        epochs, epoch_s, fixed_s, why = plan_folds(
-            fp, cand, b_s, epochs_default, k, views, OPTIMISM
-        )
-        members = [Choice("model.ensemble", 1, "--folds trains the members"),
-                   Choice("model.folds", k, why)]  # fmt: skip
-    else:
-        k, epochs, why = plan_members(fp, cand, b_s, epochs_default, (epochs, why), views, OPTIMISM)
-        epoch_s = cand.epoch_s(fp)
-        fixed_s = cand.fixed_s(fp) + prediction_extra_s(fp, cand.timing.eval_s, k, views)
-        members = [Choice("model.ensemble", k, why.rsplit("; ", 1)[-1] if k == 1 else why)]
+    k, epochs, epoch_s, fixed_s, why, chosen = member_choices(
+        fp, cand, b_s, (epochs_default, epochs, why), views, OPTIMISM, folds
+    )
+    members = [Choice(*c) for c in chosen]
     tta = Choice(
         "model.tta", "auto" if flips else "off",
         f"average the logits over the {views} flip views of {flips} used in training, unless "
