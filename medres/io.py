@@ -1,6 +1,7 @@
 """Small shared helpers: atomic writes, output folders, disk space, hashing, size options.
 
-Owns: :func:`atomic_open` (and the text/JSON writers on it), :func:`sha256_file`,
+Owns: :func:`atomic_open` (and the text/JSON writers on it; :func:`batched_fsync` lets a
+run's last writes share one disk flush), :func:`sha256_file`,
 :func:`output_lock` and :func:`parse_size` (the one ``"N,N,N"`` / ``"NxNxN"`` rule of CLI
 size options), and the one output-folder and disk-space rule of every command that writes:
 
@@ -36,6 +37,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -59,21 +61,91 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", **kwargs: Any) ->
     """Open a temp file beside ``path``; on success fsync it and ``os.replace`` it into place.
 
     A crash at any point leaves either the old file or the new one, never a partial file.
+    Inside :func:`batched_fsync` the fsync and the replace wait for the end of that block.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    batch = getattr(_BATCH, "pending", None)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if batch is None:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if batch is None:
+            os.replace(tmp, path)
+        else:
+            batch.append((tmp, path))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_BATCH = threading.local()
+
+
+@contextlib.contextmanager
+def batched_fsync() -> Iterator[None]:
+    """Let the :func:`atomic_open` writes of this thread inside the block share their fsyncs.
+
+    Each file is written to its temp file as usual; at the end of the block (also when it
+    raises) all of them are fsynced at once, in parallel (the file system commits them
+    together: one disk flush instead of one per file, ~5 ms each on a VM disk), then moved
+    into place in the order they were written. Every file is still replaced only after its
+    data is on disk, so a crash leaves each one old or new. Code inside the block must not
+    read back a file it wrote there (it is not in place yet). Nested blocks join the outer.
+    """
+    if getattr(_BATCH, "pending", None) is not None:
+        yield
+        return
+    pending: list[tuple[str, Path]] = []
+    _BATCH.pending = pending
+    try:
+        yield
+    finally:
+        _BATCH.pending = None
+        _commit(pending)
+
+
+def _fsync_path(path: str, errors: list[BaseException]) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        errors.append(exc)
+
+
+def _commit(pending: list[tuple[str, Path]]) -> None:
+    """fsync the temp files of ``pending`` in parallel, then replace them in order; when an
+    fsync fails none is replaced; the temp files not moved into place are removed."""
+    try:
+        errors: list[BaseException] = []
+        threads = [
+            threading.Thread(target=_fsync_path, args=(tmp, errors), daemon=True)
+            for tmp, _ in pending[1:]
+        ]
+        for t in threads:
+            t.start()
+        if pending:
+            _fsync_path(pending[0][0], errors)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        while pending:
+            tmp, path = pending[0]
+            os.replace(tmp, path)
+            pending.pop(0)
+    finally:
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

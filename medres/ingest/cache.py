@@ -141,15 +141,23 @@ def _load_group(data: Any, raw: dict[str, str]) -> CacheGroup:
 def save_cache(out: Path, cache: Cache, settings: str, key: bytes, redactor: PathRedactor) -> None:
     """Write the cache with every source as a keyed hash and rejection messages redacted
     (their own source as a marker restored on load), plus the redactor's hashed tokens."""
+    ids: dict[str, str] = {}  # a source is named in its unit and in its group: hash it once
+
+    def src_id(s: str) -> str:
+        found = ids.get(s)
+        if found is None:
+            found = ids[s] = _src_id(s, key)
+        return found
+
     units = {
-        fp: {**rec.to_cache(), "source": "", "sources": [_src_id(s, key) for s in rec.sources]}
+        fp: {**rec.to_cache(), "source": "", "sources": [src_id(s) for s in rec.sources]}
         for fp, rec in cache.units.items()
     }
     groups = {
         gid: {
-            "inputs": {_src_id(s, key): v for s, v in g.inputs.items()},
+            "inputs": {src_id(s): v for s, v in g.inputs.items()},
             "rejections": [
-                [_src_id(s, key), code, redactor.redact_text(str(msg).replace(s, _SRC_MARK))]
+                [src_id(s), code, redactor.redact_text(str(msg).replace(s, _SRC_MARK))]
                 for s, code, msg in g.rejections
             ],
         }
@@ -162,8 +170,9 @@ def save_cache(out: Path, cache: Cache, settings: str, key: bytes, redactor: Pat
         "groups": groups,
         "path_tokens": redactor.hashed_tokens,
     }
+    text = json.dumps(data)  # the C encoder (json.dump writes through the Python one)
     with atomic_open(out / CACHE_NAME, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
+        fh.write(text)
 
 
 def trusted_groups(cache: Cache, files: Sequence[InputFile], out: Path) -> Trusted:

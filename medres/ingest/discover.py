@@ -55,9 +55,11 @@ Choices made here:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -165,8 +167,8 @@ def discover(
     prefixes = root_prefixes(sources)
     for i, (src, prefix) in enumerate(zip(sources, prefixes, strict=True)):
         if src.is_dir():
-            for path, rel in _walk(src, excluded):
-                _add_file(result, path, _join(prefix, rel), scratch / f"a{i}", limits)
+            for path, rel, st in _walk(src, excluded):
+                _add_file(result, path, _join(prefix, rel), scratch / f"a{i}", limits, st)
                 if on_input:
                     on_input()
         else:
@@ -222,14 +224,17 @@ def _owned(rel_parts: tuple[str, ...]) -> bool:
     )
 
 
-def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
+def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str, os.stat_result]]:
     """Regular files (and file symlinks) under ``root``, sorted, with posix relative paths
-    (cleaned, see :func:`clean_source`). Output folders are passed over (module docstring)."""
-    found: list[tuple[Path, str]] = []
+    (cleaned, see :func:`clean_source`) and their ``stat`` (one per file: a 50,000-file
+    export is walked in a second). Output folders are passed over (module docstring)."""
+    found: list[tuple[Path, str, os.stat_result]] = []
     root_is_output = root.resolve() in excluded or _is_output_folder(root)
     passed = 0
+    root_s = os.fspath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
+        rel_dir = os.path.relpath(dirpath, root_s).replace(os.sep, "/")
         keep = []
         for name in sorted(dirnames):
             sub = d / name
@@ -245,13 +250,13 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
             keep.append(name)
         dirnames[:] = keep
         for name in sorted(filenames):
-            p = d / name
-            if not p.is_file():  # dangling link, fifo, socket, device
+            st = _regular_file(os.path.join(dirpath, name))
+            if st is None:  # dangling link, fifo, socket, device
                 continue
-            rel = p.relative_to(root)
-            if root_is_output and _owned(rel.parts):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if root_is_output and _owned(tuple(rel.split("/"))):
                 continue
-            found.append((p, clean_source(rel.as_posix())))
+            found.append((d / name, clean_source(rel), st))
     if passed or root_is_output:
         log.info(
             "passed over %d medres output folder(s) below a SOURCE%s (their files are not inputs)",
@@ -262,9 +267,33 @@ def _walk(root: Path, excluded: set[Path]) -> Iterator[tuple[Path, str]]:
     yield from found
 
 
-def _add_file(result: Discovery, path: Path, source: str, scratch: Path, limits: ArchiveLimits):
+def _regular_file(path: str) -> os.stat_result | None:
+    """``os.stat(path)`` when it is a regular file (symlinks followed), else ``None``; the
+    errors ``Path.is_file`` ignores are ignored, any other is raised."""
     try:
-        st = path.stat()
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno in _IGNORED_ERRNOS:
+            return None
+        raise
+    except ValueError:  # a name the OS cannot take
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+_IGNORED_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP))
+
+
+def _add_file(
+    result: Discovery,
+    path: Path,
+    source: str,
+    scratch: Path,
+    limits: ArchiveLimits,
+    st: os.stat_result | None = None,
+):
+    try:
+        st = path.stat() if st is None else st
     except OSError as exc:
         result.rejected.append(
             Rejected(source, Code.UNREADABLE.value, f"cannot stat the file ({exc.strerror})")

@@ -60,6 +60,10 @@ Choices made here:
 * **Accounting.** Every discovered file ends in exactly one of ``used`` (behind an image in
   the manifest), ``rejected`` or ``skipped`` (benign: :data:`~medres.ingest.accounting.SKIP_CODES`); ``errors.csv``
   holds one row for every file that is not used, and ``ingest.json`` records the counts.
+* **Writes.** Images are written atomically (temp file, ``os.replace``) as they are
+  decoded; the run's small outputs (``.medres_cache.json``, tokens, manifest.csv,
+  errors.csv, ingest.json) are written at the end inside :func:`medres.io.batched_fsync`:
+  one shared disk flush, then moved into place in that order.
 * **Privacy.** Raw identifiers stay in worker/main memory only: pseudonyms are computed
   right after the header is read. ``ingest.json`` records SOURCE arguments by base name
   only (folder names above may hold patient names). Folder and file names below a SOURCE
@@ -131,7 +135,14 @@ from medres.ingest.tasks import (
     scan_task,
     scan_task_lean,
 )
-from medres.io import LOCK_NAME, MIN_FREE_BYTES, check_output_dir, output_lock, tree_bytes
+from medres.io import (
+    LOCK_NAME,
+    MIN_FREE_BYTES,
+    batched_fsync,
+    check_output_dir,
+    output_lock,
+    tree_bytes,
+)
 from medres.phi import PathRedactor, load_or_create_key, save_tokens
 from medres.workers import Failure, IsolatedPool, default_workers, isolated_map
 
@@ -193,6 +204,7 @@ class _Images:
     records: list[ImageRecord]
     cached_files: int
     scanned: int
+    cache: Cache  # what .medres_cache.json will hold
 
 
 @dataclass(frozen=True)
@@ -214,14 +226,17 @@ def _run(config: IngestConfig, t0: float) -> IngestReport:
     table = read_labels(config.labels, key, config.label_key) if config.labels else None
     run = _Run(config, key, redactor, config.workers or idle_workers())
     images = _read_images(run)
-    with _timed(run.timing, "write_s"):
-        records = sorted(images.records, key=lambda r: r.image_id)
-        labelled = _label_and_split(records, table, config)
-        rows = manifest_rows(records, labelled.labels, labelled.splits, redactor)
-        error_rows = run.ledger.error_rows(redactor)
-        write_outputs(out, out / MANIFEST_NAME, rows, labelled.label_columns, error_rows)
-    report = _report(run, images, rows, error_rows, labelled, table, t0)
-    write_ingest_json(out / INGEST_JSON, config, report, run.workers, table, redactor)
+    with batched_fsync():  # cache, tokens, manifest, errors, ingest.json: one disk flush
+        with _timed(run.timing, "write_s"):
+            save_cache(out, images.cache, cache_settings(config), key, redactor)
+            save_tokens(out, key)  # for commands that read no header (medres.phi.tokens)
+            records = sorted(images.records, key=lambda r: r.image_id)
+            labelled = _label_and_split(records, table, config)
+            rows = manifest_rows(records, labelled.labels, labelled.splits, redactor)
+            error_rows = run.ledger.error_rows(redactor)
+            write_outputs(out, out / MANIFEST_NAME, rows, labelled.label_columns, error_rows)
+        report = _report(run, images, rows, error_rows, labelled, table, t0)
+        write_ingest_json(out / INGEST_JSON, config, report, run.workers, table, redactor)
     if not rows:
         raise IngestError(
             f"no usable image found in {len(config.sources)} source(s) "
@@ -257,7 +272,9 @@ def _read_images(run: _Run) -> _Images:
         with _timed(run.timing, "group_s"):
             jobs, groups = plan_jobs(headers, niftis, found.files, config, run.key, run.ledger)
         with _timed(run.timing, "decode_s"):
-            records, cached_files = _decode_stage(run, jobs, groups, cache, trusted, pool)
+            records, cached_files, new_cache = _decode_stage(
+                run, jobs, groups, cache, trusted, pool
+            )
         run.ledger.account_rest(f.source for f in found.files)
     except BaseException:
         pool.close(kill=True)  # Ctrl-C or a bug: do not wait for busy workers
@@ -265,7 +282,7 @@ def _read_images(run: _Run) -> _Images:
     finally:
         pool.close()
         shutil.rmtree(scratch, ignore_errors=True)
-    return _Images(records, cached_files, scanned)
+    return _Images(records, cached_files, scanned, new_cache)
 
 
 def _discover_stage(run: _Run, scratch: Path) -> Discovery:
@@ -387,9 +404,9 @@ def _decode_stage(
     cache: Cache,
     trusted: Trusted,
     pool: IsolatedPool,
-) -> tuple[list[ImageRecord], int]:
-    """Reuse trusted groups, decode the rest and save the new cache; returns every image's
-    record and the number of files behind reused images."""
+) -> tuple[list[ImageRecord], int, Cache]:
+    """Reuse trusted groups and decode the rest; returns every image's record, the number
+    of files behind reused images and the new cache (saved with the outputs)."""
     config = run.config
     new_cache = reuse_trusted(trusted, cache, run.ledger)
     records = list(new_cache.units.values())
@@ -399,9 +416,7 @@ def _decode_stage(
     # free-text header values may hold a name or ID: filtered before cache and manifest
     new_cache.units = {fp: _filtered(r, run.redactor) for fp, r in new_cache.units.items()}
     records = [_filtered(r, run.redactor) for r in records]
-    save_cache(config.out_dir, new_cache, cache_settings(config), run.key, run.redactor)
-    save_tokens(config.out_dir, run.key)  # for commands that read no header (medres.phi.tokens)
-    return records, cached_files + reused
+    return records, cached_files + reused, new_cache
 
 
 def _filtered(rec: ImageRecord, redactor: PathRedactor) -> ImageRecord:

@@ -54,6 +54,7 @@ _VR_SHORT = frozenset(
 _HEAD = struct.Struct("<HH2sH")  # group, element, VR, short length (explicit VR)
 _IMPL = struct.Struct("<HHL")  # group, element, length (implicit VR; also items)
 _LONG = struct.Struct("<L")
+_HEAD12 = struct.Struct("<HH2sHL")  # explicit VR header and the 4 bytes after it
 
 
 def charset_encoding(charset: str) -> str | None:
@@ -177,39 +178,100 @@ def _walk_dataset(
     r: _Reader, pos: int, implicit: bool, fields: dict[int, tuple[int, str, str]]
 ) -> tuple[dict[str, object], bool, int]:
     """(values of the wanted ``fields``, whether a Modality LUT Sequence exists, position of
-    the pixel data element or -1) of the dataset elements from ``pos`` on."""
+    the pixel data element or -1) of the dataset elements from ``pos`` on.
+
+    The hot loop of every header scan (a real MR header holds 300-400 elements): an element
+    header that lies whole in the reader's buffer is read here, inline; any other goes
+    through :func:`_element` (the same result, or the same decline).
+    """
     values: dict[str, object] = {}
     enc: str | None = "latin-1"
     has_lut = False
     last = 0x0002FFFF
     pixel = -1
     size = r.size
+    impl, head12, vr_long, vr_short = _IMPL.unpack_from, _HEAD12.unpack_from, _VR_LONG, _VR_SHORT
+    special = _special(fields)  # tag -> wanted field spec, or a _STOP / _FG / _LUT marker
+    buf, base = r.buf, r.base
+    nbuf = len(buf)
     while pos < size:
-        tag, vr, length, start = _element(r, pos, implicit)
+        off = pos - base
+        if off >= 0 and off + 12 <= nbuf:
+            if implicit:
+                group, elem, length = impl(buf, off)
+                vr, start = b"", pos + 8
+            else:
+                group, elem, vr, length, long_length = head12(buf, off)
+                if group == 0xFFFE:
+                    length = impl(buf, off)[2]
+                    vr, start = b"", pos + 8
+                elif vr in vr_long:
+                    length, start = long_length, pos + 12
+                elif vr in vr_short:
+                    start = pos + 8
+                else:
+                    raise _Decline
+            tag = group << 16 | elem
+        else:
+            tag, vr, length, start = _element(r, pos, implicit)
+            buf, base = r.buf, r.base
+            nbuf = len(buf)
         if tag <= last or tag >> 16 == 0xFFFE:
             raise _Decline
         last = tag
-        if tag in _PIXEL_TAGS:
-            pixel = pos
-            break
-        if tag in _FUNCTIONAL_GROUPS:
-            raise _Decline
-        if tag == _LUT_SEQUENCE:
+        spec = special.get(tag)
+        if spec is not None and len(spec) == 1:  # a marker
+            if spec is _STOP:
+                pixel = pos
+                break
+            if spec is _FG:
+                raise _Decline
             has_lut = True
+            spec = fields.get(tag)
         if length == _UNDEFINED:
             if implicit or vr in (b"SQ", b"UN"):
                 pos = _skip_sequence(r, start, implicit or vr == b"UN")
+                buf, base = r.buf, r.base
+                nbuf = len(buf)
                 continue
             raise _Decline
         end = start + length
         if end > size:
             raise _Decline
-        spec = fields.get(tag)
         if spec is not None:
-            buf, off = r.view(start, length)
-            enc = _store(values, spec, buf[off : off + length], enc, vr)
+            voff = start - base
+            if voff >= 0 and voff + length <= nbuf:  # the value lies in the buffer
+                if spec[2] == "s" and tag != _CHARSET and tag != _FRAMES:  # _store, inline
+                    raw = buf[voff : voff + length]
+                    values[spec[1]] = raw.decode("latin-1", "replace").strip(" \x00") if raw else ""
+                else:
+                    enc = _store(values, spec, buf[voff : voff + length], enc, vr)
+            else:
+                vbuf, voff = r.view(start, length)
+                enc = _store(values, spec, vbuf[voff : voff + length], enc, vr)
+                buf, base = r.buf, r.base
+                nbuf = len(buf)
         pos = end
     return values, has_lut, pixel
+
+
+# markers of _special (1-tuples; a wanted field's spec is a 3-tuple)
+_STOP, _FG, _LUT = ("pixel",), ("functional groups",), ("modality LUT",)
+_SPECIAL: dict[int, dict[int, tuple]] = {}
+
+
+def _special(fields: dict[int, tuple[int, str, str]]) -> dict[int, tuple]:
+    """``fields`` plus the tags the walk acts on (one dict lookup per element), cached."""
+    key = id(fields)
+    found = _SPECIAL.get(key)
+    if found is None or found.get(-1) is not fields:  # type: ignore[comparison-overlap]
+        found = dict(fields)
+        found.update(dict.fromkeys(_FUNCTIONAL_GROUPS, _FG))
+        found[_LUT_SEQUENCE] = _LUT
+        found.update(dict.fromkeys(_PIXEL_TAGS, _STOP))
+        found[-1] = fields  # type: ignore[assignment]
+        _SPECIAL[key] = found
+    return found
 
 
 def _store(

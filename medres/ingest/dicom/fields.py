@@ -56,11 +56,11 @@ def _fn(v: Any, n: int) -> tuple[float, ...] | None:
     if v is None:
         return None
     try:
-        seq = [v] if isinstance(v, str | int | float) else v
-        vals = tuple(float(x) for x in seq)
+        seq = [v] if isinstance(v, (str, int, float)) else v
+        vals = tuple(map(float, seq))
     except (TypeError, ValueError):
         return None
-    if len(vals) != n or not all(math.isfinite(x) for x in vals):
+    if len(vals) != n or not all(map(math.isfinite, vals)):
         return None
     return vals
 

@@ -21,7 +21,7 @@ import numpy as np
 from medres.errors import IngestError
 from medres.ingest.codes import Code
 from medres.ingest.dicom.header import DicomHeader, GeometryPolicy, Slice, Stack
-from medres.ingest.dicom.resample import SliceGrid, plan_grid
+from medres.ingest.dicom.resample import SliceGrid, median, plan_grid
 
 Affine = tuple[tuple[float, ...], ...]
 
@@ -239,7 +239,7 @@ def _regular_or_grid(d: np.ndarray, policy: GeometryPolicy) -> tuple[float, Slic
 def _gap_problem(gaps: np.ndarray, policy: GeometryPolicy) -> tuple[float, IngestError | None]:
     """(gap tolerance, the ``missing_slices`` / ``inconsistent_geometry`` error that
     irregular gaps mean under the strict rule, or None when they are regular)."""
-    med = float(np.median(gaps))
+    med = median(gaps)
     tol = max(policy.spacing_atol, policy.spacing_rtol * med)
     irregular = np.abs(gaps - med) > tol
     if not np.any(irregular):

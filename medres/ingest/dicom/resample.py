@@ -56,6 +56,17 @@ MAX_GAP_FACTOR = 10.0  # a gap wider than this many median gaps is never interpo
 _INTERVAL_SLACK = 0.01  # extent/gap within 1% above an integer: that integer of intervals
 
 
+def median(values: np.ndarray) -> float:
+    """``float(np.median(values))`` of a 1-D float array (NaN when it holds a NaN or nothing),
+    without the ``numpy.ma`` import that ``np.median`` costs on its first call (~15 ms of
+    every ``medres ingest``)."""
+    a = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if a.size == 0 or np.isnan(a[-1]):
+        return math.nan
+    mid = a.size // 2
+    return float(a[mid]) if a.size % 2 else float((a[mid - 1] + a[mid]) / 2.0)
+
+
 @dataclass(frozen=True)
 class SliceGrid:
     """A regular grid for an unevenly spaced stack.
@@ -85,7 +96,7 @@ def plan_grid(d: Sequence[float], policy: GeometryPolicy, missing: bool = False)
     """
     pos = np.asarray(d, dtype=float)
     gaps = np.diff(pos)
-    med, smallest, largest = float(np.median(gaps)), float(gaps.min()), float(gaps.max())
+    med, smallest, largest = median(gaps), float(gaps.min()), float(gaps.max())
     if largest > MAX_GAP_FACTOR * med:
         raise IngestError(
             f"a slice gap of {largest:.3g} mm is more than {MAX_GAP_FACTOR:g}x the median gap "
