@@ -59,6 +59,7 @@ __all__ = [
     "is_ras_diagonal",
     "load_nifti",
     "named_nifti_error",
+    "pair_data_header",
     "sidecar_path",
     "write_image",
 ]
@@ -107,6 +108,16 @@ def _pair_header(path: Path) -> Path | None:
         if (path.parent / (stem + suffix)).is_file():
             return path.parent / (stem + suffix)
     return None
+
+
+def pair_data_header(path: Path) -> Path | None:
+    """For the data file of a NIfTI/Analyze pair (``.img``/``.img.gz``, no NIfTI header of
+    its own) with its ``.hdr`` beside it: that ``.hdr``; else None. Such a file is part of
+    the image its ``.hdr`` gives (read through the header), accounted with it."""
+    path = Path(path)
+    if not path.name.lower().endswith(_PAIR_DATA):
+        return None
+    return _pair_header(path)
 
 
 def _header_cause(path: Path) -> str:

@@ -82,11 +82,45 @@ def plan_jobs(
     planner = _Planner(config, key, by_source)
     if headers:
         _plan_stacks(headers, header_group, groups, planner, ledger)
-    for f in niftis:
+    images, data_of = _join_pairs(niftis, ledger)
+    for f in images:
         gid = f"nifti|{pseudonym(f.source, key)}"
-        groups[gid] = CacheGroup({f.source: f.fingerprint})
-        planner.add("nifti", (f.path, f.source), nifti_identity(f.source), (f.source,), gid)
+        parts = (f, *data_of.get(f.source, ()))  # a .hdr with its .img: one image, both used
+        groups[gid] = CacheGroup({p.source: p.fingerprint for p in parts})
+        sources = tuple(p.source for p in parts)
+        planner.add("nifti", (f.path, f.source), nifti_identity(f.source), sources, gid)
     return planner.jobs, groups
+
+
+def _join_pairs(
+    niftis: Sequence[InputFile], ledger: Ledger
+) -> tuple[list[InputFile], dict[str, list[InputFile]]]:
+    """The NIfTI inputs to read (every one but the data files of ``.hdr``/``.img`` pairs)
+    and, per ``.hdr`` source, its pair data files: those are read through the header and
+    accounted with its image. A data file whose ``.hdr`` is not among the inputs (rejected,
+    or outside the SOURCE) is rejected naming it."""
+    from pathlib import Path
+
+    from medres.ingest.nifti import is_nifti, pair_data_header
+
+    by_path = {str(Path(f.path)): f for f in niftis}
+    images: list[InputFile] = []
+    data_of: dict[str, list[InputFile]] = {}
+    for f in niftis:
+        hdr = pair_data_header(Path(f.path))
+        if hdr is None or is_nifti(Path(f.path)):
+            images.append(f)
+            continue
+        owner = by_path.get(str(hdr))
+        if owner is None:
+            ledger.reject(
+                f.source, "invalid_nifti",
+                f"{f.source}: the data file of {hdr.name}, whose header was not read (see "
+                f"its row in errors.csv); fix or replace {hdr.name}",
+            )  # fmt: skip
+        else:
+            data_of.setdefault(owner.source, []).append(f)
+    return images, data_of
 
 
 def _plan_stacks(

@@ -51,8 +51,8 @@ def scan_task(item: tuple[Path, str]) -> ScanResult:
         return ScanResult("dicom", dicom.scan_header(path, source))
     except IngestError as exc:
         if str(exc.code) == Code.NOT_DICOM.value:
-            if nifti.is_nifti(path):
-                return ScanResult("nifti")
+            if nifti.is_nifti(path) or nifti.pair_data_header(path) is not None:
+                return ScanResult("nifti")  # a pair's .img: joined to its .hdr (plan_jobs)
             _raise_named_nifti(path, source)
         raise
 
@@ -98,8 +98,8 @@ def scan_task_lean(item: tuple[Path, str]) -> ScanResult | None:
         from medres.ingest import nifti
 
         if str(exc.code) == Code.NOT_DICOM.value:
-            if nifti.is_nifti(path):
-                return ScanResult("nifti")
+            if nifti.is_nifti(path) or nifti.pair_data_header(path) is not None:
+                return ScanResult("nifti")  # a pair's .img: joined to its .hdr (plan_jobs)
             _raise_named_nifti(path, source)
         raise
     return None if header is None else ScanResult("dicom", header)
@@ -175,7 +175,7 @@ def decode_task(job: DecodeJob) -> ImageRecord:
     return ImageRecord(
         image_id=job.image_id,
         image_path=job.rel_path,
-        source=common_source(job.sources),
+        source=job.sources[0] if job.kind == "nifti" else common_source(job.sources),
         dims=str(img.dims),
         channels=str(img.channels),
         shape="x".join(str(s) for s in img.shape),

@@ -247,3 +247,54 @@ def test_empty_and_short_nifti_files_are_invalid_nifti(tmp_path: Path) -> None:
             assert code == "invalid_nifti", (name, code, message)
             assert message.startswith(f"{name}: ") and want[name] in message, message
             assert "\n" not in message
+
+
+def _pair(folder: Path, value: float) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.full((8, 8, 4), value, dtype=np.float32)
+    nib.save(nib.Nifti1Pair(data, np.eye(4)), folder / "vol.img")
+
+
+def test_a_pairs_img_is_used_with_its_hdr_and_tracked_by_the_cache(tmp_path: Path) -> None:
+    """A ``.hdr``/``.img`` pair is one image from both files: the ``.img`` was a
+    ``not_dicom`` row ("remove it", which would break the image) and a changed ``.img``
+    behind an unchanged ``.hdr`` was not noticed by the incremental cache."""
+    import os
+
+    import nibabel as nib
+
+    src, out = tmp_path / "src", tmp_path / "ds"
+    _pair(src, 1.0)
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert _errors(out / "errors.csv") == {}
+    info = __import__("json").loads((out / "ingest.json").read_text())
+    assert info["files"]["seen"] == info["files"]["used"] == 2, info["files"]
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as fh:
+        (row,) = list(csv.DictReader(fh))
+    assert row["source"] == "vol.hdr"
+    # new voxel values in the .img, same size, the .hdr untouched: re-read, not reused
+    img = src / "vol.img"
+    before = img.stat()
+    _pair(tmp_path / "new", 7.0)
+    img.write_bytes((tmp_path / "new" / "vol.img").read_bytes())
+    os.utime(img, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert float(nib.load(out / row["image_path"]).get_fdata().max()) == 7.0
+
+
+def test_a_pairs_img_whose_hdr_is_broken_names_the_hdr(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _pair(src, 1.0)
+    (src / "vol.hdr").write_bytes(b"\x00" * 10)  # the header is cut short
+    write_nifti_folder(src / "ok", 1, (16, 16))  # one good image: ingest exits 0
+    res = runner.invoke(app, ["ingest", str(src), "--out", str(tmp_path / "ds")])
+    assert res.exit_code == 0, res.output
+    errors = _errors(tmp_path / "ds" / "errors.csv")
+    assert errors["vol.hdr"][0] == "invalid_nifti"
+    code, message = errors["vol.img"]
+    assert code == "invalid_nifti" and "data file of vol.hdr" in message, message
