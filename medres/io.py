@@ -314,8 +314,13 @@ def check_output_dir(
             f"{option} {str(out)!r} lies below the file {str(base)!r}; no folder can be made "
             "there: pass a path whose parents are folders"
         )
+    missing, p = [], out  # the folders this call makes, deepest first
+    while p != base and p != p.parent:
+        missing.append(p)
+        p = p.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(missing)  # removed again if the command fails leaving them empty
     except OSError as exc:
         if exc.errno in _FULL_ERRNOS:
             raise disk_full_error(base, need_bytes) from None
@@ -328,6 +333,25 @@ def check_output_dir(
     if need_bytes > 0 and free is not None and free < need_bytes:
         raise disk_full_error(out, need_bytes)
     return out
+
+
+# the output folders check_output_dir made in this command (deepest first, per call)
+_CREATED: list[Path] = []
+
+
+def forget_created_dirs() -> None:
+    """Start a command: no folder made so far is this command's to remove."""
+    _CREATED.clear()
+
+
+def remove_created_dirs_if_empty() -> None:
+    """After a failed command: remove the output folders :func:`check_output_dir` made in
+    it that are still empty (``os.rmdir`` removes only an empty folder: nothing written
+    is ever lost), so a refused run leaves no empty ``--out`` behind."""
+    for folder in _CREATED:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+    _CREATED.clear()
 
 
 # what each command's --out holds once it ran (a file no other command writes)

@@ -135,3 +135,33 @@ def test_check_output_dir_accepts_an_earlier_output_and_leaves_no_probe(tmp_path
     (out / "kept.csv").write_text("1")
     mio.check_output_dir(out)  # a folder that exists is fine (resume)
     assert sorted(p.name for p in out.iterdir()) == ["kept.csv"]
+
+
+def test_a_refused_command_leaves_no_empty_out_behind(tmp_path: Path) -> None:
+    """A command that fails after its --out check (a bad model, a missing input) removes the
+    --out folders it made and left empty; a folder that existed, or holds anything, stays."""
+    bad_model = tmp_path / "model"
+    bad_model.mkdir()
+    (bad_model / "model.json").write_text("{}")
+    src = tmp_path / "src"
+    write_nifti_folder(src, 1, (16, 16))
+    cases = {
+        "score": ["score", str(bad_model), str(src), "--out"],
+        "evaluate": ["evaluate", str(tmp_path / "missing.csv"), "--out"],
+    }
+    for name, args in cases.items():
+        out = tmp_path / f"new_{name}" / "deeper"
+        res = runner.invoke(app, [*args, str(out)])
+        assert res.exit_code == 1, res.output
+        assert not (tmp_path / f"new_{name}").exists(), name  # both levels it made are gone
+        kept = tmp_path / f"kept_{name}"
+        kept.mkdir()
+        res = runner.invoke(app, [*args, str(kept)])
+        assert res.exit_code == 1 and kept.is_dir(), name  # the user's folder stays
+        (kept / "notes.txt").write_text("mine")
+        res = runner.invoke(app, [*args, str(kept / "x")])
+        assert res.exit_code == 1 and (kept / "notes.txt").read_text() == "mine"
+        assert not (kept / "x").exists()
+    ok = tmp_path / "ok_ds"
+    assert runner.invoke(app, ["ingest", str(src), "--out", str(ok)]).exit_code == 0
+    assert (ok / "manifest.csv").is_file()  # success: nothing removed
