@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers.runs import assert_score_matches_test_predictions
 from train_data import make_dataset
 from typer.testing import CliRunner
 
@@ -176,21 +176,7 @@ def test_same_seed_gives_identical_predictions(runs):
 
 def test_score_evaluate_and_export_accept_the_model_dir(runs, tmp_path):
     run, manifest = runs["a"], runs["manifest"]
-    mrows = {r["image_id"]: r for r in _read(manifest)}
-    test = _read(run / "predictions_test.csv")
-    src = tmp_path / "src"
-    src.mkdir()
-    for r in test:
-        shutil.copy(manifest.parent / mrows[r["image_id"]]["image_path"], src)
-    res = runner.invoke(
-        app, ["-q", "score", str(run / "model"), str(src), "--out", str(tmp_path / "s")]
-    )
-    assert res.exit_code == 0, res.output
-    scored = {Path(r["source"]).name: r for r in _read(tmp_path / "s" / "scores.csv")}
-    for r in test:
-        s = scored[Path(mrows[r["image_id"]]["image_path"]).name]
-        assert float(s["prob_1"]) == pytest.approx(float(r["prob_1"]), abs=1e-5)
-        assert s["pred"] == r["pred"]
+    assert_score_matches_test_predictions(run, manifest, tmp_path)
     res = runner.invoke(app, ["-q", "evaluate", str(run), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ev" / "metrics.json").is_file()

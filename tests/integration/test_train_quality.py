@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.models import write_model_dir, write_nifti_folder
+from helpers.runs import assert_score_matches_test_predictions
 from safetensors.torch import load_file
 from train_data import make_dataset
 from typer.testing import CliRunner
@@ -99,21 +100,7 @@ def test_an_ensemble_is_one_reproducible_model_dir_that_score_runs(runs, tmp_pat
     assert (a / "checkpoints" / "member1" / "best.pt").is_file()
     history = _read(a / "history.csv")
     assert [r["member"] for r in history] == ["0", "0", "1", "1"]
-    test = _read(a / "predictions_test.csv")
-    mrows = {r["image_id"]: r for r in _read(manifest)}
-    src = tmp_path / "src"
-    src.mkdir()
-    for r in test:
-        shutil.copy(manifest.parent / mrows[r["image_id"]]["image_path"], src)
-    res = runner.invoke(
-        app, ["-q", "score", str(a / "model"), str(src), "--out", str(tmp_path / "s")]
-    )
-    assert res.exit_code == 0, res.output
-    scored = {Path(r["source"]).name: r for r in _read(tmp_path / "s" / "scores.csv")}
-    for r in test:
-        s = scored[Path(mrows[r["image_id"]]["image_path"]).name]
-        assert float(s["prob_1"]) == pytest.approx(float(r["prob_1"]), abs=1e-5)
-        assert s["pred"] == r["pred"]
+    assert_score_matches_test_predictions(a, manifest, tmp_path)
 
 
 def test_score_applies_the_stored_temperature_and_threshold(runs, tmp_path):

@@ -17,9 +17,9 @@ import textwrap
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import pytest
 import typer
+from helpers.dicom_series import write_ct_series
 from typer.core import TyperCommand
 from typer.testing import CliRunner
 
@@ -71,37 +71,6 @@ def _imported(*args: str) -> tuple[int, set[str]]:
     return res["rc"], bad
 
 
-def _plain_series(folder: Path, n: int = 4) -> Path:
-    """``n`` axial 16x16 uncompressed CT slices (decoded in process; the geometry check takes
-    the median slice gap)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True)
-    series, study = generate_uid(), generate_uid()
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = "CT", "P1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [0, 0, 2.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (np.arange(256, dtype=np.int16).reshape(16, 16) + k).tobytes()
-        ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
-    return folder
-
-
 @pytest.mark.parametrize("args", [("--help",), ("ingest", "--help")])
 def test_help_imports_neither_pydantic_nor_the_ml_stack(args):
     rc, bad = _imported(*args)
@@ -110,7 +79,7 @@ def test_help_imports_neither_pydantic_nor_the_ml_stack(args):
 
 
 def test_ingest_of_one_plain_series_imports_only_what_it_uses(tmp_path):
-    src = _plain_series(tmp_path / "ct")
+    src = write_ct_series(tmp_path / "ct")
     rc, bad = _imported("-q", "ingest", str(src), "--out", str(tmp_path / "out"), "-j", "2")
     assert rc == 0
     assert not bad, sorted(bad)
@@ -119,7 +88,7 @@ def test_ingest_of_one_plain_series_imports_only_what_it_uses(tmp_path):
 
 
 def test_ingest_starts_numpy_with_one_blas_thread(tmp_path):
-    src = _plain_series(tmp_path / "ct", n=3)
+    src = write_ct_series(tmp_path / "ct", n=3)
     res = _probe("-q", "ingest", str(src), "--out", str(tmp_path / "out"))
     assert res["rc"] == 0
     assert res["blas"] == "1"  # OpenBLAS threads cost ~55 ms of numpy's import

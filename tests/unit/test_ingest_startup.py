@@ -10,10 +10,9 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers.dicom_series import write_ct_series
 
 HEAVY = ("torch", "monai", "sklearn", "scipy", "pandas", "matplotlib")
 READERS = ("pydicom", "nibabel")
@@ -50,38 +49,6 @@ def _probe(*args: str) -> dict:
     return json.loads(line[-1][2:])
 
 
-def _series(folder: Path, n: int = 4, *, rle: bool = False) -> Path:
-    """``n`` axial 16x16 CT slices (uncompressed, or RLE Lossless)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
-
-    folder.mkdir(parents=True)
-    series, study = generate_uid(), generate_uid()
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = "CT", "P1"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [0, 0, 2.0 * k]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [0.5, 0.5]
-        ds.Rows = ds.Columns = 16
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.PixelData = (np.arange(256, dtype=np.int16).reshape(16, 16) + k).tobytes()
-        if rle:
-            ds.compress(RLELossless)
-        ds.save_as(folder / f"{k}.dcm", enforce_file_format=True)
-    return folder
-
-
 def test_cli_import_and_help_import_no_ml_stack():
     res = _probe("ingest", "--help")
     assert res["rc"] == 0
@@ -90,7 +57,7 @@ def test_cli_import_and_help_import_no_ml_stack():
 
 
 def test_small_plain_dicom_ingest_runs_in_process_without_heavy_imports(tmp_path):
-    src = _series(tmp_path / "ct")
+    src = write_ct_series(tmp_path / "ct")
     res = _probe("-q", "ingest", str(src), "--out", str(tmp_path / "out"))
     assert res["rc"] == 0
     assert not set(HEAVY + READERS) & set(res["modules"]), res["modules"]
@@ -101,7 +68,7 @@ def test_small_plain_dicom_ingest_runs_in_process_without_heavy_imports(tmp_path
 
 def test_compressed_dicom_is_still_decoded_in_the_supervised_pool(tmp_path):
     pytest.importorskip("pydicom")
-    src = _series(tmp_path / "rle", rle=True)
+    src = write_ct_series(tmp_path / "rle", rle=True)
     res = _probe("-q", "ingest", str(src), "--out", str(tmp_path / "out"))
     assert res["rc"] == 0
     assert res["workers"] >= 1  # compressed pixel data: C decoders run in workers only
