@@ -349,8 +349,14 @@ def build_loader(
     batch_size: int,
     workers: int,
     pin_memory: bool = False,
+    train: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """A MONAI DataLoader over ``sampler`` with its own (per-epoch re-seeded) generator."""
+    """A MONAI DataLoader over ``sampler`` with its own (per-epoch re-seeded) generator.
+
+    ``train``: an epoch whose last batch would hold one sample drops it (BatchNorm cannot
+    train on one sample: ``Expected more than 1 value per channel``; e.g. 34 images of a
+    fold at batch 11). The sampler shuffles every epoch, so a different sample sits out
+    each time; every other last batch is kept."""
     from monai.data import DataLoader
 
     g = torch.Generator().manual_seed(0)
@@ -361,7 +367,7 @@ def build_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         generator=g,
-        drop_last=False,
+        drop_last=train and len(sampler) % batch_size == 1 and len(sampler) > 1,
         persistent_workers=False,
     )
 
@@ -483,6 +489,7 @@ def build_data(
         batch_size=spec.train.batch_size,
         workers=d.workers,
         pin_memory=pin,
+        train=True,
     )
     val = build_loader(
         val_ds,

@@ -263,3 +263,25 @@ def test_amp_resolution_on_cpu():
         resolve_amp("fp16", cpu)
     with pytest.raises(ConfigError, match=r"train\.amp"):
         resolve_amp("fp8", cpu)
+
+
+def test_a_one_sample_last_training_batch_is_dropped_and_only_that():
+    """BatchNorm cannot train on one sample ("Expected more than 1 value per channel"): 34
+    images at batch 11 (a cross-validation fold) crashed `medres train` in its first epoch."""
+    from medres.train.data import build_loader
+
+    data = torch.utils.data.TensorDataset(torch.arange(40.0))
+
+    def sizes(n: int, batch: int, train: bool) -> list[int]:
+        loader = build_loader(
+            data, EpochSampler(n, seed=0), batch_size=batch, workers=0, train=train
+        )
+        return [len(b[0]) for b in loader]
+
+    assert sizes(34, 11, train=True) == [11, 11, 11]  # the 34th sits out this epoch
+    assert sizes(34, 11, train=False) == [11, 11, 11, 1]  # evaluation sees every item
+    assert sizes(35, 11, train=True) == [11, 11, 11, 2]  # a 2-sample batch trains
+    assert sizes(1, 4, train=True) == [1]  # nothing to drop to
+    model = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4)).train()
+    for (x,) in build_loader(data, EpochSampler(34, seed=0), batch_size=11, workers=0, train=True):
+        model(x[:, None])  # no one-sample batch reaches BatchNorm
