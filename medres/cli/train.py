@@ -111,7 +111,15 @@ def train_cmd(
     spec, plan = spec_for_train(pipeline, overrides, time_budget or 0.0)
     learn_identity(spec.data.manifest)
     if plan is not None:
-        say(plan.summary())
+        changed = _overridden(plan.spec, spec)
+        say(
+            plan.summary()
+            + (
+                f"; you set {', '.join(changed)} (the plan's estimate is for its own values)"
+                if changed
+                else ""
+            )
+        )
     deadline = train_deadline(plan, time_budget or 0.0, t_start)
     result = run_train(spec, out, resume=resume, deadline=deadline)
     if result.rank == 0 and plan is not None:
@@ -134,3 +142,17 @@ def _overrides(set_options: list[str] | None, flags: dict[str, Any]) -> dict[str
     overrides = parse_set_options(set_options)
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return overrides
+
+
+def _overridden(planned: Any, used: Any) -> list[str]:
+    """``section.field=value`` for each field the command line changed from the plan."""
+    a, b = planned.to_dict(), used.to_dict()
+    out = []
+    for section, fields in b.items():
+        if not isinstance(fields, dict):
+            continue
+        for name, value in fields.items():
+            if a.get(section, {}).get(name) != value:
+                shown = "x".join(map(str, value)) if isinstance(value, list) else value
+                out.append(f"{section}.{name}={shown}")
+    return out
