@@ -147,3 +147,13 @@ def test_every_field_has_a_docstring():
     assert not missing
     assert set(SECTIONS) == {f.name for f in fields(PipelineSpec)}
     assert "image_size" in {f.name for f in fields(TransformSpec)}
+
+
+def test_the_train_plan_line_names_what_the_command_line_set():
+    from medres.cli.train import _overridden
+    from medres.train.spec import PipelineSpec, apply_overrides
+
+    planned = apply_overrides(PipelineSpec(), {"transforms.image_size": [64, 64]})
+    used = apply_overrides(planned, {"transforms.image_size": [32, 32], "train.epochs": 2})
+    assert _overridden(planned, used) == ["transforms.image_size=32x32", "train.epochs=2"]
+    assert _overridden(planned, planned) == []
