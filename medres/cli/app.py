@@ -101,11 +101,21 @@ class _MedresGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: typer.Context) -> Any:
-        from medres.io import forget_created_dirs
+        """:meth:`_invoke`; when it fails (an error, Ctrl-C, a full disk), the ``--out``
+        folders this command made and left empty are removed again (:mod:`medres.io`)."""
+        from medres import io
 
-        forget_created_dirs()
+        io.forget_created_dirs()
         try:
-            return _invoke_cleaning_up(lambda: super(_MedresGroup, self).invoke(ctx))
+            return self._invoke(ctx)
+        except BaseException as exc:
+            if not (isinstance(exc, typer.Exit) and exc.exit_code == 0):
+                io.remove_created_dirs_if_empty()
+            raise
+
+    def _invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
         except _UsageError as exc:
             args = ctx.meta.get("medres.args") or [""]
             raise _one_line(exc, f"{ctx.command_path} {args[0]}".strip()) from None
@@ -128,23 +138,6 @@ class _MedresGroup(TyperGroup):
                 or "the output folder"
             )
             raise _fail(str(disk_full_error(folder)), 1) from None
-
-
-def _invoke_cleaning_up(invoke: Any) -> Any:
-    """``invoke()``; when it fails (an error, Ctrl-C, a full disk), the ``--out`` folders
-    this command made and left empty are removed again (:mod:`medres.io`)."""
-    from medres.io import remove_created_dirs_if_empty
-
-    try:
-        return invoke()
-    except BaseException as exc:
-        if not (isinstance(exc, typer.Exit | SystemExit) and _exit_code(exc) == 0):
-            remove_created_dirs_if_empty()
-        raise
-
-
-def _exit_code(exc: BaseException) -> Any:
-    return getattr(exc, "exit_code", getattr(exc, "code", None))
 
 
 class _MedresCommand(TyperCommand):

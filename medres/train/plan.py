@@ -423,7 +423,8 @@ def make_plan(
     ] + [f"candidate {c.arch} {c.stem} {c.size}: {c.epoch_s(fp):.1f} s/epoch" for c in candidates]
     return Plan(
         spec=spec, choices=tuple(choices), fingerprint=fp, budget_min=budget_min,
-        estimated_s=measure_s + fixed_s + _train_s(k * epochs, epoch_s, budget_s, fixed_s), epoch_s=epoch_s, fixed_s=fixed_s, final_s=cand.final_s(fp) + extra_s,
+        estimated_s=measure_s + fixed_s + _train_s(k * epochs, epoch_s, budget_s, fixed_s),
+        epoch_s=epoch_s, fixed_s=fixed_s, final_s=cand.final_s(fp) + extra_s,
         measure_s=measure_s, notes=tuple(notes),
     )  # fmt: skip
 

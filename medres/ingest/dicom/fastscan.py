@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["FastScan", "charset_encoding", "fast_scan"]
 
@@ -257,21 +257,19 @@ def _walk_dataset(
 
 # markers of _special (1-tuples; a wanted field's spec is a 3-tuple)
 _STOP, _FG, _LUT = ("pixel",), ("functional groups",), ("modality LUT",)
-_SPECIAL: dict[int, dict[int, tuple]] = {}
+_SPECIAL: list[Any] = [None, {}]  # the last (fields, special) pair built
 
 
 def _special(fields: dict[int, tuple[int, str, str]]) -> dict[int, tuple]:
-    """``fields`` plus the tags the walk acts on (one dict lookup per element), cached."""
-    key = id(fields)
-    found = _SPECIAL.get(key)
-    if found is None or found.get(-1) is not fields:  # type: ignore[comparison-overlap]
-        found = dict(fields)
+    """``fields`` plus the tags the walk acts on (one dict lookup per element); built once
+    per ``fields`` mapping (callers pass the one ``FIELD_BY_TAG``)."""
+    if _SPECIAL[0] is not fields:
+        found: dict[int, tuple] = dict(fields)
         found.update(dict.fromkeys(_FUNCTIONAL_GROUPS, _FG))
         found[_LUT_SEQUENCE] = _LUT
         found.update(dict.fromkeys(_PIXEL_TAGS, _STOP))
-        found[-1] = fields  # type: ignore[assignment]
-        _SPECIAL[key] = found
-    return found
+        _SPECIAL[:] = [fields, found]
+    return _SPECIAL[1]
 
 
 def _store(
